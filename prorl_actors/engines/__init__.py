@@ -1,0 +1,1 @@
+"""Backends behind small protocols: generation (vLLM | HF generate) and the torch policy."""

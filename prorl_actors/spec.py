@@ -1,0 +1,407 @@
+"""The typed run spec: one dataclass per section, loaded from YAML plus dotted overrides.
+
+Loading goes YAML -> OmegaConf (file, `key=value` overrides, `${...}` interpolation) ->
+a plain dict -> `check()`, which walks the dataclass types and reports EVERY problem at
+once (unknown key, wrong type, value out of range, cross-field rule), each with its key
+path, the value given and what is allowed. Nothing is fixed up silently: a spec either
+builds exactly as written or does not build. Defaults live here and only here.
+
+Each role reads only its own section (`GeneratorSpec`, `LearnerSpec`, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+
+
+def opt(default, *, ge=None, gt=None, le=None, lt=None, help=""):
+    """A spec field with bounds; `help` says what it does and why."""
+    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
+    meta["help"] = help
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: _copy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _copy(x):
+    import copy
+    return copy.deepcopy(x)
+
+
+# ---------------------------------------------------------------------------- sections
+@dataclass
+class TinyModelSpec:
+    """The embedded base model, built locally when `model.path` is null (no hub here)."""
+    seed: int = opt(0, ge=0)
+    vocab_size: int = opt(1024, ge=300, le=65536, help="byte-level BPE vocabulary trained locally")
+    hidden_size: int = opt(128, ge=16)
+    intermediate_size: int = opt(384, ge=16)
+    num_layers: int = opt(4, ge=1)
+    num_heads: int = opt(4, ge=1)
+    num_kv_heads: int = opt(2, ge=1)
+    max_position_embeddings: int = opt(512, ge=64)
+    tokenizer_corpus_items: int = opt(4000, ge=100, help="task items used to train the tokenizer")
+    sft_steps: int = opt(350, ge=0, help="supervised warm start; short on purpose, so RL starts imperfect")
+    sft_batch_size: int = opt(64, ge=1)
+    sft_lr: float = opt(2e-3, gt=0)
+
+
+@dataclass
+class ModelSpec:
+    path: str | None = opt(None, help="HF model dir; null = the embedded tiny model (cached)")
+    dtype: Literal["float32", "bfloat16"] = opt("float32")
+    tiny: TinyModelSpec = opt(TinyModelSpec())
+
+
+@dataclass
+class VLLMSpec:
+    kv_cache_gib: float = opt(1.0, gt=0, help="VLLM_CPU_KVCACHE_SPACE on CPU")
+    gpu_memory_utilization: float = opt(0.5, gt=0, le=1)
+    tensor_parallel_size: int = opt(1, ge=1)
+    max_num_seqs: int = opt(256, ge=1)
+    enforce_eager: bool = opt(True)
+
+
+@dataclass
+class GeneratorSpec:
+    engine: Literal["vllm", "hf"] = opt("vllm", help="vllm (vllm-cpu here, vllm on GPUs) or transformers generate")
+    num_actors: int = opt(1, ge=1)
+    num_cpus: float = opt(0.5, ge=0)
+    num_gpus: float = opt(0.0, ge=0)
+    num_samples_per_prompt: int = opt(16, ge=1, help="n samples per prompt = the GRPO group size G")
+    temperature: float = opt(1.2, gt=0, help="ProRL samples hot (1.2) to keep exploring")
+    top_p: float = opt(1.0, gt=0, le=1)
+    max_new_tokens: int = opt(32, ge=1)
+    max_model_len: int = opt(512, ge=16, help="prompt + response tokens; longer prompts are rejected and counted")
+    hf_batch_size: int = opt(256, ge=1, help="sequences per generate() call for engine hf")
+    vllm: VLLMSpec = opt(VLLMSpec())
+
+
+@dataclass
+class VerifierSpec:
+    num_actors: int = opt(1, ge=1)
+    num_cpus: float = opt(0.25, ge=0)
+
+
+@dataclass
+class LearnerSpec:
+    engine: Literal["torch"] = opt("torch")
+    num_cpus: float = opt(0.5, ge=0)
+    num_gpus: float = opt(0.0, ge=0)
+    num_threads: int = opt(2, ge=1, help="torch intra-op threads in the learner process")
+    lr: float = opt(1e-6, gt=0)
+    weight_decay: float = opt(0.01, ge=0)
+    betas: list[float] = opt([0.9, 0.999])
+    adam_eps: float = opt(1e-8, gt=0)
+    max_grad_norm: float = opt(1.0, gt=0)
+    num_prompts_per_mini_batch: int = opt(64, ge=1, help="one optimizer step per mini-batch")
+    num_epochs: int = opt(1, ge=1, help="passes over each rollout batch")
+    micro_batch_size: int = opt(64, ge=1, help="sequences per forward/backward (memory only)")
+    autocast_bf16: bool = opt(False, help="bf16 autocast for forward/backward")
+
+
+@dataclass
+class ReferenceSpec:
+    num_cpus: float = opt(0.25, ge=0)
+    num_gpus: float = opt(0.0, ge=0)
+    micro_batch_size: int = opt(128, ge=1)
+    num_threads: int = opt(2, ge=1, help="torch intra-op threads in the reference process")
+
+
+@dataclass
+class AlgorithmSpec:
+    adv_estimator: Literal["grpo", "dr_grpo"] = opt("grpo", help="grpo divides by the group std; dr_grpo (Dr.GRPO) does not")
+    eps_low: float = opt(0.2, ge=0, lt=1)
+    eps_high: float = opt(0.4, ge=0, help="DAPO clip-higher: a larger upper bound keeps low-probability tokens alive")
+    dual_clip_c: float | None = opt(None, gt=1)
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                      "seq-mean-token-sum-norm"] = opt(
+        "token-mean", help="token-mean (DAPO) weights every token equally; seq-mean biases towards short answers")
+    kl_estimator: Literal["k1", "k2", "k3"] = opt("k3")
+
+
+@dataclass
+class DynamicSamplingSpec:
+    enabled: bool = opt(True, help="DAPO: drop groups whose rewards are all equal and sample more")
+    max_rounds: int = opt(4, ge=1, help="generation rounds per step before training on what it has")
+    oversample: float = opt(1.0, ge=1.0, help="ask for this many times the missing prompts per extra round")
+
+
+@dataclass
+class KLControlSpec:
+    mode: Literal["fixed"] = opt("fixed")
+    coef: float = opt(1e-4, ge=0, help="beta of the KL penalty to the reference policy")
+
+
+@dataclass
+class ResetSpec:
+    mode: Literal["scheduled", "none"] = opt("scheduled")
+    every_steps: int = opt(200, ge=1)
+    reset_optimizer: bool = opt(True, help="re-initialise the learner's optimizer state at a reset")
+
+
+@dataclass
+class SupervisorSpec:
+    num_prompts_per_step: int = opt(256, ge=1)
+    dynamic_sampling: DynamicSamplingSpec = opt(DynamicSamplingSpec())
+    kl: KLControlSpec = opt(KLControlSpec())
+    resets: ResetSpec = opt(ResetSpec())
+
+
+@dataclass
+class TaskSpec:
+    name: str = opt("chain_sum", help="task name in the run: metrics are reported under it")
+    family: Literal["reasoning_gym"] = opt("reasoning_gym")
+    dataset: str = opt("chain_sum", help="the family's generator, e.g. a reasoning-gym dataset name")
+    weight: float = opt(1.0, gt=0)
+    config: dict[str, Any] = opt({}, help="keyword arguments of the generator (difficulty settings)")
+
+
+@dataclass
+class DataSpec:
+    train_seed: int = opt(1, ge=0)
+    validation_seed: int = opt(900_000_000, ge=0, help="keep millions apart from train_seed (reasoning-gym items overlap)")
+    system_prompt: str = opt("Put the final answer in <answer></answer>.")
+    tasks: list[TaskSpec] = opt([TaskSpec()])
+
+
+@dataclass
+class ValidationSpec:
+    every_steps: int = opt(10, ge=0, help="0 = only at step 0 and at the end")
+    num_prompts_per_task: int = opt(64, ge=1)
+    num_samples: int = opt(8, ge=1)
+    temperature: float = opt(0.6, gt=0)
+    top_p: float = opt(0.95, gt=0, le=1)
+    ks: list[int] = opt([1, 4, 8])
+
+
+@dataclass
+class CheckpointSpec:
+    every_steps: int = opt(0, ge=0, help="0 = only at the end")
+    keep_last: int = opt(2, ge=1)
+
+
+@dataclass
+class MetricsSpec:
+    print_every_steps: int = opt(1, ge=1)
+
+
+@dataclass
+class RaySpec:
+    address: str | None = opt(None, help="null: RAY_ADDRESS if set (ray job submit), else an embedded local Ray")
+    num_cpus: int = opt(2, ge=1, help="CPUs of the embedded local Ray")
+    namespace: str = opt("prorl")
+
+
+@dataclass
+class RunSpec:
+    name: str = opt("run")
+    output_dir: str = opt("runs")
+    seed: int = opt(0, ge=0)
+    num_steps: int = opt(100, ge=1)
+    model: ModelSpec = opt(ModelSpec())
+    generator: GeneratorSpec = opt(GeneratorSpec())
+    verifier: VerifierSpec = opt(VerifierSpec())
+    learner: LearnerSpec = opt(LearnerSpec())
+    reference: ReferenceSpec = opt(ReferenceSpec())
+    algorithm: AlgorithmSpec = opt(AlgorithmSpec())
+    supervisor: SupervisorSpec = opt(SupervisorSpec())
+    data: DataSpec = opt(DataSpec())
+    validation: ValidationSpec = opt(ValidationSpec())
+    checkpoint: CheckpointSpec = opt(CheckpointSpec())
+    metrics: MetricsSpec = opt(MetricsSpec())
+    ray: RaySpec = opt(RaySpec())
+
+    @property
+    def group_size(self) -> int:
+        """G: samples per prompt (ProRL: n = 16)."""
+        return self.generator.num_samples_per_prompt
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def cross_checks(self) -> list[tuple[str, Any, str]]:
+        """Rules that span fields: (key path, value, what is allowed)."""
+        errs = []
+        n, mb = self.supervisor.num_prompts_per_step, self.learner.num_prompts_per_mini_batch
+        if mb > n:
+            errs.append(("learner.num_prompts_per_mini_batch", mb,
+                         f"at most supervisor.num_prompts_per_step ({n})"))
+        for i, k in enumerate(self.validation.ks):
+            if not 1 <= k <= self.validation.num_samples:
+                errs.append((f"validation.ks[{i}]", k,
+                             f"1..validation.num_samples ({self.validation.num_samples})"))
+        names = [t.name for t in self.data.tasks]
+        for i, t in enumerate(self.data.tasks):
+            if names.count(t.name) > 1:
+                errs.append((f"data.tasks[{i}].name", t.name, "unique task names"))
+        if self.generator.max_new_tokens >= self.generator.max_model_len:
+            errs.append(("generator.max_new_tokens", self.generator.max_new_tokens,
+                         f"less than generator.max_model_len ({self.generator.max_model_len})"))
+        if not self.data.tasks:
+            errs.append(("data.tasks", [], "at least one task"))
+        if abs(self.data.train_seed - self.data.validation_seed) < 1_000_000:
+            errs.append(("data.validation_seed", self.data.validation_seed,
+                         "at least 1,000,000 away from data.train_seed (items of nearby seeds overlap)"))
+        if len(self.learner.betas) != 2 or not all(0 <= b < 1 for b in self.learner.betas):
+            errs.append(("learner.betas", self.learner.betas, "two numbers in [0, 1)"))
+        if self.model.tiny.hidden_size % self.model.tiny.num_heads:
+            errs.append(("model.tiny.num_heads", self.model.tiny.num_heads, "a divisor of model.tiny.hidden_size"))
+        if self.model.tiny.num_heads % self.model.tiny.num_kv_heads:
+            errs.append(("model.tiny.num_kv_heads", self.model.tiny.num_kv_heads, "a divisor of model.tiny.num_heads"))
+        return errs
+
+
+# ----------------------------------------------------------------------------- checking
+class SpecError(ValueError):
+    """Every problem of a spec, each as (key path, value given, what is allowed)."""
+
+    def __init__(self, errors: list[tuple[str, Any, str]]):
+        self.errors = errors
+        lines = [f"  {path}: got {value!r}; allowed: {allowed}" for path, value, allowed in errors]
+        super().__init__(f"{len(errors)} error(s) in the run spec:\n" + "\n".join(lines))
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _build(tp, value, path: str, errs: list) -> Any:
+    """Return `value` converted to `tp`, appending (path, value, allowed) for each problem."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errs.append((path or "<root>", value, _type_name(tp)))
+            return None
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        for key in value:
+            if key not in fields:
+                errs.append((f"{path}.{key}".lstrip("."), value[key],
+                             f"a known key of {path or 'the spec'}: {', '.join(fields)}"))
+        kwargs = {}
+        for name, f in fields.items():
+            if name not in value:
+                continue
+            sub = f"{path}.{name}".lstrip(".")
+            v = _build(hints[name], value[name], sub, errs)
+            if v is not None or value[name] is None:
+                _check_bounds(v, f.metadata, sub, errs)
+                kwargs[name] = v
+        try:
+            return tp(**kwargs)
+        except TypeError as e:  # only reachable if a field has no default
+            errs.append((path, value, str(e)))
+            return None
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
+            errs.append((path, value, _type_name(tp)))
+            return None
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            errs.append((path, value, _type_name(tp)))
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], value, path, errs)
+    if origin is list:
+        if not isinstance(value, list):
+            errs.append((path, value, _type_name(tp)))
+            return None
+        (item,) = typing.get_args(tp)
+        return [_build(item, v, f"{path}[{i}]", errs) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            errs.append((path, value, "a mapping with string keys"))
+            return None
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            errs.append((path, value, "true or false"))
+            return None
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errs.append((path, value, "an integer"))
+            return None
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errs.append((path, value, "a number"))
+            return None
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errs.append((path, value, "a string"))
+            return None
+        return value
+    raise TypeError(f"spec type {tp} at {path} is not supported")
+
+
+def _check_bounds(v, meta, path, errs):
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+        return
+    for key, op, word in (("ge", float.__ge__, ">="), ("gt", float.__gt__, ">"),
+                          ("le", float.__le__, "<="), ("lt", float.__lt__, "<")):
+        if key in meta and not op(float(v), float(meta[key])):
+            errs.append((path, v, f"{word} {meta[key]}"))
+
+
+def build_spec(data: dict) -> RunSpec:
+    """Plain nested dict -> RunSpec, or SpecError listing every problem."""
+    errs: list = []
+    spec = _build(RunSpec, data, "", errs)
+    if not errs:
+        errs.extend(spec.cross_checks())
+    if errs:
+        raise SpecError(errs)
+    return spec
+
+
+def load_spec(path: str | Path | None, overrides: list[str] = ()) -> RunSpec:
+    """YAML file (or the defaults when path is None) + `dotted.key=value` overrides."""
+    errs = []
+    cfg = OmegaConf.load(path) if path is not None else OmegaConf.create({})
+    for o in overrides:
+        if "=" not in o:
+            errs.append((o, o, "overrides of the form dotted.key=value"))
+    if errs:
+        raise SpecError(errs)
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # a broken ${...} interpolation
+        raise SpecError([("<interpolation>", None, str(e))]) from None
+    return build_spec(data or {})
+
+
+def to_dict(spec: RunSpec) -> dict:
+    return dataclasses.asdict(spec)
+
+
+def to_yaml(spec: RunSpec) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(spec)))

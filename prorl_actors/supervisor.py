@@ -1,0 +1,301 @@
+"""The supervisor: owns the run and reads like the recipe.
+
+One step =
+  sample prompts -> generate (G per prompt) -> verify
+    -> dynamic sampling: drop groups whose rewards are all equal, sample more prompts,
+       up to `max_rounds` rounds; then train on what there is (and record a short batch)
+  -> group advantages -> reference logprobs -> learner update (KL penalty in the loss)
+  -> new weights to the generators -> reference reset when due -> metrics.
+Validation (accuracy and pass@k per task on held-out prompts) runs at step 0, every
+`validation.every_steps` and at the end.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+
+from prorl_actors import batch as B
+from prorl_actors.actors.generator import GeneratorActor
+from prorl_actors.actors.learner import LearnerActor
+from prorl_actors.actors.reference import ReferenceActor
+from prorl_actors.actors.verifier import VerifierActor
+from prorl_actors.algo import ScheduledResets, group_advantages, informative_groups, pass_at_k
+from prorl_actors.checkpoint import save_checkpoint
+from prorl_actors.engines.generation import SamplingSpec
+from prorl_actors.group import ActorGroup
+from prorl_actors.metrics import RunRecords
+from prorl_actors.spec import RunSpec
+from prorl_actors.tasks import Item, TaskMixture, chat_messages, validation_items
+from prorl_actors.tinymodel import load_tokenizer
+
+PHASES = ("generate", "verify", "reference", "learn", "sync")
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.s = {p: 0.0 for p in PHASES}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        yield
+        self.s[phase] += time.perf_counter() - t0
+
+
+class Supervisor:
+    def __init__(self, spec: RunSpec, model_path: Path, log=print):
+        self.spec, self.log, self.model_path = spec, log, Path(model_path)
+        self.run_dir = spec.run_dir
+        self.tokenizer = load_tokenizer(model_path)
+        pad_id = self.tokenizer.pad_token_id
+        g, G = spec.generator, spec.group_size
+        self.max_prompt_tokens = g.max_model_len - g.max_new_tokens
+        self.mixture = TaskMixture(spec.data)
+        self.val_items = validation_items(spec.data, spec.validation.num_prompts_per_task)
+        self.resets = ScheduledResets(spec.supervisor.resets.every_steps
+                                      if spec.supervisor.resets.mode == "scheduled" else 0)
+        self.kl_coef = spec.supervisor.kl.coef
+        self.version = 0
+        self.next_group_id = 0
+        self.step = 0
+        self.records = RunRecords(self.run_dir)
+
+        gen_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
+                   "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(g.vllm.kv_cache_gib))),
+                   "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+        path = str(model_path)
+        t0 = time.time()
+        self.generators = ActorGroup(GeneratorActor, g.num_actors, num_cpus=g.num_cpus, num_gpus=g.num_gpus,
+                                     env=gen_env, args=(path, spec.model.dtype, g, g.max_model_len, spec.seed))
+        self.verifiers = ActorGroup(VerifierActor, spec.verifier.num_actors, num_cpus=spec.verifier.num_cpus,
+                                    args=(spec.data,))
+        self.learner = ActorGroup(LearnerActor, 1, num_cpus=spec.learner.num_cpus, num_gpus=spec.learner.num_gpus,
+                                  args=(path, spec.model.dtype, spec.learner, spec.algorithm, g.temperature, G,
+                                        pad_id, spec.seed))
+        self.reference = ActorGroup(ReferenceActor, 1, num_cpus=spec.reference.num_cpus,
+                                    num_gpus=spec.reference.num_gpus,
+                                    args=(path, spec.model.dtype, spec.reference, g.temperature, pad_id,
+                                          spec.reference.num_threads))
+        for grp in (self.generators, self.verifiers, self.learner, self.reference):
+            grp.ping(timeout_s=600)
+        self.log(f"actors up in {time.time() - t0:.1f}s: {len(self.generators)} generator ({g.engine}), "
+                 f"{len(self.verifiers)} verifier, 1 learner, 1 reference")
+
+    # ------------------------------------------------------------------ prompts
+    def _prompt_table(self, items: list[Item]) -> pa.Table:
+        rows = {B.PROMPT_IDS: [], B.TASK: [], B.ITEM_INDEX: [], B.REFERENCE: [], B.GROUP_ID: []}
+        for it in items:
+            text = self.tokenizer.apply_chat_template(chat_messages(self.spec.data.system_prompt, it.question),
+                                                      tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > self.max_prompt_tokens:
+                self.records.event("prompt_rejected", self.step, task=it.task, item_index=it.index,
+                                   reason=f"{len(ids)} tokens > {self.max_prompt_tokens}")
+                continue
+            rows[B.PROMPT_IDS].append(ids)
+            rows[B.TASK].append(it.task)
+            rows[B.ITEM_INDEX].append(it.index)
+            rows[B.REFERENCE].append(it.reference)
+            rows[B.GROUP_ID].append(self.next_group_id)
+            self.next_group_id += 1
+        return pa.table({
+            B.PROMPT_IDS: pa.array(rows[B.PROMPT_IDS], pa.list_(pa.int32())),
+            B.TASK: pa.array(rows[B.TASK], pa.string()), B.ITEM_INDEX: pa.array(rows[B.ITEM_INDEX], pa.int64()),
+            B.REFERENCE: pa.array(rows[B.REFERENCE], pa.string()),
+            B.GROUP_ID: pa.array(rows[B.GROUP_ID], pa.int64())})
+
+    def _rollouts(self, items: list[Item], sp: SamplingSpec, timer: PhaseTimer) -> pa.Table:
+        prompts = self._prompt_table(items)
+        with timer("generate"):
+            rollouts = self.generators.map_table("generate", prompts, sp)
+        with timer("verify"):
+            rollouts = self.verifiers.map_table("verify", rollouts, rows_per_unit=sp.n)
+        return rollouts
+
+    # ------------------------------------------------------------------ one step
+    def collect(self, timer: PhaseTimer) -> tuple[pa.Table | None, list[pa.Table], int]:
+        """Dynamic sampling: -> (training batch of at most P groups, every rollout made, rounds)."""
+        sup, g, G = self.spec.supervisor, self.spec.generator, self.spec.group_size
+        P = sup.num_prompts_per_step
+        sp = SamplingSpec(n=G, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+                          seed=self.spec.seed + self.step)
+        kept, everything, n_kept, rounds = [], [], 0, 0
+        while n_kept < P and rounds < sup.dynamic_sampling.max_rounds:
+            n_new = P if rounds == 0 else math.ceil((P - n_kept) * sup.dynamic_sampling.oversample)
+            rollouts = self._rollouts(self.mixture.sample(n_new), sp, timer)
+            everything.append(rollouts)
+            rounds += 1
+            if not sup.dynamic_sampling.enabled:
+                kept.append(rollouts)
+                n_kept += rollouts.num_rows // G
+                break
+            rewards = torch.tensor(rollouts[B.REWARD].to_numpy(), dtype=torch.float32)
+            keep = informative_groups(rewards, G)                                   # (groups,)
+            kept.append(B.select_rows(rollouts, keep.repeat_interleave(G).numpy()))
+            n_kept += int(keep.sum())
+        batch = B.concat(kept)
+        if batch is not None and batch.num_rows > P * G:
+            batch = batch.slice(0, P * G)
+        return (batch if batch is not None and batch.num_rows else None), everything, rounds
+
+    def train_step(self) -> dict:
+        spec, G = self.spec, self.spec.group_size
+        timer = PhaseTimer()
+        t0 = time.perf_counter()
+        batch, everything, rounds = self.collect(timer)
+        n_groups = batch.num_rows // G if batch is not None else 0
+        if n_groups < spec.supervisor.num_prompts_per_step:
+            self.records.event("batch_short", self.step, groups=n_groups,
+                               wanted=spec.supervisor.num_prompts_per_step, rounds=rounds)
+        stats = {}
+        if batch is None:
+            self.records.event("no_informative_groups", self.step, rounds=rounds)
+        else:
+            rewards = torch.tensor(batch[B.REWARD].to_numpy(), dtype=torch.float32)
+            adv = group_advantages(rewards, G, normalize_std=spec.algorithm.adv_estimator == "grpo")
+            batch = B.with_column(batch, B.ADV, adv.numpy())
+            with timer("reference"):
+                batch = self.reference.call_one("logprobs", batch)
+            with timer("learn"):
+                stats = self.learner.call_one("update", batch, self.kl_coef)
+            with timer("sync"):
+                weights = self.learner.actors[0].get_weights.remote()
+                self.version += 1
+                self.generators.call_all("set_weights", weights, self.version)
+            if self.resets.due(self.step):
+                self.reference.call_one("reset_to", weights, self.version)
+                if spec.supervisor.resets.reset_optimizer:
+                    self.learner.call_one("reset_optimizer")
+                self.resets.record(self.step)
+                self.records.event("reference_reset", self.step, reason="scheduled", policy_version=self.version,
+                                   optimizer_reset=spec.supervisor.resets.reset_optimizer)
+        return self._step_metrics(everything, batch, stats, rounds, timer, time.perf_counter() - t0)
+
+    def _step_metrics(self, everything, batch, stats, rounds, timer, step_s) -> dict:
+        G = self.spec.group_size
+        allr = B.concat(everything)
+        rewards = allr[B.REWARD].to_numpy()
+        resp_len = pc.list_value_length(allr[B.RESPONSE_IDS]).to_numpy()
+        tasks = np.array(allr[B.TASK].to_pylist())
+        n_kept = batch.num_rows // G if batch is not None else 0
+        m = {
+            "step": self.step, "policy_version": self.version,
+            "reward_mean": float(rewards.mean()), "accuracy": float((rewards >= 1.0).mean()),
+            "entropy": stats.get("entropy", math.nan), "kl": stats.get("kl", math.nan), "kl_coef": self.kl_coef,
+            "pg_loss": stats.get("pg_loss", math.nan),
+            "clip_frac_low": stats.get("clip_frac_low", math.nan),
+            "clip_frac_high": stats.get("clip_frac_high", math.nan),
+            "grad_norm": stats.get("grad_norm", math.nan),
+            "kept_groups_frac": n_kept / (allr.num_rows // G), "trained_groups": n_kept, "gen_rounds": rounds,
+            "response_len_mean": float(resp_len.mean()),
+            "truncated_frac": float(allr[B.TRUNCATED].to_numpy(zero_copy_only=False).mean()),
+            "verify_errors": int(allr[B.VERIFY_ERROR].to_numpy(zero_copy_only=False).sum()),
+            "skipped_updates": stats.get("skipped_updates", 0),
+            "reference_resets": self.resets.num_resets,
+            "step_s": step_s,
+            "gen_tokens_per_s": float(resp_len.sum()) / max(timer.s["generate"], 1e-9),
+        }
+        for t in sorted(set(tasks)):
+            m[f"reward/{t}"] = float(rewards[tasks == t].mean())
+            m[f"accuracy/{t}"] = float((rewards[tasks == t] >= 1.0).mean())
+        for p in PHASES:
+            m[f"time/{p}_s"] = timer.s[p]
+        m["time/other_s"] = step_s - sum(timer.s.values())
+        return m
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> dict:
+        v, g = self.spec.validation, self.spec.generator
+        sp = SamplingSpec(n=v.num_samples, temperature=v.temperature, top_p=v.top_p,
+                          max_new_tokens=g.max_new_tokens, seed=self.spec.seed)
+        rollouts = self._rollouts(self.val_items, sp, PhaseTimer())
+        correct = (rollouts[B.REWARD].to_numpy() >= 1.0).reshape(-1, v.num_samples)  # (prompts, n)
+        tasks = np.array(rollouts[B.TASK].to_pylist()[::v.num_samples])
+        out = {"step": self.step, "accuracy": float(correct.mean())}
+        for t in sorted(set(tasks)):
+            c = correct[tasks == t].sum(1)                                           # (prompts,)
+            out[f"accuracy/{t}"] = float(correct[tasks == t].mean())
+            out[f"solved_frac/{t}"] = float((c > 0).mean())
+            for k in v.ks:
+                out[f"pass@{k}/{t}"] = float(np.mean([pass_at_k(v.num_samples, int(ci), k) for ci in c]))
+        return out
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        spec = self.spec
+        self.step = 0
+        self.records.event("run_start", 0, model=str(self.model_path), num_steps=spec.num_steps)
+        first_val = self.validate()
+        self.records.validation.write(first_val)
+        self.log(f"step 0 validation: accuracy {first_val['accuracy']:.3f}")
+        first = last = None
+        history = []
+        for self.step in range(1, spec.num_steps + 1):
+            m = self.train_step()
+            self.records.metrics.write(m)
+            history.append(m)
+            first = first or m
+            last = m
+            if self.step % spec.metrics.print_every_steps == 0 or self.step == spec.num_steps:
+                self.log(f"step {self.step:4d}/{spec.num_steps}  reward {m['reward_mean']:.3f}  acc {m['accuracy']:.3f}"
+                         f"  entropy {m['entropy']:.3f}  kl {m['kl']:.2e}  kept {m['kept_groups_frac']:.2f}"
+                         f"  rounds {m['gen_rounds']}  clip_hi {m['clip_frac_high']:.3f}  resets {m['reference_resets']}"
+                         f"  {m['step_s']:.1f}s  {m['gen_tokens_per_s']:.0f} tok/s")
+            ve = spec.validation.every_steps
+            if ve and self.step % ve == 0 and self.step != spec.num_steps:
+                val = self.validate()
+                self.records.validation.write(val)
+                self.log(f"step {self.step} validation: accuracy {val['accuracy']:.3f}")
+            ce = spec.checkpoint.every_steps
+            if ce and self.step % ce == 0 and self.step != spec.num_steps:
+                self.checkpoint()
+        final_val = self.validate()
+        self.records.validation.write(final_val)
+        self.checkpoint()
+        self.records.event("run_end", self.step, policy_version=self.version)
+        self.records.close()
+        return {"first_val": first_val, "final_val": final_val, "first": first, "last": last,
+                "history": history}
+
+    def checkpoint(self) -> Path:
+        state = {"step": self.step, "policy_version": self.version, "kl_coef": self.kl_coef,
+                 "resets": self.resets.state_dict(), "data": self.mixture.state_dict(),
+                 "next_group_id": self.next_group_id}
+        path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.learner.actors[0], self.model_path,
+                               state, self.spec.checkpoint.keep_last)
+        self.records.event("checkpoint", self.step, path=str(path))
+        return path
+
+    def shutdown(self) -> None:
+        for grp in (self.generators, self.verifiers, self.learner, self.reference):
+            grp.kill()
+
+
+def summary_table(result: dict) -> str:
+    """Start versus end of a run, for people."""
+    fv, lv, f, l = result["first_val"], result["final_val"], result["first"], result["last"]
+    hist = result["history"]
+    tail = hist[-5:]
+    head = hist[:5]
+    avg = lambda rows, k: float(np.nanmean([r[k] for r in rows]))  # noqa: E731
+    rows = [("validation accuracy (held-out)", fv["accuracy"], lv["accuracy"])]
+    for k in sorted(fv):
+        if k.startswith(("accuracy/", "pass@")):
+            rows.append((f"  {k}", fv[k], lv.get(k, math.nan)))
+    rows += [("training reward (mean of 5 steps)", avg(head, "reward_mean"), avg(tail, "reward_mean")),
+             ("entropy", f["entropy"], l["entropy"]),
+             ("KL to reference", f["kl"], l["kl"]),
+             ("reference resets", 0, l["reference_resets"])]
+    w = max(len(r[0]) for r in rows) + 2
+    lines = [f"{'':{w}}{'start':>10}{'end':>10}{'change':>10}"]
+    for name, a, b in rows:
+        lines.append(f"{name:{w}}{a:10.4g}{b:10.4g}{b - a:+10.3g}")
+    return "\n".join(lines)

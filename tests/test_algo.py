@@ -1,0 +1,374 @@
+"""Tests for prorl_actors.algo against hand-computed values."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from prorl_actors.algo import (
+    AGG_MODES,
+    KL_KINDS,
+    ScheduledResets,
+    aggregate_loss,
+    entropy_from_logits,
+    get_adv_estimator,
+    group_advantages,
+    informative_groups,
+    kl_loss_term,
+    kl_penalty,
+    masked_mean,
+    pass_at_k,
+    policy_loss,
+    reset_due,
+)
+
+
+def t(x, **kw):
+    return torch.tensor(x, dtype=torch.float32, **kw)
+
+
+# ---------------------------------------------------------------- advantages
+
+
+def test_group_advantages_unbiased_std():
+    # [1,0,0,0]: mean 0.25, var = (0.75^2 + 3 * 0.25^2) / 3 = 0.75 / 3 = 0.25, std 0.5
+    adv = group_advantages(t([1, 0, 0, 0]), group_size=4, eps=0.0)
+    assert_close(adv, t([1.5, -0.5, -0.5, -0.5]))
+    # the biased std (sqrt(0.1875)) would give 0.75 / 0.4330 = 1.732 instead of 1.5
+    assert abs(adv[0].item() - 0.75 / math.sqrt(0.1875)) > 0.2
+
+
+def test_group_advantages_two_groups_default_eps():
+    # group 2 = [1,1,0,0]: mean 0.5, var = 4 * 0.25 / 3 = 1/3
+    adv = group_advantages(t([1, 0, 0, 0, 1, 1, 0, 0]), group_size=4)
+    s2 = math.sqrt(1 / 3) + 1e-6
+    expected = [0.75 / 0.500001, -0.25 / 0.500001, -0.25 / 0.500001, -0.25 / 0.500001,
+                0.5 / s2, 0.5 / s2, -0.5 / s2, -0.5 / s2]
+    assert_close(adv, t(expected))
+
+
+def test_dr_grpo_no_std():
+    adv = group_advantages(t([1, 0, 0, 0, 3, 1]), group_size=2, normalize_std=False)
+    assert_close(adv, t([0.5, -0.5, 0.0, 0.0, 1.0, -1.0]))
+    assert_close(get_adv_estimator("dr_grpo")(t([1, 0, 0, 0]), 4), t([0.75, -0.25, -0.25, -0.25]))
+    with pytest.raises(ValueError, match="grpo"):
+        get_adv_estimator("ppo")
+
+
+def test_group_of_size_one_is_zero_not_nan():
+    adv = group_advantages(t([0.3, 1.0, 0.0]), group_size=1)
+    assert torch.equal(adv, torch.zeros(3))
+
+
+def test_all_equal_group_is_exactly_zero():
+    # 0.1 is not exactly representable: the mean of three 0.1s need not equal 0.1
+    adv = group_advantages(t([0.1, 0.1, 0.1, 1.0, 0.0, 0.0]), group_size=3, eps=0.0)
+    assert torch.equal(adv[:3], torch.zeros(3))
+    # group 2 = [1,0,0]: mean 1/3, var = ((2/3)^2 + 2 * (1/3)^2) / 2 = 1/3
+    s = math.sqrt(1 / 3)
+    assert_close(adv[3:], t([(2 / 3) / s, (-1 / 3) / s, (-1 / 3) / s]))
+
+
+def test_group_advantages_validation():
+    with pytest.raises(ValueError):
+        group_advantages(t([1, 0, 0]), group_size=2)
+    with pytest.raises(ValueError):
+        group_advantages(t([1.0, float("nan")]), group_size=2)
+    with pytest.raises(ValueError):
+        group_advantages(t([[1.0, 0.0]]), group_size=2)
+
+
+def test_group_advantages_int_rewards():
+    assert_close(group_advantages(torch.tensor([1, 0]), 2, eps=0.0), t([0.7071067811865476, -0.7071067811865476]))
+
+
+# ---------------------------------------------------------------- dynamic sampling
+
+
+def test_informative_groups():
+    r = t([1, 1, 0, 1, 0, 0, 0, 0, 0.5, 0.5, 0.5, 0.5, 0.25, 0.5, 0.5, 0.5])
+    assert informative_groups(r, 4).tolist() == [True, False, False, True]
+    assert informative_groups(r, 1).tolist() == [False] * 16
+    assert informative_groups(r, 1).dtype == torch.bool
+    with pytest.raises(ValueError):
+        informative_groups(r, 3)
+
+
+# ---------------------------------------------------------------- aggregation
+
+LOSS = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+
+
+@pytest.mark.parametrize(
+    "mode,expected",
+    [
+        ("token-mean", (1 + 2 + 4) / 3),
+        ("seq-mean-token-mean", ((1 + 2) / 2 + 4 / 1) / 2),
+        ("seq-mean-token-sum", ((1 + 2) + 4) / 2),
+        ("seq-mean-token-sum-norm", (1 + 2 + 4) / (2 * 3)),
+    ],
+)
+def test_aggregate_modes(mode, expected):
+    mask = t([[1, 1, 0], [1, 0, 0]])
+    assert_close(aggregate_loss(t(LOSS), mask, mode), torch.tensor(expected))
+    # bool masks work the same
+    assert_close(aggregate_loss(t(LOSS), mask.bool(), mode), torch.tensor(expected))
+
+
+@pytest.mark.parametrize(
+    "mode,expected",
+    [
+        ("token-mean", 3 / 2),
+        ("seq-mean-token-mean", 1.5),  # the empty row is skipped
+        ("seq-mean-token-sum", 3.0),  # the empty row is skipped
+        ("seq-mean-token-sum-norm", 3 / 6),  # constant divisor B * T
+    ],
+)
+def test_aggregate_fully_masked_row(mode, expected):
+    loss = t([[1.0, 2.0, 3.0], [float("inf"), float("nan"), 6.0]])  # garbage under the mask
+    mask = t([[1, 1, 0], [0, 0, 0]])
+    assert_close(aggregate_loss(loss, mask, mode), torch.tensor(expected))
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_aggregate_all_masked_is_zero_with_graph(mode):
+    loss_mat = t(LOSS, requires_grad=True)
+    out = aggregate_loss(loss_mat, torch.zeros(2, 3), mode)
+    assert out.item() == 0.0
+    out.backward()
+    assert torch.equal(loss_mat.grad, torch.zeros(2, 3))
+
+
+def test_aggregate_unknown_mode():
+    with pytest.raises(ValueError, match="token-mean"):
+        aggregate_loss(t(LOSS), torch.ones(2, 3), "mean")
+
+
+def test_masked_mean():
+    assert_close(masked_mean(t([1.0, 2.0, 3.0]), t([1, 0, 1])), torch.tensor(2.0))
+    assert masked_mean(t([1.0, 2.0]), t([0, 0])).item() == 0.0
+    assert_close(masked_mean(t([[1.0, 3.0], [5.0, 7.0]]), t([[1, 1], [0, 1]]), dim=-1), t([2.0, 7.0]))
+
+
+# ---------------------------------------------------------------- policy loss
+
+# row 0: adv = +2, ratios 1.5 (clipped high), 1.0, 0.5 (not clipped: adv > 0)
+# row 1: adv = -1, ratios 0.5 (clipped low), 1.2, 4.0 (dual clip region for c = 3)
+RATIOS = [[1.5, 1.0, 0.5], [0.5, 1.2, 4.0]]
+ADV = [2.0, -1.0]
+# per-token loss = -min(ratio * adv, clip(ratio, 0.8, 1.4) * adv)
+LOSS_NO_DUAL = [[-1.4 * 2, -1.0 * 2, -0.5 * 2], [0.8 * 1, 1.2 * 1, 4.0 * 1]]
+LOSS_DUAL3 = [[-2.8, -2.0, -1.0], [0.8, 1.2, 3.0]]  # 4.0 bounded by -c * adv = 3
+
+
+def _logps():
+    logp = torch.log(t(RATIOS)).requires_grad_(True)
+    old_logp = torch.zeros(2, 3)
+    return logp, old_logp
+
+
+def test_policy_loss_decoupled_clip_values_and_stats():
+    logp, old = _logps()
+    loss, stats = policy_loss(logp, old, t(ADV), torch.ones(2, 3))
+    assert_close(loss, torch.tensor((-2.8 - 2.0 - 1.0 + 0.8 + 1.2 + 4.0) / 6))
+    assert stats["clip_frac_low"] == pytest.approx(1 / 6)
+    assert stats["clip_frac_high"] == pytest.approx(1 / 6)
+    assert stats["clip_frac"] == pytest.approx(2 / 6)
+    assert stats["dual_clip_frac"] == 0.0
+    assert stats["ratio_mean"] == pytest.approx((1.5 + 1.0 + 0.5 + 0.5 + 1.2 + 4.0) / 6)
+    k3 = [r - 1 - math.log(r) for r in (1.5, 1.0, 0.5, 0.5, 1.2, 4.0)]
+    assert stats["approx_kl"] == pytest.approx(sum(k3) / 6, rel=1e-5)
+    assert stats["pg_loss"] == pytest.approx(0.2 / 6, rel=1e-4)
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_policy_loss_gradient_zero_on_clipped_tokens():
+    logp, old = _logps()
+    loss, _ = policy_loss(logp, old, t(ADV), torch.ones(2, 3))
+    loss.backward()
+    # d/dlogp of -adv * ratio = -adv * ratio, / 6 tokens; clipped tokens get 0
+    expected = t([[0.0, -2.0 * 1.0 / 6, -2.0 * 0.5 / 6], [0.0, 1.2 / 6, 4.0 / 6]])
+    assert_close(logp.grad, expected)
+
+
+def test_policy_loss_dual_clip():
+    logp, old = _logps()
+    loss, stats = policy_loss(logp, old, t(ADV), torch.ones(2, 3), dual_clip_c=3.0)
+    assert_close(loss, torch.tensor((-2.8 - 2.0 - 1.0 + 0.8 + 1.2 + 3.0) / 6))
+    assert stats["dual_clip_frac"] == pytest.approx(1 / 6)
+    assert stats["clip_frac"] == pytest.approx(2 / 6)
+    loss.backward()
+    assert logp.grad[1, 2].item() == 0.0  # bounded token: constant -c * adv
+    assert_close(logp.grad[1, 1], torch.tensor(1.2 / 6))
+    for c in (1.0, 0.5):
+        with pytest.raises(ValueError):
+            policy_loss(logp, old, t(ADV), torch.ones(2, 3), dual_clip_c=c)
+
+
+def test_policy_loss_mask_and_agg_and_token_adv():
+    logp, old = _logps()
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    loss, stats = policy_loss(logp, old, t(ADV), mask)
+    assert_close(loss, torch.tensor((-2.8 - 2.0 - 1.0 + 0.8 + 1.2) / 5))
+    assert stats["ratio_mean"] == pytest.approx((1.5 + 1.0 + 0.5 + 0.5 + 1.2) / 5)
+    loss_s, _ = policy_loss(logp, old, t(ADV), mask, agg="seq-mean-token-mean")
+    assert_close(loss_s, torch.tensor(((-2.8 - 2.0 - 1.0) / 3 + (0.8 + 1.2) / 2) / 2))
+    # per-token (B, T) advantages equal to the broadcast ones give the same loss
+    loss_t, _ = policy_loss(logp, old, t([[2.0] * 3, [-1.0] * 3]), mask)
+    assert_close(loss_t, loss)
+    with pytest.raises(ValueError):
+        policy_loss(logp, old, t([1.0, 2.0, 3.0]), mask)
+
+
+def test_policy_loss_custom_eps():
+    logp, old = _logps()
+    # eps_low = eps_high = 0.1: row 0 token 0 -> -1.1 * 2, row 1 token 0 -> 0.9
+    loss, _ = policy_loss(logp, old, t(ADV), torch.ones(2, 3), eps_low=0.1, eps_high=0.1)
+    assert_close(loss, torch.tensor((-2.2 - 2.0 - 1.0 + 0.9 + 1.2 + 4.0) / 6))
+
+
+def test_policy_loss_extreme_log_ratios_finite():
+    logp = t([[50.0, -50.0, -50.0, 50.0]], requires_grad=True)
+    old = torch.zeros(1, 4)
+    adv = t([[1.0, -1.0, 1.0, -1.0]])
+    loss, stats = policy_loss(logp, old, adv, torch.ones(1, 4))
+    # tokens: -1.4 (clipped high), 0.8 (clipped low), -exp(-20), exp(20) (adv < 0, huge ratio)
+    assert_close(loss, torch.tensor((-1.4 + 0.8 - math.exp(-20) + math.exp(20)) / 4))
+    loss.backward()
+    assert torch.isfinite(logp.grad).all()
+    assert all(math.isfinite(v) for v in stats.values())
+    loss_d, _ = policy_loss(logp, old, adv, torch.ones(1, 4), dual_clip_c=3.0)
+    assert_close(loss_d, torch.tensor((-1.4 + 0.8 - math.exp(-20) + 3.0) / 4))
+
+
+def test_policy_loss_empty_mask():
+    logp, old = _logps()
+    loss, stats = policy_loss(logp, old, t(ADV), torch.zeros(2, 3), dual_clip_c=3.0)
+    assert loss.item() == 0.0
+    assert all(v == 0.0 for v in stats.values())
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros(2, 3))
+
+
+# ---------------------------------------------------------------- KL
+
+
+def test_kl_penalty_values():
+    ln2 = math.log(2.0)
+    logp = t([[0.0, ln2, 0.0]])
+    ref = t([[0.0, 0.0, ln2]])
+    assert_close(kl_penalty(logp, ref, "k1"), t([[0.0, ln2, -ln2]]))
+    assert_close(kl_penalty(logp, ref, "k2"), t([[0.0, 0.5 * ln2**2, 0.5 * ln2**2]]))
+    # k3 = ref/pi - log(ref/pi) - 1: ratio 1/2 -> 0.5 + ln2 - 1; ratio 2 -> 2 - ln2 - 1
+    assert_close(kl_penalty(logp, ref, "k3"), t([[0.0, ln2 - 0.5, 1.0 - ln2]]))
+
+
+def test_kl_penalty_extreme_finite():
+    logp = t([[50.0, -50.0, 1e-8]])
+    ref = t([[0.0, 0.0, 0.0]])
+    # log-ratio clamped to +-20
+    assert_close(kl_penalty(logp, ref, "k1"), t([[20.0, -20.0, 1e-8]]))
+    assert_close(kl_penalty(logp, ref, "k2"), t([[200.0, 200.0, 5e-17]]))
+    k3 = kl_penalty(logp, ref, "k3")
+    assert torch.isfinite(k3).all() and (k3 >= 0).all()
+    assert_close(k3, t([[math.exp(-20) + 20 - 1, math.exp(20) - 20 - 1, 0.0]]))
+
+
+def test_kl_penalty_unknown_kind_lists_valid():
+    with pytest.raises(ValueError, match="k1.*k2.*k3"):
+        kl_penalty(torch.zeros(1, 1), torch.zeros(1, 1), "k4")
+    assert KL_KINDS == ("k1", "k2", "k3")
+
+
+def test_kl_loss_term():
+    ln2 = math.log(2.0)
+    logp = t([[ln2, 0.0], [0.0, 0.0]], requires_grad=True)
+    ref = t([[0.0, ln2], [ln2, 5.0]])
+    mask = t([[1, 1], [1, 0]])
+    out = kl_loss_term(logp, ref, mask, "k1", "token-mean")
+    assert_close(out, torch.tensor((ln2 - ln2 - ln2) / 3))
+    out = kl_loss_term(logp, ref, mask, "k3", "seq-mean-token-mean")
+    # row 0: (ln2 - 0.5 + 1 - ln2) / 2 = 0.25; row 1: 1 - ln2
+    assert_close(out, torch.tensor((0.25 + (1 - ln2)) / 2))
+    out.backward()
+    # d k3 / d logp = 1 - ref/pi; row 0 / (2 tokens * 2 seqs), row 1 / (1 token * 2 seqs)
+    assert_close(logp.grad, t([[(1 - 0.5) / 4, (1 - 2.0) / 4], [(1 - 2.0) / 2, 0.0]]))
+
+
+# ---------------------------------------------------------------- entropy
+
+
+def test_entropy_from_logits():
+    logits = t([[[0.0, 0.0, 0.0, 0.0], [1000.0, 1000.0, -1000.0, -1000.0]],
+                [[0.0, 0.0, -math.inf, -math.inf], [3.0, -math.inf, -math.inf, -math.inf]]])
+    logits.requires_grad_(True)
+    h = entropy_from_logits(logits)
+    assert h.shape == (2, 2)
+    assert_close(h, t([[math.log(4), math.log(2)], [math.log(2), 0.0]]))
+    h.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_entropy_two_point():
+    # p = (0.25, 0.75): logits log(1), log(3)
+    h = entropy_from_logits(t([[[0.0, math.log(3.0)]]]))
+    assert_close(h, t([[-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]]))
+
+
+# ---------------------------------------------------------------- pass@k
+
+
+def _brute_pass_at_k(n, c, k):
+    items = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(items[i] for i in s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_brute_force():
+    for n in range(1, 8):
+        for c in range(0, n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(_brute_pass_at_k(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_literals_and_types():
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(4, 0, 2) == 0.0
+    assert pass_at_k(4, 3, 2) == 1.0  # n - c = 1 < k
+    assert isinstance(pass_at_k(np.int64(5), np.int32(2), 2), float)
+    assert pass_at_k(torch.tensor(5), torch.tensor(2), torch.tensor(2)) == pytest.approx(0.7)
+    for args in [(5, 6, 1), (5, -1, 1), (5, 2, 0), (5, 2, 6)]:
+        with pytest.raises(ValueError):
+            pass_at_k(*args)
+
+
+# ---------------------------------------------------------------- resets
+
+
+def test_scheduled_resets():
+    r = ScheduledResets(every_steps=3)
+    assert [r.due(s) for s in (1, 2, 3)] == [False, False, True]
+    r.record(3)
+    assert [r.due(s) for s in (4, 5, 6)] == [False, False, True]
+    r.record(5)  # e.g. a triggered reset restarts the count
+    assert r.due(7) is False and r.due(8) is True
+    state = r.state_dict()
+    assert state == {"every_steps": 3, "last_reset_step": 5, "num_resets": 2}
+    r2 = ScheduledResets(every_steps=3)
+    r2.load_state_dict(state)
+    assert r2 == r
+
+
+def test_resets_never_and_validation():
+    r = ScheduledResets(every_steps=0)
+    assert not any(r.due(s) for s in range(1, 100))
+    assert reset_due(4, every_steps=2, last_reset_step=2) is True
+    assert reset_due(3, every_steps=2, last_reset_step=2) is False
+    with pytest.raises(ValueError):
+        ScheduledResets(every_steps=-1)
+    with pytest.raises(ValueError):
+        r.due(0)
