@@ -304,7 +304,7 @@ def _build(tp, value, path: str, errs: list) -> Any:
             sub = f"{path}.{name}".lstrip(".")
             v = _build(hints[name], value[name], sub, errs)
             if v is not None or value[name] is None:
-                _check_bounds(v, f.metadata, sub, errs)
+                _check_bounds(v, f.metadata, sub, errs, given=value[name])
                 kwargs[name] = v
         try:
             return tp(**kwargs)
@@ -362,13 +362,13 @@ def _build(tp, value, path: str, errs: list) -> Any:
     raise TypeError(f"spec type {tp} at {path} is not supported")
 
 
-def _check_bounds(v, meta, path, errs):
+def _check_bounds(v, meta, path, errs, given):
     if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
         return
     for key, op, word in (("ge", float.__ge__, ">="), ("gt", float.__gt__, ">"),
                           ("le", float.__le__, "<="), ("lt", float.__lt__, "<")):
         if key in meta and not op(float(v), float(meta[key])):
-            errs.append((path, v, f"{word} {meta[key]}"))
+            errs.append((path, given, f"{word} {meta[key]}"))
 
 
 def build_spec(data: dict) -> RunSpec:

@@ -5,7 +5,7 @@ import pyarrow as pa
 import torch
 
 from prorl_actors import batch as B
-from prorl_actors.engines.torch_policy import batched_logp, load_causal_lm
+from prorl_actors.engines.torch_policy import batched_logp, load_causal_lm, load_policy_weights
 from prorl_actors.spec import ReferenceSpec
 
 
@@ -25,10 +25,7 @@ class ReferenceActor:
 
     def reset_to(self, state_dict, version: int) -> int:
         """Reference <- the given policy weights (a ProRL reference reset)."""
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
-        bad = [k for k in missing if k != "lm_head.weight"] + list(unexpected)
-        if bad:
-            raise ValueError(f"weights do not fit the reference model: {bad[:5]}")
+        load_policy_weights(self.model, state_dict)
         self.version = version
         return version
 

@@ -81,10 +81,8 @@ class HFEngine:
         return [out[i * sp.n:(i + 1) * sp.n] for i in range(len(prompts))]
 
     def load_weights(self, state_dict):
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
-        bad = [k for k in missing if k != "lm_head.weight"] + list(unexpected)
-        if bad:
-            raise ValueError(f"weights do not fit the generator's model: {bad[:5]}")
+        from prorl_actors.engines.torch_policy import load_policy_weights
+        load_policy_weights(self.model, state_dict)
 
 
 class VLLMEngine:

@@ -51,8 +51,15 @@ def batched_logp(model, seq: SeqTensors, temperature: float, micro_batch_size: i
 
 
 def state_dict_for_sync(model) -> dict[str, torch.Tensor]:
-    """Weights to send to generators/reference: checkpoint names, tied copies dropped."""
-    sd = model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous().clone() for k, v in sd.items()}
+    """Weights to send to generators/reference, under checkpoint names, each its own copy.
+
+    A tied `lm_head.weight` is sent too, on purpose: vLLM on CPU keeps a separately repacked
+    copy of the LM head, and an in-place reload that does not name `lm_head.weight` leaves
+    that copy stale (generations then silently come from a mix of old and new weights).
+    """
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def load_policy_weights(model, state_dict: dict[str, torch.Tensor]) -> None:
+    """Strict in-place load of weights from `state_dict_for_sync` (raises on any mismatch)."""
+    model.load_state_dict(state_dict, strict=True)

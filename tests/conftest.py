@@ -1,0 +1,29 @@
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on loopback only
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+TEST_OVERRIDES = [
+    "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",
+    "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "model.tiny.sft_steps=40",
+    "model.tiny.tokenizer_corpus_items=500",
+    "data.tasks=[{name: chain_sum, dataset: chain_sum, config: {min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}}]",
+]
+
+
+@pytest.fixture(scope="session")
+def small_spec():
+    """A spec whose tiny model builds in seconds (a weak model: tests need a real one, not a good one)."""
+    from prorl_actors.spec import load_spec
+    return load_spec("specs/tiny-cpu.yaml", TEST_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(small_spec, tmp_path_factory):
+    """A real tiny Qwen2 model + tokenizer in HF format, built once per test session."""
+    from prorl_actors.tinymodel import build_tiny_model
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    build_tiny_model(small_spec.model.tiny, small_spec.data, out, log=lambda *_: None)
+    return out

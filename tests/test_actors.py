@@ -1,0 +1,145 @@
+"""The actor classes in-process (no Ray) on a real tiny model: the same code the Ray actors run."""
+import json
+import math
+
+import pyarrow as pa
+import pytest
+import torch
+
+from prorl_actors import batch as B
+from prorl_actors.actors.generator import GeneratorActor
+from prorl_actors.actors.learner import LearnerActor
+from prorl_actors.actors.reference import ReferenceActor
+from prorl_actors.actors.verifier import VerifierActor
+from prorl_actors.engines.generation import SamplingSpec
+from prorl_actors.engines.torch_policy import load_causal_lm, response_logp
+from prorl_actors.spec import build_spec
+from prorl_actors.tasks import chat_messages, validation_items
+from prorl_actors.tinymodel import load_tokenizer
+
+G = 4
+
+
+@pytest.fixture(scope="module")
+def parts(small_spec, tiny_model):
+    spec = build_spec({**_as_dict(small_spec), "generator": {**_as_dict(small_spec)["generator"], "engine": "hf"}})
+    tok = load_tokenizer(tiny_model)
+    gen = GeneratorActor(str(tiny_model), "float32", spec.generator, 256, 0)
+    items = validation_items(spec.data, 6)
+    prompts = pa.table({
+        B.PROMPT_IDS: pa.array([tok(tok.apply_chat_template(chat_messages(spec.data.system_prompt, it.question),
+                                                            tokenize=False, add_generation_prompt=True),
+                                    add_special_tokens=False)["input_ids"] for it in items], pa.list_(pa.int32())),
+        B.TASK: [it.task for it in items], B.ITEM_INDEX: pa.array([it.index for it in items], pa.int64()),
+        B.REFERENCE: [it.reference for it in items], B.GROUP_ID: pa.array(range(len(items)), pa.int64())})
+    rollouts = gen.generate(prompts, SamplingSpec(n=G, temperature=1.2, top_p=1.0, max_new_tokens=12, seed=0))
+    return spec, tok, rollouts
+
+
+def _as_dict(spec):
+    import dataclasses
+    return dataclasses.asdict(spec)
+
+
+def _learner(spec, tiny_model, tok, **learner_kw):
+    lspec = build_spec({"learner": {**_as_dict(spec)["learner"], **learner_kw}}).learner
+    return LearnerActor(str(tiny_model), "float32", lspec, spec.algorithm, 1.2, G, tok.pad_token_id, 0)
+
+
+def _with_adv_ref(rollouts, adv, ref: ReferenceActor):
+    t = B.with_column(rollouts, B.ADV, adv)
+    return ref.logprobs(t)
+
+
+def test_generator_batch_shape(parts):
+    spec, tok, r = parts
+    B.check_batch(r)
+    assert r.num_rows == 6 * G
+    assert r[B.GROUP_ID].to_pylist() == [g for g in range(6) for _ in range(G)]
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    for ids, trunc in zip(r[B.RESPONSE_IDS].to_pylist(), r[B.TRUNCATED].to_pylist()):
+        assert trunc == (eos not in ids)
+        assert eos not in ids[:-1]  # nothing after the end of a response
+
+
+def test_response_logp_matches_unpadded_forward(parts, tiny_model):
+    spec, tok, r = parts
+    model = load_causal_lm(tiny_model, "float32").eval()
+    seq = B.to_tensors(r, tok.pad_token_id)
+    with torch.no_grad():
+        logp, ent = response_logp(model, seq, temperature=1.2, with_entropy=True)
+        for i in (0, 5, 13):
+            p, resp = r[B.PROMPT_IDS][i].as_py(), r[B.RESPONSE_IDS][i].as_py()
+            logits = model(torch.tensor([p + resp])).logits[0, len(p) - 1:-1] / 1.2   # (n, V)
+            want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(resp)[:, None])[:, 0]
+            torch.testing.assert_close(logp[i, :len(resp)], want, atol=1e-5, rtol=1e-5)
+            assert torch.all(logp[i, len(resp):] == 0) and torch.all(ent[i, :len(resp)] > 0)
+
+
+def test_reference_matches_learner_and_resets(parts, tiny_model):
+    spec, tok, r = parts
+    ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
+    learner = _learner(spec, tiny_model, tok, num_prompts_per_mini_batch=6, lr=1e-2)
+    t = _with_adv_ref(r, [1.0, -1, -1, -1] * 6, ref)
+    before = B.padded(t[B.REF_LOGP])
+    stats = learner.update(t, kl_coef=0.1)
+    # one mini-batch: the KL is measured before the only update, against identical weights
+    assert abs(stats["kl"]) < 1e-6 and stats["optimizer_steps"] == 1
+    ref.reset_to(learner.get_weights(), version=1)
+    after = B.padded(ref.logprobs(t)[B.REF_LOGP])
+    assert (after - before).abs().max() > 1e-3  # the reference now is the updated policy
+
+
+def test_update_moves_probability_towards_positive_advantage(parts, tiny_model):
+    spec, tok, r = parts
+    ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
+    learner = _learner(spec, tiny_model, tok, num_prompts_per_mini_batch=6, lr=3e-3)
+    adv = [1.5, -0.5, -0.5, -0.5] * 6
+    t = _with_adv_ref(r, adv, ref)
+    seq = B.to_tensors(t, tok.pad_token_id)
+    with torch.no_grad():
+        lp0, _ = response_logp(learner.model, seq, 1.2)
+    learner.update(t, kl_coef=0.0)
+    with torch.no_grad():
+        lp1, _ = response_logp(learner.model, seq, 1.2)
+    seq_delta = ((lp1 - lp0) * seq.mask).sum(1).view(6, G)                      # (groups, G)
+    assert seq_delta[:, 0].mean() > 0 > seq_delta[:, 1:].mean()
+
+
+def test_non_finite_loss_skips_update_and_counts(parts, tiny_model):
+    spec, tok, r = parts
+    ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
+    learner = _learner(spec, tiny_model, tok, num_prompts_per_mini_batch=3)
+    w0 = {k: v.clone() for k, v in learner.get_weights().items()}
+    t = _with_adv_ref(r, [math.nan] * (6 * G), ref)
+    stats = learner.update(t, kl_coef=0.0)
+    assert stats["skipped_updates"] == 2 and stats["optimizer_steps"] == 0
+    assert learner.num_skipped_updates == 2
+    assert all(torch.equal(w0[k], v) for k, v in learner.get_weights().items())
+
+
+def test_reset_optimizer_clears_state(parts, tiny_model):
+    spec, tok, r = parts
+    ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
+    learner = _learner(spec, tiny_model, tok)
+    learner.update(_with_adv_ref(r, [1.0, -1, 0, 0] * 6, ref), kl_coef=0.0)
+    assert len(learner.opt.state) > 0
+    learner.reset_optimizer()
+    assert len(learner.opt.state) == 0
+
+
+def test_verifier_errors_give_zero_and_are_flagged(parts):
+    spec, tok, r = parts
+    ver = VerifierActor(spec.data)
+    refs = r[B.REFERENCE].to_pylist()
+    refs[0] = "{not json"                       # a verifier that throws
+    entry = json.loads(refs[1])
+    texts = r[B.RESPONSE_TEXT].to_pylist()
+    texts[0] = "<answer>1</answer>"             # tagged, so the scorer reads the broken reference
+    texts[1] = f"<answer>{entry['answer']}</answer>"  # a correct answer
+    r2 = r.set_column(r.column_names.index(B.REFERENCE), B.REFERENCE, pa.array(refs))
+    r2 = r2.set_column(r2.column_names.index(B.RESPONSE_TEXT), B.RESPONSE_TEXT, pa.array(texts))
+    out = ver.verify(r2)
+    assert out[B.REWARD][0].as_py() == 0.0 and out[B.VERIFY_ERROR][0].as_py() is True
+    assert out[B.REWARD][1].as_py() == 1.0 and out[B.VERIFY_ERROR][1].as_py() is False
+    assert sum(out[B.VERIFY_ERROR].to_pylist()) == 1

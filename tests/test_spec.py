@@ -1,0 +1,80 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prorl_actors.spec import RunSpec, SpecError, build_spec, load_spec, to_yaml
+
+SPECS = sorted(Path("specs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.name for p in SPECS])
+def test_shipped_specs_validate(path):
+    spec = load_spec(path)
+    assert isinstance(spec, RunSpec)
+
+
+def test_paper_recipe_values():
+    s = load_spec("specs/prorl-1.5b.yaml")
+    assert s.group_size == 16 and s.generator.temperature == 1.2
+    assert (s.algorithm.eps_low, s.algorithm.eps_high) == (0.2, 0.4)
+    assert s.supervisor.kl.coef == 1e-4 and s.learner.lr == 2e-6
+    assert s.supervisor.num_prompts_per_step == 256 and s.learner.num_prompts_per_mini_batch == 64
+    assert s.generator.max_new_tokens == 8192 and s.supervisor.resets.mode == "scheduled"
+
+
+def test_every_error_reported_at_once_with_paths():
+    with pytest.raises(SpecError) as e:
+        build_spec({"learner": {"lr": -1, "betas": "x"}, "generator": {"engine": "foo", "temperature": "hot"},
+                    "bogus": 1, "algorithm": {"eps_low": 1.5}, "data": {"tasks": [{"weight": 0}]}})
+    paths = {p for p, _, _ in e.value.errors}
+    assert paths == {"learner.lr", "learner.betas", "generator.engine", "generator.temperature", "bogus",
+                     "algorithm.eps_low", "data.tasks[0].weight"}
+    msg = str(e.value)
+    assert "generator.engine: got 'foo'; allowed: one of 'vllm', 'hf'" in msg
+    assert "learner.lr: got -1; allowed: > 0" in msg
+
+
+def test_no_silent_coercion():
+    # a bool is not an int, a string is not a number, an int where a string goes is refused
+    with pytest.raises(SpecError) as e:
+        build_spec({"num_steps": True, "seed": "3", "name": 5})
+    assert {p for p, _, _ in e.value.errors} == {"num_steps", "seed", "name"}
+    # an int is accepted where a float is expected, and becomes a float
+    assert build_spec({"learner": {"lr": 1}}).learner.lr == 1.0
+
+
+def test_cross_field_rules():
+    with pytest.raises(SpecError) as e:
+        build_spec({"supervisor": {"num_prompts_per_step": 8}, "learner": {"num_prompts_per_mini_batch": 16},
+                    "validation": {"num_samples": 4, "ks": [1, 8]}, "data": {"validation_seed": 2}})
+    assert {p for p, _, _ in e.value.errors} == {"learner.num_prompts_per_mini_batch", "validation.ks[1]",
+                                                 "data.validation_seed"}
+
+
+def test_overrides_and_yaml_round_trip(tmp_path):
+    s = load_spec("specs/tiny-cpu.yaml", ["learner.lr=3e-4", "generator.engine=hf", "num_steps=7"])
+    assert (s.learner.lr, s.generator.engine, s.num_steps) == (3e-4, "hf", 7)
+    p = tmp_path / "s.yaml"
+    p.write_text(to_yaml(s))
+    assert load_spec(p) == s
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "prorl_actors.cli", *args], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def test_cli_validate_prints_resolved_spec():
+    r = _cli("validate", "specs/tiny-cpu.yaml", "num_steps=3")
+    assert r.returncode == 0 and "num_steps: 3" in r.stdout
+
+
+def test_cli_bad_spec_exit_2_and_nothing_started(tmp_path):
+    out = tmp_path / "runs"
+    for cmd in ("validate", "train"):
+        r = _cli(cmd, "specs/tiny-cpu.yaml", f"output_dir={out}", "learner.lr=-1", "supervisor.kl.coeff=1")
+        assert r.returncode == 2, r.stderr
+        assert "learner.lr: got -1" in r.stderr and "supervisor.kl.coeff" in r.stderr
+    assert not out.exists()  # train stopped before creating anything (no run dir, no Ray)
