@@ -62,9 +62,11 @@ def cmd_train(args) -> int:
         result = sup.run()
     finally:
         sup.shutdown()
+    from prorl_actors.plots import plot_run
     table = summary_table(result)
     (run_dir / "summary.txt").write_text(table + "\n")
     print("\n" + table)
+    log(f"curves: {plot_run(run_dir)}")
     log(f"done: {run_dir}")
     return 0
 

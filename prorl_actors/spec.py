@@ -50,6 +50,10 @@ class TinyModelSpec:
     sft_steps: int = opt(350, ge=0, help="supervised warm start; short on purpose, so RL starts imperfect")
     sft_batch_size: int = opt(64, ge=1)
     sft_lr: float = opt(2e-3, gt=0)
+    sft_untagged_frac: float = opt(0.0, ge=0, le=1, help=(
+        "share of warm-start completions that answer in prose ('The answer is X.') without the "
+        "<answer> tags the verifiers read, like a base model that does not yet follow the requested "
+        "answer format: RL has to learn the format as well as the answers"))
 
 
 @dataclass
@@ -96,6 +100,9 @@ class LearnerSpec:
     num_gpus: float = opt(0.0, ge=0)
     num_threads: int = opt(2, ge=1, help="torch intra-op threads in the learner process")
     lr: float = opt(1e-6, gt=0)
+    lr_warmup_steps: int = opt(0, ge=0, help="linear warm-up over this many optimizer steps, restarted "
+                                             "whenever the optimizer is re-initialised (Adam's first steps "
+                                             "move every weight by about lr)")
     weight_decay: float = opt(0.01, ge=0)
     betas: list[float] = opt([0.9, 0.999])
     adam_eps: float = opt(1e-8, gt=0)

@@ -33,7 +33,7 @@ from prorl_actors.engines.generation import SamplingSpec
 from prorl_actors.group import ActorGroup
 from prorl_actors.metrics import RunRecords
 from prorl_actors.spec import RunSpec
-from prorl_actors.tasks import Item, TaskMixture, chat_messages, validation_items
+from prorl_actors.tasks import Item, TaskMixture, chat_messages, has_answer_tag, validation_items
 from prorl_actors.tinymodel import load_tokenizer
 
 PHASES = ("generate", "verify", "reference", "learn", "sync")
@@ -196,6 +196,7 @@ class Supervisor:
             "grad_norm": stats.get("grad_norm", math.nan),
             "kept_groups_frac": n_kept / (allr.num_rows // G), "trained_groups": n_kept, "gen_rounds": rounds,
             "response_len_mean": float(resp_len.mean()),
+            "answer_format_frac": float(np.mean([has_answer_tag(t) for t in allr[B.RESPONSE_TEXT].to_pylist()])),
             "truncated_frac": float(allr[B.TRUNCATED].to_numpy(zero_copy_only=False).mean()),
             "verify_errors": int(allr[B.VERIFY_ERROR].to_numpy(zero_copy_only=False).sum()),
             "skipped_updates": stats.get("skipped_updates", 0),
@@ -219,7 +220,11 @@ class Supervisor:
         rollouts = self._rollouts(self.val_items, sp, PhaseTimer())
         correct = (rollouts[B.REWARD].to_numpy() >= 1.0).reshape(-1, v.num_samples)  # (prompts, n)
         tasks = np.array(rollouts[B.TASK].to_pylist()[::v.num_samples])
-        out = {"step": self.step, "accuracy": float(correct.mean())}
+        tagged = np.array([has_answer_tag(t) for t in rollouts[B.RESPONSE_TEXT].to_pylist()])
+        out = {"step": self.step, "accuracy": float(correct.mean()),
+               # how much of the accuracy is following the answer format, how much is being right
+               "answer_format_frac": float(tagged.mean()),
+               "accuracy_when_formatted": float(correct.reshape(-1)[tagged].mean()) if tagged.any() else 0.0}
         for t in sorted(set(tasks)):
             c = correct[tasks == t].sum(1)                                           # (prompts,)
             out[f"accuracy/{t}"] = float(correct[tasks == t].mean())
@@ -290,6 +295,8 @@ def summary_table(result: dict) -> str:
     for k in sorted(fv):
         if k.startswith(("accuracy/", "pass@")):
             rows.append((f"  {k}", fv[k], lv.get(k, math.nan)))
+    rows += [("  answers in the <answer> format", fv["answer_format_frac"], lv["answer_format_frac"]),
+             ("  accuracy of formatted answers", fv["accuracy_when_formatted"], lv["accuracy_when_formatted"])]
     rows += [("training reward (mean of 5 steps)", avg(head, "reward_mean"), avg(tail, "reward_mean")),
              ("entropy", f["entropy"], l["entropy"]),
              ("KL to reference", f["kl"], l["kl"]),

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -40,7 +41,7 @@ def cache_root() -> Path:
 
 def tiny_model_key(tiny: TinyModelSpec, data: DataSpec) -> str:
     blob = json.dumps({"tiny": dataclasses.asdict(tiny), "tasks": [dataclasses.asdict(t) for t in data.tasks],
-                       "system_prompt": data.system_prompt, "train_seed": data.train_seed, "v": 1},
+                       "system_prompt": data.system_prompt, "train_seed": data.train_seed, "v": 2},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -77,11 +78,16 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return hf
 
 
-def _sft_example(tokenizer, system_prompt: str, question: str, answer: str) -> tuple[list[int], int]:
+def untagged_completion(answer: str) -> str:
+    """The warm start's off-format answer: right content, no tags, so verifiers give 0."""
+    return f"The answer is {answer}."
+
+
+def _sft_example(tokenizer, system_prompt: str, question: str, completion: str) -> tuple[list[int], int]:
     prompt = tokenizer.apply_chat_template(chat_messages(system_prompt, question), tokenize=False,
                                            add_generation_prompt=True)
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    c_ids = tokenizer(sft_completion(answer) + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(completion + "<|im_end|>", add_special_tokens=False)["input_ids"]
     return p_ids + c_ids, len(p_ids)
 
 
@@ -92,7 +98,8 @@ def build_tiny_model(tiny: TinyModelSpec, data: DataSpec, out: Path, log=print) 
     torch.manual_seed(tiny.seed)
     mixture = TaskMixture(data)
     corpus_items = mixture.sample(tiny.tokenizer_corpus_items)
-    texts = [data.system_prompt] + [f"{it.question}\n{sft_completion(it.answer)}" for it in corpus_items]
+    texts = [data.system_prompt] + [f"{it.question}\n{sft_completion(it.answer)}\n{untagged_completion(it.answer)}"
+                                    for it in corpus_items]
     tokenizer = train_tokenizer(texts, tiny.vocab_size)
     log(f"  tokenizer: vocab {len(tokenizer)} ({time.time() - t0:.1f}s)")
 
@@ -113,9 +120,12 @@ def build_tiny_model(tiny: TinyModelSpec, data: DataSpec, out: Path, log=print) 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / max(tiny.sft_steps, 1)))
     pad = tokenizer.pad_token_id
+    fmt_rng = random.Random(tiny.seed)
     model.train()
     for step in range(tiny.sft_steps):
-        batch = [_sft_example(tokenizer, data.system_prompt, it.question, it.answer)
+        batch = [_sft_example(tokenizer, data.system_prompt, it.question,
+                              untagged_completion(it.answer) if fmt_rng.random() < tiny.sft_untagged_frac
+                              else sft_completion(it.answer))
                  for it in mixture.sample(tiny.sft_batch_size)]
         T = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), T), pad)              # (B, T) right-padded

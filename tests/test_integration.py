@@ -57,4 +57,4 @@ def test_train_few_steps(tiny_model, tmp_path, engine):
     assert state["step"] == 3 and state["policy_version"] == len(trained)
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(last)
-    assert (run / "spec.yaml").exists()
+    assert (run / "spec.yaml").exists() and (run / "curves.png").stat().st_size > 10_000

@@ -60,6 +60,11 @@ def chat_messages(system_prompt: str, question: str) -> list[dict]:
     return msgs + [{"role": "user", "content": question}]
 
 
+def has_answer_tag(response: str) -> bool:
+    """Whether a response follows the answer format at all (right or wrong)."""
+    return f"<{ANSWER_TAG}>" in response and f"</{ANSWER_TAG}>" in response
+
+
 def sft_completion(answer: str) -> str:
     """The answer format every task asks for (the tiny model is warm-started on it)."""
     return f"<{ANSWER_TAG}>{answer}</{ANSWER_TAG}>"

@@ -1,0 +1,53 @@
+import dataclasses
+
+import torch
+from safetensors.torch import load_file
+
+from prorl_actors.tasks import chat_messages
+from prorl_actors.tinymodel import build_tiny_model, load_tokenizer, resolve_model_path, tiny_model_key
+
+
+def test_build_is_deterministic_and_loadable(small_spec, tiny_model, tmp_path):
+    again = tmp_path / "again"
+    build_tiny_model(small_spec.model.tiny, small_spec.data, again, log=lambda *_: None)
+    a, b = load_file(tiny_model / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    tok = load_tokenizer(tiny_model)
+    assert tok.padding_side == "left" and tok.eos_token == "<|im_end|>"
+    text = tok.apply_chat_template(chat_messages("sys", "1 + 2 ="), tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\n1 + 2 =<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert [tok.decode([i]) for i in tok("123", add_special_tokens=False)["input_ids"]] == ["1", "2", "3"]
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert model.config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_cache_key_and_resolve(small_spec, tmp_path, monkeypatch):
+    tiny = small_spec.model.tiny
+    assert tiny_model_key(tiny, small_spec.data) == tiny_model_key(dataclasses.replace(tiny), small_spec.data)
+    assert tiny_model_key(tiny, small_spec.data) != tiny_model_key(dataclasses.replace(tiny, seed=1), small_spec.data)
+    monkeypatch.setenv("PRORL_CACHE", str(tmp_path))
+    model = dataclasses.replace(small_spec.model, tiny=dataclasses.replace(tiny, sft_steps=2))
+    path = resolve_model_path(model, small_spec.data, log=lambda *_: None)
+    assert (path / "config.json").exists() and path.parent == tmp_path
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # built atomically
+    mtime = (path / "config.json").stat().st_mtime
+    assert resolve_model_path(model, small_spec.data, log=lambda *_: None) == path  # cached: not rebuilt
+    assert (path / "config.json").stat().st_mtime == mtime
+
+
+def test_untagged_share_of_warm_start(small_spec, monkeypatch):
+    """sft_untagged_frac decides the share of prose completions the warm start trains on."""
+    import prorl_actors.tinymodel as tm
+    seen = []
+    real = tm._sft_example
+    monkeypatch.setattr(tm, "_sft_example", lambda tok, sp, q, c: seen.append(c) or real(tok, sp, q, c))
+    tiny = dataclasses.replace(small_spec.model.tiny, sft_steps=4, sft_batch_size=100, sft_untagged_frac=0.3)
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as d:
+        tm.build_tiny_model(tiny, small_spec.data, Path(d) / "m", log=lambda *_: None)
+    prose = sum(c.startswith("The answer is") for c in seen) / len(seen)
+    assert len(seen) == 400 and 0.22 < prose < 0.38
