@@ -59,7 +59,8 @@ class Supervisor:
         g, G = spec.generator, spec.group_size
         self.max_prompt_tokens = g.max_model_len - g.max_new_tokens
         self.mixture = TaskMixture(spec.data)
-        self.val_items = validation_items(spec.data, spec.validation.num_prompts_per_task)
+        self.val_rejected: list[dict] = []
+        self.val_items = validation_items(spec.data, spec.validation.num_prompts_per_task, self.val_rejected)
         self.resets = ScheduledResets(spec.supervisor.resets.every_steps
                                       if spec.supervisor.resets.mode == "scheduled" else 0)
         self.kl_coef = spec.supervisor.kl.coef
@@ -112,8 +113,13 @@ class Supervisor:
             B.REFERENCE: pa.array(rows[B.REFERENCE], pa.string()),
             B.GROUP_ID: pa.array(rows[B.GROUP_ID], pa.int64())})
 
-    def _rollouts(self, items: list[Item], sp: SamplingSpec, timer: PhaseTimer) -> pa.Table:
+    def _rollouts(self, items: list[Item], sp: SamplingSpec, timer: PhaseTimer) -> pa.Table | None:
+        """Generate and verify; None when no prompt was usable."""
+        for bad in self.mixture.take_rejected():
+            self.records.event("item_rejected", self.step, **bad)
         prompts = self._prompt_table(items)
+        if prompts.num_rows == 0:
+            return None
         with timer("generate"):
             rollouts = self.generators.map_table("generate", prompts, sp)
         with timer("verify"):
@@ -131,8 +137,10 @@ class Supervisor:
         while n_kept < P and rounds < sup.dynamic_sampling.max_rounds:
             n_new = P if rounds == 0 else math.ceil((P - n_kept) * sup.dynamic_sampling.oversample)
             rollouts = self._rollouts(self.mixture.sample(n_new), sp, timer)
-            everything.append(rollouts)
             rounds += 1
+            if rollouts is None:
+                continue
+            everything.append(rollouts)
             if not sup.dynamic_sampling.enabled:
                 kept.append(rollouts)
                 n_kept += rollouts.num_rows // G
@@ -181,6 +189,8 @@ class Supervisor:
 
     def _step_metrics(self, everything, batch, stats, rounds, timer, step_s) -> dict:
         G = self.spec.group_size
+        if not everything:
+            raise RuntimeError(f"step {self.step}: no usable prompt in {rounds} rounds (see events.jsonl)")
         allr = B.concat(everything)
         rewards = allr[B.REWARD].to_numpy()
         resp_len = pc.list_value_length(allr[B.RESPONSE_IDS]).to_numpy()
@@ -238,6 +248,8 @@ class Supervisor:
         spec = self.spec
         self.step = 0
         self.records.event("run_start", 0, model=str(self.model_path), num_steps=spec.num_steps)
+        for bad in self.val_rejected:
+            self.records.event("item_rejected", 0, split="validation", **bad)
         first_val = self.validate()
         self.records.validation.write(first_val)
         self.log(f"step 0 validation: accuracy {first_val['accuracy']:.3f}")

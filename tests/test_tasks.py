@@ -49,3 +49,19 @@ def test_mixture_weights_and_state_round_trip():
     m2 = TaskMixture(data)
     m2.load_state_dict(state)
     assert m2.sample(10) == after
+
+
+def test_item_whose_generator_raises_is_skipped_and_recorded(monkeypatch):
+    data = _data()
+    m = TaskMixture(data)
+    task = m.tasks[0]
+    real = task.item
+    monkeypatch.setattr(task, "item", lambda i: (_ for _ in ()).throw(ValueError("broken")) if i == 1 else real(i))
+    items = m.sample(60)
+    assert all(not (it.task == task.name and it.index == 1) for it in items)
+    assert m.take_rejected() == [{"task": task.name, "item_index": 1, "error": "ValueError: broken"}]
+    assert m.take_rejected() == []
+    rejected = []
+    from prorl_actors.tasks import validation_items as vi
+    monkeypatch.setattr("prorl_actors.tasks.make_task", lambda spec, seed: task)
+    assert len(vi(data, 3, rejected)) == 2 * 2 and len(rejected) == 2

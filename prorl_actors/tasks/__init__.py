@@ -78,12 +78,19 @@ class TaskMixture:
         self.weights = [t.weight for t in data.tasks]
         self.rng = random.Random(data.train_seed)
         self.cursors = {t.name: 0 for t in self.tasks}
+        self.rejected: list[dict] = []  # items whose generator raised; the supervisor reports them
 
     def sample(self, num: int) -> list[Item]:
         out = []
         for task in self.rng.choices(self.tasks, weights=self.weights, k=num):
-            out.append(task.item(self.cursors[task.name]))
+            item = _safe_item(task, self.cursors[task.name], self.rejected)
             self.cursors[task.name] += 1
+            if item is not None:
+                out.append(item)
+        return out
+
+    def take_rejected(self) -> list[dict]:
+        out, self.rejected = self.rejected, []
         return out
 
     def state_dict(self) -> dict:
@@ -95,11 +102,21 @@ class TaskMixture:
         self.cursors = dict(state["cursors"])
 
 
-def validation_items(data: DataSpec, num_per_task: int) -> list[Item]:
+def _safe_item(task: Task, index: int, rejected: list[dict]) -> Item | None:
+    """A bad item (its generator raised) is skipped and recorded, never fatal."""
+    try:
+        return task.item(index)
+    except Exception as e:  # noqa: BLE001 - any generator bug is an item we cannot use
+        rejected.append({"task": task.name, "item_index": index, "error": f"{type(e).__name__}: {e}"})
+        return None
+
+
+def validation_items(data: DataSpec, num_per_task: int, rejected: list[dict] | None = None) -> list[Item]:
+    rejected = [] if rejected is None else rejected
     items = []
     for spec in data.tasks:
         task = make_task(spec, data.validation_seed)
-        items.extend(task.item(i) for i in range(num_per_task))
+        items.extend(it for i in range(num_per_task) if (it := _safe_item(task, i, rejected)) is not None)
     return items
 
 
