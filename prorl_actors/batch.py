@@ -92,7 +92,9 @@ def make_rollouts(*, prompt_ids, response_ids, sample_logp, response_text, task,
 
 def with_column(table: pa.Table, name: str, values) -> pa.Table:
     """Add (or replace) one of the downstream columns with its declared type."""
-    arr = pa.array(values, type=ADDED_COLUMNS[name])
+    arr = values if isinstance(values, pa.Array) else pa.array(values, type=ADDED_COLUMNS[name])
+    if arr.type != ADDED_COLUMNS[name]:
+        raise BatchSchemaError(f"column {name} must be {ADDED_COLUMNS[name]}, got {arr.type}")
     if name in table.column_names:
         return table.set_column(table.column_names.index(name), name, arr)
     return table.append_column(pa.field(name, ADDED_COLUMNS[name]), arr)
@@ -104,7 +106,7 @@ def select_rows(table: pa.Table, keep: np.ndarray | torch.Tensor) -> pa.Table:
     return table.filter(pa.array(keep))
 
 
-def concat(tables: list[pa.Table]) -> pa.Table:
+def concat(tables: list[pa.Table]) -> pa.Table | None:
     return pa.concat_tables(tables, promote_options="none") if tables else None
 
 
@@ -142,12 +144,23 @@ class SeqTensors:
     resp_pos: torch.Tensor        # (B, T) long
     mask: torch.Tensor            # (B, T) float, 1 on real response tokens
 
-    def rows(self, idx: torch.Tensor) -> "SeqTensors":
-        """A sub-batch, trimmed to its own longest sequence."""
+    def rows(self, idx: torch.Tensor, width: int | None = None) -> "SeqTensors":
+        """A sub-batch, trimmed to its own longest sequence; with `width`, its token axis is
+        exactly `width` (zero-padded, mask 0) whatever the lengths."""
         L = int(self.attention_mask[idx].sum(1).max())
         T = max(int(self.mask[idx].sum(1).max()), 1)
-        return SeqTensors(self.input_ids[idx, :L], self.attention_mask[idx, :L], self.response[idx, :T],
-                          self.resp_pos[idx, :T], self.mask[idx, :T])
+        sub = SeqTensors(self.input_ids[idx, :L], self.attention_mask[idx, :L], self.response[idx, :T],
+                         self.resp_pos[idx, :T], self.mask[idx, :T])
+        if width is None:
+            return sub
+        if width < T:
+            raise ValueError(f"responses of {T} tokens do not fit width {width}")
+        pad = lambda x: torch.nn.functional.pad(x, (0, width - T))  # noqa: E731
+        return SeqTensors(sub.input_ids, sub.attention_mask, pad(sub.response), pad(sub.resp_pos), pad(sub.mask))
+
+    def to(self, device: torch.device) -> "SeqTensors":
+        return SeqTensors(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.response,
+                                                    self.resp_pos, self.mask)))
 
 
 def to_tensors(table: pa.Table, pad_id: int) -> SeqTensors:

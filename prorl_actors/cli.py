@@ -27,7 +27,7 @@ def _load(args):
 
 
 def connect_ray(spec) -> None:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every port on loopback
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # with _node_ip_address: loopback only
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     address = spec.ray.address or os.environ.get("RAY_ADDRESS")
@@ -51,17 +51,26 @@ def cmd_train(args) -> int:
 
     t0 = time.time()
     run_dir = spec.run_dir
+    log = lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
+    if run_dir.exists() and any(run_dir.iterdir()):
+        # never mix two runs' records; resuming a run is a separate feature
+        old = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(old)
+        log(f"{run_dir} held an earlier run: moved it to {old}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(to_yaml(spec))
-    log = lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
     log(f"run {spec.name} -> {run_dir}")
     model_path = resolve_model_path(spec.model, spec.data, log=log)
     connect_ray(spec)
-    sup = Supervisor(spec, model_path, log=log)
+    import ray
     try:
-        result = sup.run()
+        sup = Supervisor(spec, model_path, log=log)
+        try:
+            result = sup.run()
+        finally:
+            sup.shutdown()
     finally:
-        sup.shutdown()
+        ray.shutdown()
     from prorl_actors.plots import plot_run
     table = summary_table(result)
     (run_dir / "summary.txt").write_text(table + "\n")

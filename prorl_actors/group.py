@@ -1,6 +1,9 @@
 """ActorGroup: N Ray actors of one role. The group, not the supervisor, owns creation,
-fan-out of work across its actors and health checks."""
+fan-out of work across its actors and the liveness check (`ping`); restarts and
+re-dispatch after a death come with the fault-tolerance issue."""
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -9,13 +12,16 @@ import ray
 
 class ActorGroup:
     def __init__(self, cls, num_actors: int, *, num_cpus: float, num_gpus: float = 0.0,
-                 env: dict[str, str] | None = None, args: tuple = (), name: str | None = None):
+                 env: dict[str, str] | None = None, args: tuple | Callable[[int], tuple] = (),
+                 name: str | None = None):
+        """`args` are the constructor's, or a function of the actor's rank giving them."""
         self.role = name or cls.__name__
         remote_cls = ray.remote(cls)
         opts = dict(num_cpus=num_cpus, num_gpus=num_gpus)
         if env:
             opts["runtime_env"] = {"env_vars": env}
-        self.actors = [remote_cls.options(**opts).remote(*args) for _ in range(num_actors)]
+        args_for = args if callable(args) else (lambda rank: args)
+        self.actors = [remote_cls.options(**opts).remote(*args_for(rank)) for rank in range(num_actors)]
 
     def __len__(self) -> int:
         return len(self.actors)

@@ -249,6 +249,9 @@ class RunSpec:
         for i, t in enumerate(self.data.tasks):
             if names.count(t.name) > 1:
                 errs.append((f"data.tasks[{i}].name", t.name, "unique task names"))
+        if self.supervisor.dynamic_sampling.enabled and self.generator.num_samples_per_prompt < 2:
+            errs.append(("generator.num_samples_per_prompt", self.generator.num_samples_per_prompt,
+                         "at least 2 with supervisor.dynamic_sampling.enabled (a group of one is never informative)"))
         if self.generator.max_new_tokens >= self.generator.max_model_len:
             errs.append(("generator.max_new_tokens", self.generator.max_new_tokens,
                          f"less than generator.max_model_len ({self.generator.max_model_len})"))

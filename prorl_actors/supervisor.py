@@ -27,7 +27,7 @@ from prorl_actors.actors.generator import GeneratorActor
 from prorl_actors.actors.learner import LearnerActor
 from prorl_actors.actors.reference import ReferenceActor
 from prorl_actors.actors.verifier import VerifierActor
-from prorl_actors.algo import ScheduledResets, group_advantages, informative_groups, pass_at_k
+from prorl_actors.algo import ScheduledResets, get_adv_estimator, informative_groups, pass_at_k
 from prorl_actors.checkpoint import save_checkpoint
 from prorl_actors.engines.generation import SamplingSpec
 from prorl_actors.group import ActorGroup
@@ -60,14 +60,19 @@ class Supervisor:
         self.max_prompt_tokens = g.max_model_len - g.max_new_tokens
         self.mixture = TaskMixture(spec.data)
         self.val_rejected: list[dict] = []
-        self.val_items = validation_items(spec.data, spec.validation.num_prompts_per_task, self.val_rejected)
+        val_items = validation_items(spec.data, spec.validation.num_prompts_per_task, self.val_rejected)
         self.resets = ScheduledResets(spec.supervisor.resets.every_steps
                                       if spec.supervisor.resets.mode == "scheduled" else 0)
         self.kl_coef = spec.supervisor.kl.coef
         self.version = 0
         self.next_group_id = 0
+        self.num_item_rejects = 0
         self.step = 0
         self.records = RunRecords(self.run_dir)
+        # the held-out prompts, tokenized once (rejections are recorded once, at run start)
+        self.val_prompts = self._prompt_table(val_items, split="validation")
+        if self.val_prompts.num_rows == 0:
+            raise ValueError("no usable validation prompt (see events.jsonl: item_rejected / prompt_rejected)")
 
         gen_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
                    "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(g.vllm.kv_cache_gib))),
@@ -75,30 +80,29 @@ class Supervisor:
         path = str(model_path)
         t0 = time.time()
         self.generators = ActorGroup(GeneratorActor, g.num_actors, num_cpus=g.num_cpus, num_gpus=g.num_gpus,
-                                     env=gen_env, args=(path, spec.model.dtype, g, g.max_model_len, spec.seed))
+                                     env=gen_env, args=lambda rank: (path, spec.model.dtype, g, spec.seed + rank))
         self.verifiers = ActorGroup(VerifierActor, spec.verifier.num_actors, num_cpus=spec.verifier.num_cpus,
                                     args=(spec.data,))
         self.learner = ActorGroup(LearnerActor, 1, num_cpus=spec.learner.num_cpus, num_gpus=spec.learner.num_gpus,
-                                  args=(path, spec.model.dtype, spec.learner, spec.algorithm, g.temperature, G,
+                                  args=(path, spec.learner, spec.algorithm, g.temperature, G, g.max_new_tokens,
                                         pad_id, spec.seed))
         self.reference = ActorGroup(ReferenceActor, 1, num_cpus=spec.reference.num_cpus,
                                     num_gpus=spec.reference.num_gpus,
-                                    args=(path, spec.model.dtype, spec.reference, g.temperature, pad_id,
-                                          spec.reference.num_threads))
+                                    args=(path, spec.model.dtype, spec.reference, g.temperature, pad_id))
         for grp in (self.generators, self.verifiers, self.learner, self.reference):
             grp.ping(timeout_s=600)
         self.log(f"actors up in {time.time() - t0:.1f}s: {len(self.generators)} generator ({g.engine}), "
                  f"{len(self.verifiers)} verifier, 1 learner, 1 reference")
 
     # ------------------------------------------------------------------ prompts
-    def _prompt_table(self, items: list[Item]) -> pa.Table:
+    def _prompt_table(self, items: list[Item], split: str = "train") -> pa.Table:
         rows = {B.PROMPT_IDS: [], B.TASK: [], B.ITEM_INDEX: [], B.REFERENCE: [], B.GROUP_ID: []}
         for it in items:
             text = self.tokenizer.apply_chat_template(chat_messages(self.spec.data.system_prompt, it.question),
                                                       tokenize=False, add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) > self.max_prompt_tokens:
-                self.records.event("prompt_rejected", self.step, task=it.task, item_index=it.index,
+                self.records.event("prompt_rejected", self.step, split=split, task=it.task, item_index=it.index,
                                    reason=f"{len(ids)} tokens > {self.max_prompt_tokens}")
                 continue
             rows[B.PROMPT_IDS].append(ids)
@@ -113,13 +117,8 @@ class Supervisor:
             B.REFERENCE: pa.array(rows[B.REFERENCE], pa.string()),
             B.GROUP_ID: pa.array(rows[B.GROUP_ID], pa.int64())})
 
-    def _rollouts(self, items: list[Item], sp: SamplingSpec, timer: PhaseTimer) -> pa.Table | None:
-        """Generate and verify; None when no prompt was usable."""
-        for bad in self.mixture.take_rejected():
-            self.records.event("item_rejected", self.step, **bad)
-        prompts = self._prompt_table(items)
-        if prompts.num_rows == 0:
-            return None
+    def _rollouts(self, prompts: pa.Table, sp: SamplingSpec, timer: PhaseTimer) -> pa.Table:
+        """Generate and verify."""
         with timer("generate"):
             rollouts = self.generators.map_table("generate", prompts, sp)
         with timer("verify"):
@@ -131,15 +130,20 @@ class Supervisor:
         """Dynamic sampling: -> (training batch of at most P groups, every rollout made, rounds)."""
         sup, g, G = self.spec.supervisor, self.spec.generator, self.spec.group_size
         P = sup.num_prompts_per_step
-        sp = SamplingSpec(n=G, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
-                          seed=self.spec.seed + self.step)
         kept, everything, n_kept, rounds = [], [], 0, 0
         while n_kept < P and rounds < sup.dynamic_sampling.max_rounds:
             n_new = P if rounds == 0 else math.ceil((P - n_kept) * sup.dynamic_sampling.oversample)
-            rollouts = self._rollouts(self.mixture.sample(n_new), sp, timer)
+            sp = SamplingSpec(n=G, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+                              seed=(self.spec.seed * 1_000_003 + self.step) * 101 + rounds)  # fresh per round
+            items = self.mixture.sample(n_new)
+            for bad in self.mixture.take_rejected():
+                self.num_item_rejects += 1
+                self.records.event("item_rejected", self.step, split="train", **bad)
+            prompts = self._prompt_table(items)
             rounds += 1
-            if rollouts is None:
+            if prompts.num_rows == 0:
                 continue
+            rollouts = self._rollouts(prompts, sp, timer)
             everything.append(rollouts)
             if not sup.dynamic_sampling.enabled:
                 kept.append(rollouts)
@@ -168,12 +172,15 @@ class Supervisor:
             self.records.event("no_informative_groups", self.step, rounds=rounds)
         else:
             rewards = torch.tensor(batch[B.REWARD].to_numpy(), dtype=torch.float32)
-            adv = group_advantages(rewards, G, normalize_std=spec.algorithm.adv_estimator == "grpo")
+            adv = get_adv_estimator(spec.algorithm.adv_estimator)(rewards, G)
             batch = B.with_column(batch, B.ADV, adv.numpy())
             with timer("reference"):
                 batch = self.reference.call_one("logprobs", batch)
             with timer("learn"):
                 stats = self.learner.call_one("update", batch, self.kl_coef)
+        if stats and stats["optimizer_steps"] == 0:  # every update was non-finite: weights unchanged
+            self.records.event("update_skipped", self.step, skipped_updates=stats["skipped_updates"])
+        elif stats:
             with timer("sync"):
                 weights = self.learner.actors[0].get_weights.remote()
                 self.version += 1
@@ -200,16 +207,16 @@ class Supervisor:
             "step": self.step, "policy_version": self.version,
             "reward_mean": float(rewards.mean()), "accuracy": float((rewards >= 1.0).mean()),
             "entropy": stats.get("entropy", math.nan), "kl": stats.get("kl", math.nan), "kl_coef": self.kl_coef,
-            "pg_loss": stats.get("pg_loss", math.nan),
-            "clip_frac_low": stats.get("clip_frac_low", math.nan),
-            "clip_frac_high": stats.get("clip_frac_high", math.nan),
-            "grad_norm": stats.get("grad_norm", math.nan),
+            **{k: stats.get(k, math.nan) for k in (
+                "pg_loss", "clip_frac_low", "clip_frac_high", "clip_frac", "dual_clip_frac", "approx_kl",
+                "grad_norm", "lr", "optimizer_steps", "sampler_logp_gap")},
             "kept_groups_frac": n_kept / (allr.num_rows // G), "trained_groups": n_kept, "gen_rounds": rounds,
             "response_len_mean": float(resp_len.mean()),
             "answer_format_frac": float(np.mean([has_answer_tag(t) for t in allr[B.RESPONSE_TEXT].to_pylist()])),
             "truncated_frac": float(allr[B.TRUNCATED].to_numpy(zero_copy_only=False).mean()),
             "verify_errors": int(allr[B.VERIFY_ERROR].to_numpy(zero_copy_only=False).sum()),
             "skipped_updates": stats.get("skipped_updates", 0),
+            "item_rejects": self.num_item_rejects,
             "reference_resets": self.resets.num_resets,
             "step_s": step_s,
             "gen_tokens_per_s": float(resp_len.sum()) / max(timer.s["generate"], 1e-9),
@@ -227,7 +234,7 @@ class Supervisor:
         v, g = self.spec.validation, self.spec.generator
         sp = SamplingSpec(n=v.num_samples, temperature=v.temperature, top_p=v.top_p,
                           max_new_tokens=g.max_new_tokens, seed=self.spec.seed)
-        rollouts = self._rollouts(self.val_items, sp, PhaseTimer())
+        rollouts = self._rollouts(self.val_prompts, sp, PhaseTimer())
         correct = (rollouts[B.REWARD].to_numpy() >= 1.0).reshape(-1, v.num_samples)  # (prompts, n)
         tasks = np.array(rollouts[B.TASK].to_pylist()[::v.num_samples])
         tagged = np.array([has_answer_tag(t) for t in rollouts[B.RESPONSE_TEXT].to_pylist()])

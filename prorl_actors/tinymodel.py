@@ -29,6 +29,7 @@ from prorl_actors.spec import DataSpec, ModelSpec, TinyModelSpec
 from prorl_actors.tasks import TaskMixture, chat_messages, sft_completion
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SFT_SEED_OFFSET = 500_000_000  # far from both the RL training and the validation seeds
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -41,7 +42,7 @@ def cache_root() -> Path:
 
 def tiny_model_key(tiny: TinyModelSpec, data: DataSpec) -> str:
     blob = json.dumps({"tiny": dataclasses.asdict(tiny), "tasks": [dataclasses.asdict(t) for t in data.tasks],
-                       "system_prompt": data.system_prompt, "train_seed": data.train_seed, "v": 2},
+                       "system_prompt": data.system_prompt, "train_seed": data.train_seed, "v": 3},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -96,7 +97,8 @@ def build_tiny_model(tiny: TinyModelSpec, data: DataSpec, out: Path, log=print) 
 
     t0 = time.time()
     torch.manual_seed(tiny.seed)
-    mixture = TaskMixture(data)
+    # the warm start draws from its own seed, so RL does not begin on the items SFT saw
+    mixture = TaskMixture(dataclasses.replace(data, train_seed=data.train_seed + SFT_SEED_OFFSET))
     corpus_items = mixture.sample(tiny.tokenizer_corpus_items)
     texts = [data.system_prompt] + [f"{it.question}\n{sft_completion(it.answer)}\n{untagged_completion(it.answer)}"
                                     for it in corpus_items]

@@ -24,7 +24,7 @@ G = 4
 def parts(small_spec, tiny_model):
     spec = build_spec({**_as_dict(small_spec), "generator": {**_as_dict(small_spec)["generator"], "engine": "hf"}})
     tok = load_tokenizer(tiny_model)
-    gen = GeneratorActor(str(tiny_model), "float32", spec.generator, 256, 0)
+    gen = GeneratorActor(str(tiny_model), "float32", spec.generator, 0)
     items = validation_items(spec.data, 6)
     prompts = pa.table({
         B.PROMPT_IDS: pa.array([tok(tok.apply_chat_template(chat_messages(spec.data.system_prompt, it.question),
@@ -41,9 +41,9 @@ def _as_dict(spec):
     return dataclasses.asdict(spec)
 
 
-def _learner(spec, tiny_model, tok, **learner_kw):
+def _learner(spec, tiny_model, tok, algo=None, **learner_kw):
     lspec = build_spec({"learner": {**_as_dict(spec)["learner"], **learner_kw}}).learner
-    return LearnerActor(str(tiny_model), "float32", lspec, spec.algorithm, 1.2, G, tok.pad_token_id, 0)
+    return LearnerActor(str(tiny_model), lspec, algo or spec.algorithm, 1.2, G, 12, tok.pad_token_id, 0)
 
 
 def _with_adv_ref(rollouts, adv, ref: ReferenceActor):
@@ -80,6 +80,9 @@ def test_reference_matches_learner_and_resets(parts, tiny_model):
     spec, tok, r = parts
     ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
     learner = _learner(spec, tiny_model, tok, num_prompts_per_mini_batch=6, lr=1e-2)
+    # the reference's ragged column holds exactly each response's tokens, in order
+    t0 = ref.logprobs(B.with_column(r, B.ADV, [0.0] * r.num_rows))
+    assert [len(x) for x in t0[B.REF_LOGP].to_pylist()] == [len(x) for x in r[B.RESPONSE_IDS].to_pylist()]
     t = _with_adv_ref(r, [1.0, -1, -1, -1] * 6, ref)
     before = B.padded(t[B.REF_LOGP])
     stats = learner.update(t, kl_coef=0.1)
@@ -121,11 +124,11 @@ def test_non_finite_loss_skips_update_and_counts(parts, tiny_model):
 def test_reset_optimizer_clears_state(parts, tiny_model):
     spec, tok, r = parts
     ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
-    learner = _learner(spec, tiny_model, tok)
-    learner.update(_with_adv_ref(r, [1.0, -1, 0, 0] * 6, ref), kl_coef=0.0)
-    assert len(learner.opt.state) > 0
+    learner = _learner(spec, tiny_model, tok, lr=1e-3, lr_warmup_steps=4, num_prompts_per_mini_batch=3)
+    learner.update(_with_adv_ref(r, [1.0, -1, 0, 0] * 6, ref), kl_coef=0.0)  # 2 optimizer steps
+    assert len(learner.opt.state) > 0 and learner.sched.get_last_lr()[0] == pytest.approx(1e-3 * 3 / 4)
     learner.reset_optimizer()
-    assert len(learner.opt.state) == 0
+    assert len(learner.opt.state) == 0 and learner.sched.get_last_lr()[0] == pytest.approx(1e-3 / 4)
 
 
 def test_verifier_errors_give_zero_and_are_flagged(parts):
@@ -143,3 +146,20 @@ def test_verifier_errors_give_zero_and_are_flagged(parts):
     assert out[B.REWARD][0].as_py() == 0.0 and out[B.VERIFY_ERROR][0].as_py() is True
     assert out[B.REWARD][1].as_py() == 1.0 and out[B.VERIFY_ERROR][1].as_py() is False
     assert sum(out[B.VERIFY_ERROR].to_pylist()) == 1
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_gradient_does_not_depend_on_micro_batch_size(parts, tiny_model, agg):
+    """micro_batch_size is a memory knob only: the mini-batch gradient must not change with it."""
+    spec, tok, r = parts
+    ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
+    t = _with_adv_ref(r, [1.5, -0.5, -0.5, -0.5, 0.3, -0.1, -0.1, -0.1] * 3, ref)
+    algo = build_spec({"algorithm": {"loss_agg": agg}}).algorithm
+    grads = []
+    for micro in (5, 24):
+        learner = _learner(spec, tiny_model, tok, algo=algo, num_prompts_per_mini_batch=6, micro_batch_size=micro,
+                           max_grad_norm=1e9)
+        learner.update(t, kl_coef=0.05)
+        grads.append(torch.cat([p.grad.flatten() for p in learner.model.parameters() if p.grad is not None]))
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)

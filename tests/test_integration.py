@@ -18,7 +18,7 @@ def _train(tiny_model, tmp_path, engine, extra=()):
             "num_steps=3", "supervisor.num_prompts_per_step=8", "learner.num_prompts_per_mini_batch=4",
             "generator.num_samples_per_prompt=4", "generator.max_new_tokens=8",
             "validation.num_prompts_per_task=8", "validation.num_samples=4", "validation.ks=[1,2,4]",
-            "validation.every_steps=2", "supervisor.resets.every_steps=2", "checkpoint.every_steps=2",
+            "validation.every_steps=2", "supervisor.resets.every_steps=1", "checkpoint.every_steps=2",
             "ray.num_cpus=2", *extra]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -40,15 +40,20 @@ def test_train_few_steps(tiny_model, tmp_path, engine):
         assert all(m[f"time/{p}_s"] >= 0 for p in ("generate", "verify", "reference", "learn", "sync"))
     trained = [m for m in metrics if m["trained_groups"] > 0]
     assert trained, "no step trained (no informative group in 3 steps)"
-    assert all(m["entropy"] > 0 and m["kl"] is not None for m in trained)
+    assert all(m["entropy"] > 0 and m["kl"] >= 0 for m in trained)
+    assert all(m["optimizer_steps"] == -(-m["trained_groups"] // 4) for m in trained)  # mini-batches of 4
+    assert all(m["sampler_logp_gap"] < 0.05 for m in trained)  # the sampler runs the learner's weights
     val = read_jsonl(run / "validation.jsonl")
     assert [v["step"] for v in val] == [0, 2, 3]
     assert all(0 <= v["pass@1/chain_sum"] <= v["pass@4/chain_sum"] <= 1 for v in val)
     events = read_jsonl(run / "events.jsonl")
     kinds = [e["event"] for e in events]
     assert kinds[0] == "run_start" and kinds[-1] == "run_end"
-    if metrics[1]["trained_groups"] > 0:  # a reset happens after step 2's update
-        assert any(e["event"] == "reference_reset" and e["step"] == 2 for e in events)
+    # resets every step: one after each step that trained, each recorded with its reason
+    resets = [e for e in events if e["event"] == "reference_reset"]
+    assert [e["step"] for e in resets] == [m["step"] for m in trained]
+    assert all(e["reason"] == "scheduled" and e["optimizer_reset"] for e in resets)
+    assert metrics[-1]["reference_resets"] == len(resets)
     # checkpoints: HF format, loadable by transformers; the last 2 kept
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["step_000002", "step_000003"]

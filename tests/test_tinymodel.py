@@ -26,8 +26,9 @@ def test_build_is_deterministic_and_loadable(small_spec, tiny_model, tmp_path):
 
 def test_cache_key_and_resolve(small_spec, tmp_path, monkeypatch):
     tiny = small_spec.model.tiny
-    assert tiny_model_key(tiny, small_spec.data) == tiny_model_key(dataclasses.replace(tiny), small_spec.data)
-    assert tiny_model_key(tiny, small_spec.data) != tiny_model_key(dataclasses.replace(tiny, seed=1), small_spec.data)
+    key = tiny_model_key(tiny, small_spec.data)
+    assert key != tiny_model_key(dataclasses.replace(tiny, seed=1), small_spec.data)
+    assert key != tiny_model_key(tiny, dataclasses.replace(small_spec.data, system_prompt="other"))
     monkeypatch.setenv("PRORL_CACHE", str(tmp_path))
     model = dataclasses.replace(small_spec.model, tiny=dataclasses.replace(tiny, sft_steps=2))
     path = resolve_model_path(model, small_spec.data, log=lambda *_: None)

@@ -9,8 +9,8 @@ from prorl_actors.spec import GeneratorSpec
 
 
 class GeneratorActor:
-    def __init__(self, model_path: str, dtype: str, spec: GeneratorSpec, max_model_len: int, seed: int):
-        self.engine = make_engine(model_path, dtype, spec, max_model_len, seed)
+    def __init__(self, model_path: str, dtype: str, spec: GeneratorSpec, seed: int):
+        self.engine = make_engine(model_path, dtype, spec, seed)
         self.version = 0
 
     def generate(self, prompts: pa.Table, sp: SamplingSpec) -> pa.Table:

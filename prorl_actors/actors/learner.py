@@ -20,19 +20,24 @@ import pyarrow as pa
 import torch
 
 from prorl_actors import batch as B
-from prorl_actors.algo import kl_loss_term, kl_penalty, policy_loss
-from prorl_actors.engines.torch_policy import batched_logp, load_causal_lm, response_logp, state_dict_for_sync
+from prorl_actors.algo import aggregate_loss, kl_penalty, policy_loss
+from prorl_actors.engines.torch_policy import (batched_logp, load_causal_lm, pick_device, response_logp,
+                                               state_dict_for_sync)
 from prorl_actors.spec import AlgorithmSpec, LearnerSpec
 
 
 class LearnerActor:
-    def __init__(self, model_path: str, dtype: str, spec: LearnerSpec, algo: AlgorithmSpec,
-                 temperature: float, group_size: int, pad_id: int, seed: int):
+    def __init__(self, model_path: str, spec: LearnerSpec, algo: AlgorithmSpec, temperature: float,
+                 group_size: int, max_new_tokens: int, pad_id: int, seed: int):
         torch.manual_seed(seed)
         torch.set_num_threads(spec.num_threads)
-        self.model = load_causal_lm(model_path, dtype).train()
+        self.device = pick_device(spec.num_gpus)
+        # master weights stay float32 whatever model.dtype says: bf16 weights would round
+        # lr-sized AdamW updates away; compute in bf16 with learner.autocast_bf16
+        self.model = load_causal_lm(model_path, "float32").to(self.device).train()
         self.spec, self.algo = spec, algo
         self.temperature, self.G, self.pad_id = temperature, group_size, pad_id
+        self.max_new_tokens = max_new_tokens
         self.opt, self.sched = self._new_optimizer()
         self.num_skipped_updates = 0
         self.num_optimizer_steps = 0
@@ -49,6 +54,16 @@ class LearnerActor:
         """Fresh AdamW state (moments and step count) and warm-up, as at a ProRL reference reset."""
         self.opt, self.sched = self._new_optimizer()
 
+    def _micro_share(self, sub_mask: torch.Tensor, mb_mask: torch.Tensor) -> float:
+        """Weight of a micro-batch's aggregated loss in its mini-batch's, so that the sum over
+        micro-batches equals the mini-batch aggregate whatever `micro_batch_size` is."""
+        mode = self.algo.loss_agg
+        if mode == "token-mean":
+            return float(sub_mask.sum()) / float(mb_mask.sum())
+        if mode == "seq-mean-token-sum-norm":  # every row counts, width is the constant max_new_tokens
+            return sub_mask.shape[0] / mb_mask.shape[0]
+        return float((sub_mask.sum(1) > 0).sum()) / float((mb_mask.sum(1) > 0).sum())
+
     def update(self, rollouts: pa.Table, kl_coef: float) -> dict:
         B.check_batch(rollouts, needs=(B.ADV, B.REF_LOGP))
         s, a, G = self.spec, self.algo, self.G
@@ -56,53 +71,57 @@ class LearnerActor:
         T = seq.mask.shape[1]
         adv = torch.tensor(rollouts[B.ADV].to_numpy(), dtype=torch.float32)     # (B,)
         ref_logp = B.padded(rollouts[B.REF_LOGP], width=T) * seq.mask              # (B, T)
+        sample_logp = B.padded(rollouts[B.SAMPLE_LOGP], width=T) * seq.mask        # (B, T)
         n_groups = seq.mask.shape[0] // G
         # With one epoch over one mini-batch the policy has not moved when each token's loss is
         # computed, so old_logp IS logp.detach(): skip the extra forward pass (ratio = 1).
         on_policy = s.num_epochs == 1 and n_groups <= s.num_prompts_per_mini_batch
         old_logp = None if on_policy else batched_logp(self.model, seq, self.temperature, s.micro_batch_size,
-                                                       s.autocast_bf16)            # (B, T)
-        sums = dict(tokens=0.0, entropy=0.0, kl=0.0, pg_loss=0.0, clip_frac_low=0.0,
-                    clip_frac_high=0.0, clip_frac=0.0, dual_clip_frac=0.0, approx_kl=0.0)
+                                                       s.autocast_bf16, self.device)  # (B, T)
+        # Dr.GRPO's mode divides by a constant length, so pad every micro-batch to it
+        width = self.max_new_tokens if a.loss_agg == "seq-mean-token-sum-norm" else None
+        keys = ("entropy", "kl", "pg_loss", "clip_frac_low", "clip_frac_high", "clip_frac", "dual_clip_frac",
+                "approx_kl", "sampler_logp_gap")
+        sums = dict.fromkeys(("tokens", "gap_tokens") + keys, 0.0)
         grad_norms, steps, skipped = [], 0, 0
-        for _ in range(s.num_epochs):
+        for epoch in range(s.num_epochs):
             perm = torch.randperm(n_groups)
             for start in range(0, n_groups, s.num_prompts_per_mini_batch):
                 groups = perm[start:start + s.num_prompts_per_mini_batch]
                 rows = (groups[:, None] * G + torch.arange(G)).flatten()          # (mb * G,)
-                mb_tokens = float(seq.mask[rows].sum())
-                mb_seqs = float((seq.mask[rows].sum(1) > 0).sum())
-                if mb_tokens == 0:
+                mb_mask = seq.mask[rows]
+                if mb_mask.sum() == 0:
                     continue
                 self.opt.zero_grad(set_to_none=True)
+                mb_sums = dict.fromkeys(sums, 0.0)  # counted only if this optimizer step is taken
                 finite = True
                 for m in range(0, len(rows), s.micro_batch_size):
                     idx = rows[m:m + s.micro_batch_size]
-                    sub = seq.rows(idx)
+                    sub = seq.rows(idx, width).to(self.device)
                     Tm = sub.mask.shape[1]
                     logp, ent = response_logp(self.model, sub, self.temperature, with_entropy=True,
                                               autocast_bf16=s.autocast_bf16)          # (b, Tm)
-                    old = logp.detach() if on_policy else old_logp[idx, :Tm]
-                    pg, st = policy_loss(logp, old, adv[idx], sub.mask, eps_low=a.eps_low,
+                    old = logp.detach() if on_policy else _fit(old_logp[idx], Tm).to(self.device)
+                    ref = _fit(ref_logp[idx], Tm).to(self.device)
+                    pg, st = policy_loss(logp, old, adv[idx].to(self.device), sub.mask, eps_low=a.eps_low,
                                          eps_high=a.eps_high, dual_clip_c=a.dual_clip_c, agg=a.loss_agg)
-                    kl = kl_loss_term(logp, ref_logp[idx, :Tm], sub.mask, kind=a.kl_estimator, agg=a.loss_agg)
-                    loss = pg + kl_coef * kl
+                    kl_tok = kl_penalty(logp, ref, a.kl_estimator)                   # (b, Tm)
+                    loss = pg + kl_coef * aggregate_loss(kl_tok, sub.mask, a.loss_agg)
                     if not torch.isfinite(loss):
                         finite = False
                         break
-                    # weight of this micro-batch in the mini-batch mean: tokens for token-mean,
-                    # sequences for the per-sequence modes
-                    n_tok = float(sub.mask.sum())
-                    share = (n_tok / mb_tokens if a.loss_agg == "token-mean"
-                             else float((sub.mask.sum(1) > 0).sum()) / max(mb_seqs, 1.0))
-                    (loss * share).backward()
+                    (loss * self._micro_share(sub.mask, mb_mask)).backward()
                     with torch.no_grad():
-                        sums["tokens"] += n_tok
-                        sums["entropy"] += float((ent * sub.mask).sum())
-                        sums["kl"] += float((kl_penalty(logp, ref_logp[idx, :Tm], a.kl_estimator) * sub.mask).sum())
-                        for k in ("pg_loss", "clip_frac_low", "clip_frac_high", "clip_frac",
-                                  "dual_clip_frac", "approx_kl"):
-                            sums[k] += st[k] * n_tok
+                        n_tok = float(sub.mask.sum())
+                        mb_sums["tokens"] += n_tok
+                        mb_sums["entropy"] += float((ent * sub.mask).sum())
+                        mb_sums["kl"] += float((kl_tok * sub.mask).sum())
+                        if epoch == 0:  # the sampler's logprobs vs the learner's, same weights
+                            gap = (old - _fit(sample_logp[idx], Tm).to(self.device)).abs()
+                            mb_sums["sampler_logp_gap"] += float((gap * sub.mask).sum())
+                            mb_sums["gap_tokens"] += n_tok
+                        for k in keys[2:8]:
+                            mb_sums[k] += st[k] * n_tok
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm) \
                     if finite else torch.tensor(float("nan"))
                 if not finite or not torch.isfinite(grad_norm):
@@ -113,17 +132,20 @@ class LearnerActor:
                 self.sched.step()
                 steps += 1
                 grad_norms.append(float(grad_norm))
+                for k, v in mb_sums.items():
+                    sums[k] += v
         self.num_skipped_updates += skipped
         self.num_optimizer_steps += steps
-        n = max(sums.pop("tokens"), 1.0)
-        out = {k: v / n for k, v in sums.items()}
+        n, n_gap = sums.pop("tokens"), sums.pop("gap_tokens")
+        out = {k: (v / n if n else math.nan) for k, v in sums.items()}
+        out["sampler_logp_gap"] = sums["sampler_logp_gap"] / n_gap if n_gap else math.nan
         out.update(lr=self.sched.get_last_lr()[0], optimizer_steps=steps, skipped_updates=skipped,
                    trained_tokens=int(seq.mask.sum()),
                    grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else math.nan)
         return out
 
     def get_weights(self) -> dict[str, torch.Tensor]:
-        return state_dict_for_sync(self.model)
+        return {k: v.cpu() for k, v in state_dict_for_sync(self.model).items()}
 
     def save(self, path: str) -> None:
         """Policy weights in HF format (transformers and vLLM load them) + optimizer state."""
@@ -135,3 +157,10 @@ class LearnerActor:
 
     def ping(self) -> str:
         return "ok"
+
+
+def _fit(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(b, T) -> (b, width): cut or zero-pad the token axis."""
+    if x.shape[1] >= width:
+        return x[:, :width]
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))

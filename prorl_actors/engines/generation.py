@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from transformers import GenerationConfig
 
 from prorl_actors.spec import GeneratorSpec
 
@@ -42,11 +43,15 @@ class GenerationEngine(Protocol):
 class HFEngine:
     """transformers generate; processed logprobs (after temperature / top-p)."""
 
+    # The learner scores tokens with the full softmax(logits / T): with top_p < 1 the sampler's
+    # distribution is a truncated version of it (as in verl and OpenRLHF).
+
     def __init__(self, model_path: str, dtype: str, spec: GeneratorSpec):
-        from prorl_actors.engines.torch_policy import load_causal_lm
+        from prorl_actors.engines.torch_policy import load_causal_lm, pick_device
         from prorl_actors.tinymodel import load_tokenizer
         self.tok = load_tokenizer(model_path)
-        self.model = load_causal_lm(model_path, dtype).eval()
+        self.device = pick_device(spec.num_gpus)
+        self.model = load_causal_lm(model_path, dtype).to(self.device).eval()
         self.batch_size = spec.hf_batch_size
         self.eos = self.model.generation_config.eos_token_id
         self.eos = set(self.eos if isinstance(self.eos, list) else [self.eos])
@@ -65,12 +70,16 @@ class HFEngine:
             for i, p in enumerate(chunk):
                 ids[i, P - len(p):] = torch.tensor(p)
                 attn[i, P - len(p):] = 1
-            gen = self.model.generate(input_ids=ids, attention_mask=attn, do_sample=True,
-                                      temperature=sp.temperature, top_p=sp.top_p, top_k=0,
-                                      max_new_tokens=sp.max_new_tokens, pad_token_id=pad,
-                                      return_dict_in_generate=True, output_scores=True)
-            new = gen.sequences[:, P:]                                   # (b, t)
-            scores = torch.stack(gen.scores, 1).float().log_softmax(-1)  # (b, t, V) processed
+            # an explicit config: nothing inherited from the model's generation_config (a
+            # repetition penalty there would sample from another distribution than the learner's)
+            cfg = GenerationConfig(do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=0,
+                                   max_new_tokens=sp.max_new_tokens, pad_token_id=pad,
+                                   eos_token_id=sorted(self.eos), return_dict_in_generate=True,
+                                   output_scores=True)
+            gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                                      generation_config=cfg)
+            new = gen.sequences[:, P:].cpu()                                   # (b, t)
+            scores = torch.stack(gen.scores, 1).float().log_softmax(-1).cpu()  # (b, t, V) processed
             logp = scores.gather(-1, new.unsqueeze(-1)).squeeze(-1)      # (b, t)
             for i in range(len(chunk)):
                 toks = new[i].tolist()
@@ -130,8 +139,7 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
 
-def make_engine(model_path: str, dtype: str, spec: GeneratorSpec, max_model_len: int,
-                seed: int = 0) -> GenerationEngine:
+def make_engine(model_path: str, dtype: str, spec: GeneratorSpec, seed: int = 0) -> GenerationEngine:
     if spec.engine == "vllm":
-        return VLLMEngine(model_path, dtype, spec, max_model_len, seed)
+        return VLLMEngine(model_path, dtype, spec, spec.max_model_len, seed)
     return HFEngine(model_path, dtype, spec)

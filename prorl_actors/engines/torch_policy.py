@@ -22,10 +22,23 @@ def load_causal_lm(path: str | Path, dtype: str):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
 
 
+def pick_device(num_gpus: float) -> torch.device:
+    """The GPU Ray gave this actor when its role asks for one, else the CPU."""
+    if num_gpus > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError("the spec gives this role GPUs but torch sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def response_logp(model, seq: SeqTensors, temperature: float, with_entropy: bool = False,
                   autocast_bf16: bool = False):
-    """-> logp (B, T) and entropy (B, T) or None, for the response tokens of `seq`."""
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else nullcontext()
+    """-> logp (B, T) and entropy (B, T) or None, for the response tokens of `seq`.
+
+    Materialises float32 (B, T, V) logits: fine for small vocabularies and micro-batches;
+    long responses with a 150k vocabulary need chunking over T (scale-out issue)."""
+    device_type = seq.input_ids.device.type
+    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if autocast_bf16 else nullcontext()
     with ctx:
         logits = model(input_ids=seq.input_ids, attention_mask=seq.attention_mask).logits  # (B, L, V)
     V = logits.shape[-1]
@@ -39,14 +52,13 @@ def response_logp(model, seq: SeqTensors, temperature: float, with_entropy: bool
 
 @torch.no_grad()
 def batched_logp(model, seq: SeqTensors, temperature: float, micro_batch_size: int,
-                 autocast_bf16: bool = False) -> torch.Tensor:
-    """response_logp over micro-batches, without gradients -> (B, T)."""
+                 autocast_bf16: bool = False, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """response_logp over micro-batches, without gradients -> (B, T) on the CPU."""
     out = torch.zeros_like(seq.mask)
     for start in range(0, seq.mask.shape[0], micro_batch_size):
         idx = torch.arange(start, min(start + micro_batch_size, seq.mask.shape[0]))
-        sub = seq.rows(idx)
-        logp, _ = response_logp(model, sub, temperature, autocast_bf16=autocast_bf16)
-        out[idx, :logp.shape[1]] = logp
+        logp, _ = response_logp(model, seq.rows(idx).to(device), temperature, autocast_bf16=autocast_bf16)
+        out[idx, :logp.shape[1]] = logp.cpu()
     return out
 
 
