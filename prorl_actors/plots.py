@@ -32,6 +32,7 @@ def plot_run(run_dir: Path) -> Path:
     ax[1, 0].set_title("policy entropy (nats / token)")
     ax[1, 1].plot(steps, series("kl"), color="tab:red", label="KL to reference")
     ax[1, 1].set_yscale("log")
+    ax[1, 1].set_ylim(bottom=1e-6)  # right after a reset the KL is 0 up to float noise
     twin = ax[1, 1].twinx()
     coefs = series("kl_coef")
     twin.plot(steps, coefs, color="tab:gray", ls="--", label="KL coefficient")
