@@ -10,6 +10,7 @@ Each role reads only its own section (`GeneratorSpec`, `LearnerSpec`, ...).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -25,13 +26,8 @@ def opt(default, *, ge=None, gt=None, le=None, lt=None, help=""):
     meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
     meta["help"] = help
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: _copy(default), metadata=meta)
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-def _copy(x):
-    import copy
-    return copy.deepcopy(x)
 
 
 # ---------------------------------------------------------------------------- sections
@@ -409,9 +405,5 @@ def load_spec(path: str | Path | None, overrides: list[str] = ()) -> RunSpec:
     return build_spec(data or {})
 
 
-def to_dict(spec: RunSpec) -> dict:
-    return dataclasses.asdict(spec)
-
-
 def to_yaml(spec: RunSpec) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(to_dict(spec)))
+    return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(spec)))

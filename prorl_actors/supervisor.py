@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 import torch
 
 from prorl_actors import batch as B
@@ -74,9 +73,8 @@ class Supervisor:
         if self.val_prompts.num_rows == 0:
             raise ValueError("no usable validation prompt (see events.jsonl: item_rejected / prompt_rejected)")
 
-        gen_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
-                   "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(g.vllm.kv_cache_gib))),
-                   "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+        # the vLLM engine sets its own VLLM_* variables before importing vllm
+        gen_env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         path = str(model_path)
         t0 = time.time()
         self.generators = ActorGroup(GeneratorActor, g.num_actors, num_cpus=g.num_cpus, num_gpus=g.num_gpus,

@@ -17,7 +17,6 @@ from prorl_actors.algo import (
     get_adv_estimator,
     group_advantages,
     informative_groups,
-    kl_loss_term,
     kl_penalty,
     masked_mean,
     pass_at_k,
@@ -283,14 +282,15 @@ def test_kl_penalty_unknown_kind_lists_valid():
     assert KL_KINDS == ("k1", "k2", "k3")
 
 
-def test_kl_loss_term():
+def test_kl_term_of_the_loss():
+    """The learner's KL term: aggregate_loss(kl_penalty(...)) under the loss's aggregation."""
     ln2 = math.log(2.0)
     logp = t([[ln2, 0.0], [0.0, 0.0]], requires_grad=True)
     ref = t([[0.0, ln2], [ln2, 5.0]])
     mask = t([[1, 1], [1, 0]])
-    out = kl_loss_term(logp, ref, mask, "k1", "token-mean")
+    out = aggregate_loss(kl_penalty(logp, ref, "k1"), mask, "token-mean")
     assert_close(out, torch.tensor((ln2 - ln2 - ln2) / 3))
-    out = kl_loss_term(logp, ref, mask, "k3", "seq-mean-token-mean")
+    out = aggregate_loss(kl_penalty(logp, ref, "k3"), mask, "seq-mean-token-mean")
     # row 0: (ln2 - 0.5 + 1 - ln2) / 2 = 0.25; row 1: 1 - ln2
     assert_close(out, torch.tensor((0.25 + (1 - ln2)) / 2))
     out.backward()

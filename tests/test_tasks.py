@@ -1,6 +1,6 @@
 import json
 
-from prorl_actors.spec import DataSpec, TaskSpec, build_spec
+from prorl_actors.spec import build_spec
 from prorl_actors.tasks import Scorer, TaskMixture, validation_items
 from prorl_actors.tasks.reasoning_gym import extract_answer
 

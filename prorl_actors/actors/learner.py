@@ -80,8 +80,8 @@ class LearnerActor:
                                                        s.autocast_bf16, self.device)  # (B, T)
         # Dr.GRPO's mode divides by a constant length, so pad every micro-batch to it
         width = self.max_new_tokens if a.loss_agg == "seq-mean-token-sum-norm" else None
-        keys = ("entropy", "kl", "pg_loss", "clip_frac_low", "clip_frac_high", "clip_frac", "dual_clip_frac",
-                "approx_kl", "sampler_logp_gap")
+        loss_stats = ("pg_loss", "clip_frac_low", "clip_frac_high", "clip_frac", "dual_clip_frac", "approx_kl")
+        keys = ("entropy", "kl", *loss_stats, "sampler_logp_gap")
         sums = dict.fromkeys(("tokens", "gap_tokens") + keys, 0.0)
         grad_norms, steps, skipped = [], 0, 0
         for epoch in range(s.num_epochs):
@@ -120,7 +120,7 @@ class LearnerActor:
                             gap = (old - _fit(sample_logp[idx], Tm).to(self.device)).abs()
                             mb_sums["sampler_logp_gap"] += float((gap * sub.mask).sum())
                             mb_sums["gap_tokens"] += n_tok
-                        for k in keys[2:8]:
+                        for k in loss_stats:
                             mb_sums[k] += st[k] * n_tok
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm) \
                     if finite else torch.tensor(float("nan"))

@@ -3,7 +3,7 @@ pass@k and the reference-reset policy. No Ray, no I/O."""
 
 from prorl_actors.algo.advantages import ADV_ESTIMATORS, get_adv_estimator, group_advantages
 from prorl_actors.algo.entropy import entropy_from_logits
-from prorl_actors.algo.kl import KL_KINDS, get_kl_estimator, kl_loss_term, kl_penalty
+from prorl_actors.algo.kl import KL_KINDS, get_kl_estimator, kl_penalty
 from prorl_actors.algo.losses import (
     AGG_MODES,
     LOG_RATIO_CLAMP,
@@ -30,7 +30,6 @@ __all__ = [
     "get_kl_estimator",
     "group_advantages",
     "informative_groups",
-    "kl_loss_term",
     "kl_penalty",
     "masked_mean",
     "masked_sum",

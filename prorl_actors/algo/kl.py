@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from prorl_actors.algo.losses import LOG_RATIO_CLAMP, _compute_dtype, aggregate_loss
+from prorl_actors.algo.losses import LOG_RATIO_CLAMP, _compute_dtype
 
 
 def _log_ratio(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -68,17 +68,3 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.T
     if logp.shape != ref_logp.shape:
         raise ValueError(f"logp and ref_logp shapes differ: {tuple(logp.shape)} vs {tuple(ref_logp.shape)}")
     return get_kl_estimator(kind)(logp, ref_logp)
-
-
-def kl_loss_term(
-    logp: torch.Tensor,
-    ref_logp: torch.Tensor,
-    mask: torch.Tensor,
-    kind: str = "k3",
-    agg: str = "token-mean",
-) -> torch.Tensor:
-    """Aggregated scalar KL term for ``loss = pg_loss + kl_coef * kl_term``.
-
-    logp, ref_logp, mask: (B, T); kind: KL estimator; agg: ``aggregate_loss`` mode.
-    """
-    return aggregate_loss(kl_penalty(logp, ref_logp, kind), mask, agg)
