@@ -29,6 +29,8 @@ TRUNCATED = "truncated"            # bool         stopped by max_new_tokens, not
 POLICY_VERSION = "policy_version"  # int64        weights version the sample came from
 REWARD = "reward"                  # float32      verifier reward in [0, 1]
 VERIFY_ERROR = "verify_error"      # bool         the verifier raised (reward set to 0)
+VERIFY_TIMEOUT = "verify_timeout"  # bool         the verifier ran past its limit (reward set to 0)
+FORMATTED = "formatted"            # bool         the response gave an answer in its family's format
 ADV = "adv"                        # float32      group-relative advantage
 REF_LOGP = "ref_logp"              # list<float32> reference policy logprob per response token
 
@@ -48,6 +50,8 @@ ROLLOUT_SCHEMA = pa.schema([
 ADDED_COLUMNS = {
     REWARD: pa.float32(),
     VERIFY_ERROR: pa.bool_(),
+    VERIFY_TIMEOUT: pa.bool_(),
+    FORMATTED: pa.bool_(),
     ADV: pa.float32(),
     REF_LOGP: pa.list_(pa.float32()),
 }

@@ -1,4 +1,4 @@
-"""`prorl train|validate|make-tiny-model`.
+"""`prorl train|validate|convert|tasks|make-tiny-model`.
 
 `prorl train SPEC [dotted.key=value ...]` validates the spec first (exit 2 with every
 error, nothing started), then joins the Ray cluster named by `ray.address` or RAY_ADDRESS
@@ -87,6 +87,32 @@ def cmd_make_tiny_model(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from prorl_actors.tasks.convert import convert_file
+    from prorl_actors.tasks.files import DataError
+    try:
+        convert_file(args.format, args.input, args.output, strict=args.strict)
+    except (DataError, FileNotFoundError) as e:
+        print(f"prorl convert: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from prorl_actors.spec import FAMILIES
+    from prorl_actors.tasks import OOD_EVAL_DATASETS, generator_names
+    if args.yaml:   # the default training mix: every generator of the family but the held-out ones
+        for fam in [args.family] if args.family else FAMILIES:
+            for n in generator_names(fam):
+                if n not in OOD_EVAL_DATASETS:
+                    print(f"- {{name: {fam}-{n}, family: {fam}, dataset: {n}}}")
+        return 0
+    for fam in [args.family] if args.family else FAMILIES:
+        names = [f"{n} (held out: evaluation only)" if n in OOD_EVAL_DATASETS else n for n in generator_names(fam)]
+        print(f"{fam} ({len(names)}): {', '.join(names)}" if names else f"{fam}: files only")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="prorl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,6 +128,18 @@ def main(argv=None) -> int:
     sp.add_argument("--spec", default=None, help="take model.tiny and data from this spec")
     sp.add_argument("overrides", nargs="*")
     sp.set_defaults(fn=cmd_make_tiny_model)
+    sp = sub.add_parser("convert", help="convert a dataset (DeepScaleR, Eurus-2-RL, SCP-116K, Llama-Nemotron IF) "
+                                        "to the task format")
+    sp.add_argument("format", choices=["deepscaler", "eurus", "scp116k", "nemotron-if"])
+    sp.add_argument("input")
+    sp.add_argument("output", help=".jsonl or .parquet")
+    sp.add_argument("--strict", action="store_true", help="stop at the first bad row instead of leaving it out")
+    sp.set_defaults(fn=cmd_convert)
+    sp = sub.add_parser("tasks", help="list the generators each task family can name as `dataset`")
+    sp.add_argument("family", nargs="?", choices=["math", "code", "stem", "logic", "ifeval"])
+    sp.add_argument("--yaml", action="store_true", help="print data.tasks entries for every generator but "
+                                                        "the held-out evaluation ones (a default training mix)")
+    sp.set_defaults(fn=cmd_tasks)
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 # the keys every metrics.jsonl line has (others are added per task: reward/<task>, ...)
 STEP_KEYS = ("step", "reward_mean", "accuracy", "entropy", "kl", "kl_coef", "clip_frac_low",
              "clip_frac_high", "kept_groups_frac", "gen_rounds", "response_len_mean", "truncated_frac",
-             "reference_resets", "step_s", "gen_tokens_per_s")
+             "reference_resets", "step_s", "gen_tokens_per_s", "answer_format_frac", "verify_errors",
+             "verify_timeouts")
 
 
 def _clean(v):

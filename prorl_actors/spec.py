@@ -47,9 +47,9 @@ class TinyModelSpec:
     sft_batch_size: int = opt(64, ge=1)
     sft_lr: float = opt(2e-3, gt=0)
     sft_untagged_frac: float = opt(0.0, ge=0, le=1, help=(
-        "share of warm-start completions that answer in prose ('The answer is X.') without the "
-        "<answer> tags the verifiers read, like a base model that does not yet follow the requested "
-        "answer format: RL has to learn the format as well as the answers"))
+        "share of warm-start completions that give the right answer outside the format the family's "
+        "verifier reads (no \\boxed{}, no <answer> tags, the option's text instead of its letter), like a "
+        "base model that does not yet follow the requested format: RL has to learn the format too"))
 
 
 @dataclass
@@ -84,9 +84,24 @@ class GeneratorSpec:
 
 
 @dataclass
+class CodeVerifierSpec:
+    """The sandbox that runs code answers (see sandbox/: limits are per test)."""
+    wall_s: float = opt(2.0, gt=0, help="wall-clock limit per test")
+    program_wall_s: float = opt(10.0, gt=0, help="wall-clock limit for all of a program's tests")
+    memory_mib: int = opt(1024, ge=64)
+    workers: int | None = opt(None, ge=1, help="programs run at once per verifier; null = 2 per core")
+    allow_weaker: bool = opt(False, help="run even if an isolation layer is missing here (logged); never on "
+                                         "a machine that matters")
+
+
+@dataclass
 class VerifierSpec:
     num_actors: int = opt(1, ge=1)
     num_cpus: float = opt(0.25, ge=0)
+    num_threads: int = opt(4, ge=1, help="responses scored at once per verifier actor")
+    timeout_s: float = opt(60.0, gt=0, help="a response whose scoring takes longer gets reward 0 and is counted")
+    math_timeout_s: float = opt(5.0, gt=0, help="limit of one math-verify equivalence check")
+    code: CodeVerifierSpec = opt(CodeVerifierSpec())
 
 
 @dataclass
@@ -157,20 +172,52 @@ class SupervisorSpec:
     resets: ResetSpec = opt(ResetSpec())
 
 
+FAMILIES = ("math", "code", "stem", "logic", "ifeval")
+
+
+@dataclass
+class PromptSpec:
+    """How a family's item becomes chat messages; the family's verifier reads the answer format asked for."""
+    system: str = opt("", help="the system message; empty = none")
+    user: str = opt("{question}", help="the user message; {question} is replaced by the item's prompt")
+
+
+@dataclass
+class PromptsSpec:
+    """One prompt template per task family."""
+    math: PromptSpec = opt(PromptSpec(system="Solve the problem. Put the final answer in \\boxed{}."))
+    code: PromptSpec = opt(PromptSpec(system="Write a Python 3 program that solves the problem. Give the "
+                                             "whole program in one ```python code block."))
+    stem: PromptSpec = opt(PromptSpec(system="Answer the question. Put the final answer in \\boxed{}: the "
+                                             "letter of the option for a multiple-choice question."))
+    logic: PromptSpec = opt(PromptSpec(system="Put the final answer in <answer></answer>."))
+    ifeval: PromptSpec = opt(PromptSpec())
+
+
 @dataclass
 class TaskSpec:
     name: str = opt("chain_sum", help="task name in the run: metrics are reported under it")
-    family: Literal["reasoning_gym"] = opt("reasoning_gym")
-    dataset: str = opt("chain_sum", help="the family's generator, e.g. a reasoning-gym dataset name")
+    family: Literal["math", "code", "stem", "logic", "ifeval"] = opt(
+        "logic", help="which verifier scores it: math (math-verify), code (sandboxed tests), stem (multiple "
+                      "choice or short answer), logic (reasoning-gym's score_answer), ifeval (instructions)")
+    source: Literal["generator", "file"] = opt("generator", help="items from a procedural generator or from a file")
+    dataset: str | None = opt("chain_sum", help="source generator: a reasoning-gym dataset name (logic; math "
+                                                "takes its arithmetic ones) or a built-in generator of the family")
+    path: str | None = opt(None, help="source file: Parquet or JSONL rows {task, prompt, reference, metadata}")
+    bad_rows: Literal["error", "skip"] = opt("error", help="source file: a malformed row stops loading with its "
+                                                           "file and row, or is skipped and counted")
+    holdout_rows: int = opt(0, ge=0, help="source file: rows kept out of training for validation; 0 = "
+                                          "validation draws from the training rows (recorded as an event)")
     weight: float = opt(1.0, gt=0)
     config: dict[str, Any] = opt({}, help="keyword arguments of the generator (difficulty settings)")
+    prompt: PromptSpec | None = opt(None, help="this task's template instead of its family's in data.prompts")
 
 
 @dataclass
 class DataSpec:
     train_seed: int = opt(1, ge=0)
     validation_seed: int = opt(900_000_000, ge=0, help="keep millions apart from train_seed (reasoning-gym items overlap)")
-    system_prompt: str = opt("Put the final answer in <answer></answer>.")
+    prompts: PromptsSpec = opt(PromptsSpec())
     tasks: list[TaskSpec] = opt([TaskSpec()])
 
 
@@ -182,6 +229,8 @@ class ValidationSpec:
     temperature: float = opt(0.6, gt=0)
     top_p: float = opt(0.95, gt=0, le=1)
     ks: list[int] = opt([1, 4, 8])
+    tasks: list[TaskSpec] = opt([], help="tasks evaluated but never trained on (e.g. ProRL's out-of-distribution "
+                                         "reasoning-gym tasks acre, boxnet, game_of_life_halting)")
 
 
 @dataclass
@@ -241,10 +290,7 @@ class RunSpec:
             if not 1 <= k <= self.validation.num_samples:
                 errs.append((f"validation.ks[{i}]", k,
                              f"1..validation.num_samples ({self.validation.num_samples})"))
-        names = [t.name for t in self.data.tasks]
-        for i, t in enumerate(self.data.tasks):
-            if names.count(t.name) > 1:
-                errs.append((f"data.tasks[{i}].name", t.name, "unique task names"))
+        errs += self._task_checks()
         if self.supervisor.dynamic_sampling.enabled and self.generator.num_samples_per_prompt < 2:
             errs.append(("generator.num_samples_per_prompt", self.generator.num_samples_per_prompt,
                          "at least 2 with supervisor.dynamic_sampling.enabled (a group of one is never informative)"))
@@ -263,6 +309,37 @@ class RunSpec:
         if self.model.tiny.num_heads % self.model.tiny.num_kv_heads:
             errs.append(("model.tiny.num_kv_heads", self.model.tiny.num_kv_heads, "a divisor of model.tiny.num_heads"))
         return errs
+
+    def _task_checks(self) -> list[tuple[str, Any, str]]:
+        from prorl_actors.tasks import OOD_EVAL_DATASETS, task_spec_errors  # the registry knows its generators
+        errs = []
+        for i, t in enumerate(self.data.tasks):
+            if t.family == "logic" and t.dataset in OOD_EVAL_DATASETS:
+                errs.append((f"data.tasks[{i}].dataset", t.dataset,
+                             f"a training task: {', '.join(OOD_EVAL_DATASETS)} are ProRL's held-out evaluation "
+                             "tasks (list them under validation.tasks)"))
+        listed = [(f"data.tasks[{i}]", t) for i, t in enumerate(self.data.tasks)]
+        listed += [(f"validation.tasks[{i}]", t) for i, t in enumerate(self.validation.tasks)]
+        names = [t.name for _, t in listed]
+        for path, t in listed:
+            if names.count(t.name) > 1:
+                errs.append((f"{path}.name", t.name, "task names unique across data.tasks and validation.tasks"))
+            errs += [(f"{path}.{key}", value, allowed) for key, value, allowed in task_spec_errors(t)]
+        for name, tmpl in [(f, getattr(self.data.prompts, f)) for f in FAMILIES] + \
+                [(f"{p}.prompt", t.prompt) for p, t in listed if t.prompt is not None]:
+            where = name if name.endswith(".prompt") else f"data.prompts.{name}"
+            if tmpl.user.count("{question}") != 1:
+                errs.append((f"{where}.user", tmpl.user, "a template with {question} exactly once"))
+        trained = {_source_key(t): i for i, t in enumerate(self.data.tasks)}
+        for i, t in enumerate(self.validation.tasks):
+            if _source_key(t) in trained:
+                errs.append((f"validation.tasks[{i}]", t.name, f"a task not trained on (data.tasks"
+                                                             f"[{trained[_source_key(t)]}] has the same source)"))
+        return errs
+
+
+def _source_key(t: TaskSpec) -> tuple:
+    return (t.family, t.source, t.dataset, t.path, repr(sorted(t.config.items())))
 
 
 # ----------------------------------------------------------------------------- checking

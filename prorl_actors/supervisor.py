@@ -32,7 +32,7 @@ from prorl_actors.engines.generation import SamplingSpec
 from prorl_actors.group import ActorGroup
 from prorl_actors.metrics import RunRecords
 from prorl_actors.spec import RunSpec
-from prorl_actors.tasks import Item, TaskMixture, chat_messages, has_answer_tag, validation_items
+from prorl_actors.tasks import Item, TaskMixture, validation_items
 from prorl_actors.tinymodel import load_tokenizer
 
 PHASES = ("generate", "verify", "reference", "learn", "sync")
@@ -59,7 +59,10 @@ class Supervisor:
         self.max_prompt_tokens = g.max_model_len - g.max_new_tokens
         self.mixture = TaskMixture(spec.data)
         self.val_rejected: list[dict] = []
-        val_items = validation_items(spec.data, spec.validation.num_prompts_per_task, self.val_rejected)
+        self.data_notes: list[dict] = []     # recorded as events once the run starts
+        val_items = validation_items(spec.data, spec.validation.num_prompts_per_task, self.val_rejected,
+                                     extra=spec.validation.tasks, notes=self.data_notes)
+        self.train_task_names = {t.name for t in spec.data.tasks}
         self.resets = ScheduledResets(spec.supervisor.resets.every_steps
                                       if spec.supervisor.resets.mode == "scheduled" else 0)
         self.kl_coef = spec.supervisor.kl.coef
@@ -80,7 +83,7 @@ class Supervisor:
         self.generators = ActorGroup(GeneratorActor, g.num_actors, num_cpus=g.num_cpus, num_gpus=g.num_gpus,
                                      env=gen_env, args=lambda rank: (path, spec.model.dtype, g, spec.seed + rank))
         self.verifiers = ActorGroup(VerifierActor, spec.verifier.num_actors, num_cpus=spec.verifier.num_cpus,
-                                    args=(spec.data,))
+                                    args=(spec.data, spec.verifier, spec.validation.tasks))
         self.learner = ActorGroup(LearnerActor, 1, num_cpus=spec.learner.num_cpus, num_gpus=spec.learner.num_gpus,
                                   args=(path, spec.learner, spec.algorithm, g.temperature, G, g.max_new_tokens,
                                         pad_id, spec.seed))
@@ -96,8 +99,7 @@ class Supervisor:
     def _prompt_table(self, items: list[Item], split: str = "train") -> pa.Table:
         rows = {B.PROMPT_IDS: [], B.TASK: [], B.ITEM_INDEX: [], B.REFERENCE: [], B.GROUP_ID: []}
         for it in items:
-            text = self.tokenizer.apply_chat_template(chat_messages(self.spec.data.system_prompt, it.question),
-                                                      tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(it.messages, tokenize=False, add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) > self.max_prompt_tokens:
                 self.records.event("prompt_rejected", self.step, split=split, task=it.task, item_index=it.index,
@@ -210,18 +212,23 @@ class Supervisor:
                 "grad_norm", "lr", "optimizer_steps", "sampler_logp_gap")},
             "kept_groups_frac": n_kept / (allr.num_rows // G), "trained_groups": n_kept, "gen_rounds": rounds,
             "response_len_mean": float(resp_len.mean()),
-            "answer_format_frac": float(np.mean([has_answer_tag(t) for t in allr[B.RESPONSE_TEXT].to_pylist()])),
+            "answer_format_frac": float(allr[B.FORMATTED].to_numpy(zero_copy_only=False).mean()),
             "truncated_frac": float(allr[B.TRUNCATED].to_numpy(zero_copy_only=False).mean()),
             "verify_errors": int(allr[B.VERIFY_ERROR].to_numpy(zero_copy_only=False).sum()),
+            "verify_timeouts": int(allr[B.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False).sum()),
             "skipped_updates": stats.get("skipped_updates", 0),
             "item_rejects": self.num_item_rejects,
             "reference_resets": self.resets.num_resets,
             "step_s": step_s,
             "gen_tokens_per_s": float(resp_len.sum()) / max(timer.s["generate"], 1e-9),
         }
+        errors = allr[B.VERIFY_ERROR].to_numpy(zero_copy_only=False)
+        timeouts = allr[B.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False)
         for t in sorted(set(tasks)):
             m[f"reward/{t}"] = float(rewards[tasks == t].mean())
             m[f"accuracy/{t}"] = float((rewards[tasks == t] >= 1.0).mean())
+            m[f"verify_errors/{t}"] = int(errors[tasks == t].sum())
+            m[f"verify_timeouts/{t}"] = int(timeouts[tasks == t].sum())
         for p in PHASES:
             m[f"time/{p}_s"] = timer.s[p]
         m["time/other_s"] = step_s - sum(timer.s.values())
@@ -234,15 +241,22 @@ class Supervisor:
                           max_new_tokens=g.max_new_tokens, seed=self.spec.seed)
         rollouts = self._rollouts(self.val_prompts, sp, PhaseTimer())
         correct = (rollouts[B.REWARD].to_numpy() >= 1.0).reshape(-1, v.num_samples)  # (prompts, n)
-        tasks = np.array(rollouts[B.TASK].to_pylist()[::v.num_samples])
-        tagged = np.array([has_answer_tag(t) for t in rollouts[B.RESPONSE_TEXT].to_pylist()])
-        out = {"step": self.step, "accuracy": float(correct.mean()),
+        rewards = rollouts[B.REWARD].to_numpy().reshape(-1, v.num_samples)          # (prompts, n)
+        tasks = np.array(rollouts[B.TASK].to_pylist()[::v.num_samples])               # (prompts,)
+        formatted = rollouts[B.FORMATTED].to_numpy(zero_copy_only=False).reshape(-1, v.num_samples)
+        train = np.isin(tasks, list(self.train_task_names))   # evaluation-only tasks are reported apart
+        ok = formatted[train].reshape(-1)
+        out = {"step": self.step, "accuracy": float(correct[train].mean()),
                # how much of the accuracy is following the answer format, how much is being right
-               "answer_format_frac": float(tagged.mean()),
-               "accuracy_when_formatted": float(correct.reshape(-1)[tagged].mean()) if tagged.any() else 0.0}
+               "answer_format_frac": float(ok.mean()),
+               "accuracy_when_formatted": float(correct[train].reshape(-1)[ok].mean()) if ok.any() else 0.0,
+               "verify_errors": int(rollouts[B.VERIFY_ERROR].to_numpy(zero_copy_only=False).sum()),
+               "verify_timeouts": int(rollouts[B.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False).sum())}
         for t in sorted(set(tasks)):
             c = correct[tasks == t].sum(1)                                           # (prompts,)
             out[f"accuracy/{t}"] = float(correct[tasks == t].mean())
+            out[f"reward/{t}"] = float(rewards[tasks == t].mean())
+            out[f"format_frac/{t}"] = float(formatted[tasks == t].mean())
             out[f"solved_frac/{t}"] = float((c > 0).mean())
             for k in v.ks:
                 out[f"pass@{k}/{t}"] = float(np.mean([pass_at_k(v.num_samples, int(ci), k) for ci in c]))
@@ -255,6 +269,11 @@ class Supervisor:
         self.records.event("run_start", 0, model=str(self.model_path), num_steps=spec.num_steps)
         for bad in self.val_rejected:
             self.records.event("item_rejected", 0, split="validation", **bad)
+        for note in self.data_notes:
+            self.records.event(note.pop("event"), 0, **note)
+        for task, skipped in self.mixture.skipped_rows().items():
+            self.records.event("rows_skipped", 0, task=task, count=len(skipped), first=skipped[:5])
+            self.log(f"task {task}: {len(skipped)} bad rows skipped (first: {skipped[0]})")
         first_val = self.validate()
         self.records.validation.write(first_val)
         self.log(f"step 0 validation: accuracy {first_val['accuracy']:.3f}")
@@ -297,6 +316,10 @@ class Supervisor:
         return path
 
     def shutdown(self) -> None:
+        try:   # stop the verifiers' helper processes (sandbox workers, math-verify) before the kill
+            self.verifiers.call_all("close")
+        except Exception as e:  # noqa: BLE001 - a dead verifier has nothing left to stop
+            self.log(f"closing verifiers: {type(e).__name__}: {e}")
         for grp in (self.generators, self.verifiers, self.learner, self.reference):
             grp.kill()
 
@@ -312,7 +335,7 @@ def summary_table(result: dict) -> str:
     for k in sorted(fv):
         if k.startswith(("accuracy/", "pass@")):
             rows.append((f"  {k}", fv[k], lv.get(k, math.nan)))
-    rows += [("  answers in the <answer> format", fv["answer_format_frac"], lv["answer_format_frac"]),
+    rows += [("  answers in their family's format", fv["answer_format_frac"], lv["answer_format_frac"]),
              ("  accuracy of formatted answers", fv["accuracy_when_formatted"], lv["accuracy_when_formatted"])]
     rows += [("training reward (mean of 5 steps)", avg(head, "reward_mean"), avg(tail, "reward_mean")),
              ("entropy", f["entropy"], l["entropy"]),

@@ -4,9 +4,10 @@
    prompts, wrapped as a HF fast tokenizer with a ChatML chat template.
 2. A Qwen2-architecture model of a few million parameters (vLLM and transformers both
    load it).
-3. A short supervised warm start on the run's training tasks (loss on the completion
-   `<answer>X</answer><|im_end|>` only), short on purpose so that RL starts from a
-   non-trivial but imperfect pass rate.
+3. A short supervised warm start on the run's training tasks (loss on the completion only:
+   each item's reference answer in its family's answer format, e.g. `\\boxed{X}` or
+   `<answer>X</answer>`), short on purpose so that RL starts from a non-trivial but
+   imperfect pass rate.
 
 Deterministic for a seed. Saved in HF format and cached under
 `$PRORL_CACHE` (default ~/.cache/prorl_actors) by a hash of everything that shapes it.
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from prorl_actors.spec import DataSpec, ModelSpec, TinyModelSpec
-from prorl_actors.tasks import TaskMixture, chat_messages, sft_completion
+from prorl_actors.tasks import Scorer, TaskMixture
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 SFT_SEED_OFFSET = 500_000_000  # far from both the RL training and the validation seeds
@@ -42,7 +43,7 @@ def cache_root() -> Path:
 
 def tiny_model_key(tiny: TinyModelSpec, data: DataSpec) -> str:
     blob = json.dumps({"tiny": dataclasses.asdict(tiny), "tasks": [dataclasses.asdict(t) for t in data.tasks],
-                       "system_prompt": data.system_prompt, "train_seed": data.train_seed, "v": 3},
+                       "prompts": dataclasses.asdict(data.prompts), "train_seed": data.train_seed, "v": 4},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -79,14 +80,8 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return hf
 
 
-def untagged_completion(answer: str) -> str:
-    """The warm start's off-format answer: right content, no tags, so verifiers give 0."""
-    return f"The answer is {answer}."
-
-
-def _sft_example(tokenizer, system_prompt: str, question: str, completion: str) -> tuple[list[int], int]:
-    prompt = tokenizer.apply_chat_template(chat_messages(system_prompt, question), tokenize=False,
-                                           add_generation_prompt=True)
+def _sft_example(tokenizer, messages: list[dict], completion: str) -> tuple[list[int], int]:
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(completion + "<|im_end|>", add_special_tokens=False)["input_ids"]
     return p_ids + c_ids, len(p_ids)
@@ -99,9 +94,10 @@ def build_tiny_model(tiny: TinyModelSpec, data: DataSpec, out: Path, log=print) 
     torch.manual_seed(tiny.seed)
     # the warm start draws from its own seed, so RL does not begin on the items SFT saw
     mixture = TaskMixture(dataclasses.replace(data, train_seed=data.train_seed + SFT_SEED_OFFSET))
+    demos = Scorer(data)   # only builds demonstrations: starts no verifier process
     corpus_items = mixture.sample(tiny.tokenizer_corpus_items)
-    texts = [data.system_prompt] + [f"{it.question}\n{sft_completion(it.answer)}\n{untagged_completion(it.answer)}"
-                                    for it in corpus_items]
+    texts = [m["content"] for it in corpus_items for m in it.messages]
+    texts += [c for it in corpus_items for f in (True, False) if (c := demos.completion(it, f))]
     tokenizer = train_tokenizer(texts, tiny.vocab_size)
     log(f"  tokenizer: vocab {len(tokenizer)} ({time.time() - t0:.1f}s)")
 
@@ -125,10 +121,14 @@ def build_tiny_model(tiny: TinyModelSpec, data: DataSpec, out: Path, log=print) 
     fmt_rng = random.Random(tiny.seed)
     model.train()
     for step in range(tiny.sft_steps):
-        batch = [_sft_example(tokenizer, data.system_prompt, it.question,
-                              untagged_completion(it.answer) if fmt_rng.random() < tiny.sft_untagged_frac
-                              else sft_completion(it.answer))
-                 for it in mixture.sample(tiny.sft_batch_size)]
+        batch = []
+        for it in mixture.sample(tiny.sft_batch_size):
+            off_format = fmt_rng.random() < tiny.sft_untagged_frac
+            completion = demos.completion(it, formatted=not off_format) or demos.completion(it)
+            if completion:   # file items may have no demonstration (e.g. code without a solution)
+                batch.append(_sft_example(tokenizer, it.messages, completion))
+        if not batch:
+            raise ValueError("the warm start found no demonstration in the training tasks")
         T = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), T), pad)              # (B, T) right-padded
         labels = torch.full((len(batch), T), -100)                # (B, T) -100 = no loss

@@ -14,7 +14,7 @@ from prorl_actors.actors.verifier import VerifierActor
 from prorl_actors.engines.generation import SamplingSpec
 from prorl_actors.engines.torch_policy import load_causal_lm, response_logp
 from prorl_actors.spec import build_spec
-from prorl_actors.tasks import chat_messages, validation_items
+from prorl_actors.tasks import validation_items
 from prorl_actors.tinymodel import load_tokenizer
 
 G = 4
@@ -27,8 +27,7 @@ def parts(small_spec, tiny_model):
     gen = GeneratorActor(str(tiny_model), "float32", spec.generator, 0)
     items = validation_items(spec.data, 6)
     prompts = pa.table({
-        B.PROMPT_IDS: pa.array([tok(tok.apply_chat_template(chat_messages(spec.data.system_prompt, it.question),
-                                                            tokenize=False, add_generation_prompt=True),
+        B.PROMPT_IDS: pa.array([tok(tok.apply_chat_template(it.messages, tokenize=False, add_generation_prompt=True),
                                     add_special_tokens=False)["input_ids"] for it in items], pa.list_(pa.int32())),
         B.TASK: [it.task for it in items], B.ITEM_INDEX: pa.array([it.index for it in items], pa.int64()),
         B.REFERENCE: [it.reference for it in items], B.GROUP_ID: pa.array(range(len(items)), pa.int64())})

@@ -30,6 +30,12 @@ FOLLOWS = [
     ({"kind": "numbered_sections", "marker": "Section", "num": 2}, "Section 1\nIntro\nSection 2\nEnd"),
     ({"kind": "postscript", "marker": "P.S."}, "Best wishes.\nP.S. Bring snacks."),
     ({"kind": "lowercase"}, "<think>Let me PLAN this.</think>\nhere is my lowercase answer."),   # thinking ignored
+    ({"kind": "nth_paragraph_first_word", "num": 2, "nth": 2, "first_word": "then"},
+     "First we wait.\n\nThen we go."),
+    ({"kind": "constrained_response"}, "Let me think. My answer is maybe."),
+    ({"kind": "two_responses"}, "Cats are calm.\n******\nDogs are loyal."),
+    ({"kind": "word_count", "relation": "less than", "num": 4}, "one two three"),
+    ({"kind": "lowercase"}, "<think>Reasoning In Capitals</think>all lowercase here"),
 ]
 
 DOES_NOT = [
@@ -58,6 +64,12 @@ DOES_NOT = [
     ({"kind": "numbered_sections", "marker": "Section", "num": 2}, "Section 1\nOnly one section."),
     ({"kind": "postscript", "marker": "P.S."}, "Best wishes. No postscript."),
     ({"kind": "lowercase"}, "12345 !!!"),                                   # nothing to be lowercase
+    ({"kind": "nth_paragraph_first_word", "num": 2, "nth": 2, "first_word": "then"},
+     "First we wait.\n\nAnd then we go."),
+    ({"kind": "constrained_response"}, "My answer is probably."),
+    ({"kind": "two_responses"}, "Cats are calm.\n******\nCats are calm."),
+    ({"kind": "word_count", "relation": "less than", "num": 3}, "one two three"),
+    ({"kind": "lowercase"}, "<think>still thinking and never done"),
 ]
 
 
@@ -91,6 +103,9 @@ def test_every_kind_is_exercised_and_there_are_at_least_15():
     ([{"kind": "word_count", "relation": "about", "num": 3}], "relation must be one of"),
     ([{"kind": "bullet_count", "num": -1}], "num must be an integer"),
     ([{"kind": "title", "extra": 1}], "parameters ['extra']"),
+    ([{"kind": "keywords_include", "keywords": "cat"}], "keywords must be a non-empty list"),
+    ([{"kind": "letter_frequency", "letter": "ab", "relation": "at least", "num": 1}], "letter must be one"),
+    ([{"kind": "end_phrase", "phrase": "  "}], "phrase must be a non-empty string"),
 ])
 def test_malformed_instructions_are_data_errors(bad, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -63,3 +63,33 @@ def test_train_few_steps(tiny_model, tmp_path, engine):
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(last)
     assert (run / "spec.yaml").exists() and (run / "curves.png").stat().st_size > 10_000
+
+
+def test_five_families_files_and_held_out_tasks_through_ray(tiny_model, tmp_path):
+    """Every family in one run, a converted file among the sources, two verifier actors (the
+    code sandbox inside a Ray worker) and an evaluation-only held-out task."""
+    from prorl_actors.tasks.convert import convert_file
+    from tests.test_data_files import FIX
+    code_file = tmp_path / "eurus.jsonl"
+    convert_file("eurus", FIX / "eurus_rl.parquet", code_file, log=lambda *_: None)
+    tasks = ("[{name: sums, family: math, dataset: arithmetic}, {name: elements, family: stem, dataset: element_symbols},"
+             " {name: aiw, family: logic, dataset: aiw}, {name: writing, family: ifeval, dataset: short_writing},"
+             " {name: fn, family: code, dataset: function},"
+             f" {{name: eurus, family: code, source: file, dataset: null, path: '{code_file}', bad_rows: skip}}]")
+    # the converted file holds code and math rows: the math row is skipped (and counted) in a code task
+    r, run = _train(tiny_model, tmp_path, "hf", extra=(
+        f"data.tasks={tasks}", "validation.tasks=[{name: acre, family: logic, dataset: acre}]",
+        "validation.num_prompts_per_task=4", "generator.max_model_len=2048", "verifier.num_actors=2"))
+    metrics = read_jsonl(run / "metrics.jsonl")
+    for m in metrics:
+        assert m["verify_errors"] == 0 and m["verify_timeouts"] == 0
+    seen = {k.split("/", 1)[1] for m in metrics for k in m if k.startswith("reward/")}
+    assert seen <= {"sums", "elements", "aiw", "writing", "fn", "eurus"} and len(seen) >= 4
+    val = read_jsonl(run / "validation.jsonl")
+    for task in ("sums", "elements", "aiw", "writing", "fn", "eurus", "acre"):
+        assert all(f"accuracy/{task}" in v and f"format_frac/{task}" in v for v in val), task
+    events = read_jsonl(run / "events.jsonl")
+    skipped = [e for e in events if e["event"] == "rows_skipped"]
+    assert skipped and skipped[0]["task"] == "eurus" and skipped[0]["count"] == 1
+    assert "in a file loaded for family 'code'" in skipped[0]["first"][0]
+    assert any(e["event"] == "validation_overlaps_training" and e["task"] == "eurus" for e in events)

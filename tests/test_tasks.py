@@ -1,49 +1,87 @@
+"""Tasks: sources, templates, the mixture sampler, and the spec rules for task entries."""
 import json
 
-from prorl_actors.spec import build_spec
-from prorl_actors.tasks import Scorer, TaskMixture, validation_items
-from prorl_actors.tasks.reasoning_gym import extract_answer
+import pytest
+
+from prorl_actors.spec import SpecError, build_spec
+from prorl_actors.tasks import (OOD_EVAL_DATASETS, RG_MATH_DATASETS, RG_CHUNK, Scorer, TaskMixture, generator_names,
+                                make_task, validation_items)
+from prorl_actors.tasks.builtin import GENERATORS
+
+MIX = [
+    {"name": "sums", "family": "math", "dataset": "arithmetic", "config": {"max_terms": 2}},
+    {"name": "gcd", "family": "logic", "dataset": "gcd", "weight": 3.0},
+    {"name": "elements", "family": "stem", "dataset": "element_symbols"},
+]
 
 
-def _data(**kw):
-    return build_spec({"data": {"tasks": [
-        {"name": "sums", "dataset": "chain_sum", "config": {"min_terms": 2, "max_terms": 2}},
-        {"name": "gcd", "dataset": "gcd", "weight": 3.0}], **kw}}).data
+def _data(tasks=MIX, **kw):
+    return build_spec({"data": {"tasks": tasks, **kw}}).data
 
 
-def test_extract_answer_takes_last_tag():
-    assert extract_answer("x <answer>3</answer> y <answer> 4 </answer>") == "4"
-    assert extract_answer("no tag 4") is None
-    assert extract_answer("<answer>multi\nline</answer>") == "multi\nline"
+@pytest.fixture(scope="module")
+def scorer():
+    every = [{"name": f"{fam}-{gen}", "family": fam, "dataset": gen}
+             for fam, gens in GENERATORS.items() for gen in gens]
+    every += [{"name": f"rg-math-{d}", "family": "math", "dataset": d} for d in RG_MATH_DATASETS]
+    data = _data(every)
+    s = Scorer(data)
+    yield data, s
+    s.close()
 
 
-def test_scoring():
-    data = _data()
-    scorer = Scorer(data)
-    item = validation_items(data, 1)[0]
-    assert scorer.score(item.task, f"<answer>{item.answer}</answer>", item.reference) == 1.0
-    assert scorer.score(item.task, f"<answer>{int(item.answer) + 1}</answer>", item.reference) == 0.0
-    assert scorer.score(item.task, item.answer, item.reference) == 0.0  # no tag, no credit
+def test_every_builtin_and_reasoning_gym_math_item_is_solved_by_its_reference_and_not_off_format(scorer):
+    data, s = scorer
+    items = validation_items(data, 4)
+    assert {it.task for it in items} == {t.name for t in data.tasks}
+    for it in items:
+        good, off = s.completion(it, True), s.completion(it, False)
+        assert s.score(it.task, good, it.reference) == 1.0, (it, good)
+        assert s.formatted(it.task, good)
+        if off is not None:   # the right content outside the format the verifier reads
+            assert s.score(it.task, off, it.reference) == 0.0, (it, off)
+
+
+def test_templates_render_per_family_and_per_task():
+    data = _data(MIX + [{"name": "own", "family": "math", "dataset": "arithmetic",
+                         "prompt": {"system": "", "user": "Q: {question}\nA:"}}],
+                 prompts={"stem": {"system": "Pick one.", "user": "{question}"}})
+    by_task = {it.task: it for it in validation_items(data, 1)}
+    assert by_task["elements"].messages == [{"role": "system", "content": "Pick one."},
+                                            {"role": "user", "content": by_task["elements"].question}]
+    assert "\\boxed{}" in by_task["sums"].messages[0]["content"]          # the math family's default
+    assert by_task["own"].messages == [{"role": "user", "content": f"Q: {by_task['own'].question}\nA:"}]
+    with pytest.raises(SpecError, match=r"data.prompts.math.user.*\{question\} exactly once"):
+        _data(MIX, prompts={"math": {"user": "no placeholder"}})
 
 
 def test_items_deterministic_and_splits_disjoint():
     data = _data()
     a, b = validation_items(data, 20), validation_items(data, 20)
-    assert a == b
+    assert a == b and [x.messages for x in a] == [x.messages for x in b]
     train = TaskMixture(data).sample(400)
     val_q = {(it.task, it.question) for it in a}
     train_q = {(it.task, it.question) for it in train}
     # small generators can repeat a question by chance, but the streams must not coincide
-    assert len(val_q & train_q) < 0.2 * len(val_q)
+    assert len(val_q & train_q) < 0.3 * len(val_q)
     assert [it.index for it in a if it.task == "sums"] == list(range(20))
+
+
+def test_reasoning_gym_items_are_one_stream_across_chunks():
+    spec = _data([{"name": "aiw", "family": "logic", "dataset": "aiw"}]).tasks[0]
+    task = make_task(spec, 7, _data())
+    import reasoning_gym
+    whole = reasoning_gym.create_dataset("aiw", size=2 * RG_CHUNK, seed=7)
+    for i in (0, 5, RG_CHUNK - 1, RG_CHUNK, RG_CHUNK + 3):
+        assert task.item(i).question == whole[i]["question"]
 
 
 def test_mixture_weights_and_state_round_trip():
     data = _data()
     m = TaskMixture(data)
-    items = m.sample(400)
-    share = sum(it.task == "gcd" for it in items) / 400
-    assert 0.68 < share < 0.82  # weight 3:1
+    items = m.sample(500)
+    share = sum(it.task == "gcd" for it in items) / 500
+    assert 0.52 < share < 0.68  # weight 3:1:1
     state = json.loads(json.dumps(m.state_dict()))
     after = m.sample(10)
     m2 = TaskMixture(data)
@@ -62,6 +100,36 @@ def test_item_whose_generator_raises_is_skipped_and_recorded(monkeypatch):
     assert m.take_rejected() == [{"task": task.name, "item_index": 1, "error": "ValueError: broken"}]
     assert m.take_rejected() == []
     rejected = []
-    from prorl_actors.tasks import validation_items as vi
-    monkeypatch.setattr("prorl_actors.tasks.make_task", lambda spec, seed: task)
-    assert len(vi(data, 3, rejected)) == 2 * 2 and len(rejected) == 2
+    monkeypatch.setattr("prorl_actors.tasks.make_task", lambda spec, seed, data, split: task)
+    assert len(validation_items(data, 3, rejected)) == 3 * 2 and len(rejected) == 3
+
+
+@pytest.mark.parametrize("task,key,message", [
+    ({"family": "math", "dataset": "aiw"}, "dataset", "a generator of family math"),
+    ({"family": "logic", "dataset": "no_such_thing"}, "dataset", "a generator of family logic"),
+    ({"family": "code", "dataset": "stdio", "config": {"num_tests": 2, "colour": 1}}, "config", "colour"),
+    ({"family": "logic", "dataset": "chain_sum", "config": {"min_terms": "two"}}, "config", "settings chain_sum"),
+    ({"family": "math", "source": "file", "dataset": None}, "path", "a .jsonl or .parquet file"),
+    ({"family": "math", "source": "file", "dataset": None, "path": "nope.jsonl"}, "path", "an existing file"),
+    ({"family": "math", "source": "file", "path": "specs/tiny-cpu.yaml"}, "dataset", "null for source file"),
+    ({"family": "math", "dataset": "arithmetic", "holdout_rows": 5}, "holdout_rows", "only for source file"),
+])
+def test_bad_task_entries_fail_at_load_with_their_key(task, key, message):
+    with pytest.raises(SpecError) as e:
+        _data([{"name": "t", **task}])
+    assert any(p == f"data.tasks[0].{key}" and message in allowed for p, _, allowed in e.value.errors), e.value
+
+
+def test_held_out_reasoning_gym_tasks_evaluate_but_never_train():
+    for name in OOD_EVAL_DATASETS:
+        assert name in generator_names("logic")
+        with pytest.raises(SpecError, match="held-out evaluation"):
+            _data([{"name": name, "family": "logic", "dataset": name}])
+    spec = build_spec({"data": {"tasks": MIX},
+                       "validation": {"tasks": [{"name": "acre", "family": "logic", "dataset": "acre"}]}})
+    items = validation_items(spec.data, 2, extra=spec.validation.tasks)
+    assert [it.task for it in items].count("acre") == 2
+    with pytest.raises(SpecError, match="a task not trained on"):
+        build_spec({"data": {"tasks": MIX}, "validation": {"tasks": [{**MIX[1], "name": "gcd2"}]}})
+    with pytest.raises(SpecError, match="unique across"):
+        build_spec({"data": {"tasks": MIX}, "validation": {"tasks": [{**MIX[0], "dataset": "fraction_sum"}]}})

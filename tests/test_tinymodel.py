@@ -3,6 +3,7 @@ import dataclasses
 import torch
 from safetensors.torch import load_file
 
+from prorl_actors.spec import build_spec
 from prorl_actors.tasks import chat_messages
 from prorl_actors.tinymodel import build_tiny_model, load_tokenizer, resolve_model_path, tiny_model_key
 
@@ -28,7 +29,9 @@ def test_cache_key_and_resolve(small_spec, tmp_path, monkeypatch):
     tiny = small_spec.model.tiny
     key = tiny_model_key(tiny, small_spec.data)
     assert key != tiny_model_key(dataclasses.replace(tiny, seed=1), small_spec.data)
-    assert key != tiny_model_key(tiny, dataclasses.replace(small_spec.data, system_prompt="other"))
+    other = dataclasses.replace(small_spec.data.prompts, logic=dataclasses.replace(small_spec.data.prompts.logic,
+                                                                                   system="other"))
+    assert key != tiny_model_key(tiny, dataclasses.replace(small_spec.data, prompts=other))
     monkeypatch.setenv("PRORL_CACHE", str(tmp_path))
     model = dataclasses.replace(small_spec.model, tiny=dataclasses.replace(tiny, sft_steps=2))
     path = resolve_model_path(model, small_spec.data, log=lambda *_: None)
@@ -40,15 +43,19 @@ def test_cache_key_and_resolve(small_spec, tmp_path, monkeypatch):
 
 
 def test_untagged_share_of_warm_start(small_spec, monkeypatch):
-    """sft_untagged_frac decides the share of prose completions the warm start trains on."""
+    """sft_untagged_frac decides the share of warm-start completions outside the answer format,
+    in every family of the mix."""
     import prorl_actors.tinymodel as tm
     seen = []
     real = tm._sft_example
-    monkeypatch.setattr(tm, "_sft_example", lambda tok, sp, q, c: seen.append(c) or real(tok, sp, q, c))
+    monkeypatch.setattr(tm, "_sft_example", lambda tok, msgs, c: seen.append(c) or real(tok, msgs, c))
     tiny = dataclasses.replace(small_spec.model.tiny, sft_steps=4, sft_batch_size=100, sft_untagged_frac=0.3)
+    data = build_spec({"data": {"tasks": [{"name": "a", "family": "logic", "dataset": "chain_sum"},
+                                          {"name": "b", "family": "math", "dataset": "arithmetic"}]}}).data
     import tempfile
     from pathlib import Path
     with tempfile.TemporaryDirectory() as d:
-        tm.build_tiny_model(tiny, small_spec.data, Path(d) / "m", log=lambda *_: None)
-    prose = sum(c.startswith("The answer is") for c in seen) / len(seen)
-    assert len(seen) == 400 and 0.22 < prose < 0.38
+        tm.build_tiny_model(tiny, data, Path(d) / "m", log=lambda *_: None)
+    off = sum(not (c.startswith("<answer>") or c.startswith("\\boxed{")) for c in seen) / len(seen)
+    assert len(seen) == 400 and 0.22 < off < 0.38
+    assert any(c.startswith("The answer is") for c in seen) and any(c.isdigit() or c[1:].isdigit() for c in seen)

@@ -1,58 +1,42 @@
-"""Task families: where prompts come from and how responses are scored.
+"""Tasks: where prompts come from, how they are presented, and how responses are scored.
 
-A `Task` is deterministic: item `i` of a task under a seed is always the same prompt, so
-a data cursor is all the state a sampler needs. Each family registers itself in
-`FAMILIES`; a spec's `data.tasks[*].family` is a key of it.
+A task (one entry of the spec's `data.tasks`) has a family, which decides its verifier (see
+families.py), and a source: a procedural generator (reasoning-gym, or the built-ins of
+builtin.py) or a file in the one on-disk format (files.py). Items are deterministic: item `i`
+of a task under a seed is always the same prompt, so a data cursor is all the state a sampler
+needs.
 
-`TaskMixture` draws training prompts by task weight; `validation_items` is the fixed
-held-out set (a seed millions away from the training seed).
+`TaskMixture` draws training prompts by task weight; `validation_items` is the fixed held-out
+set (generators: a seed millions away from the training seed; files: the held-out rows).
+`Scorer` scores responses of every task of a run, for the verifier actors.
 """
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
 
-from prorl_actors.spec import DataSpec, TaskSpec
+from prorl_actors.spec import DataSpec, PromptSpec, TaskSpec
 
-ANSWER_TAG = "answer"
+# ProRL's out-of-distribution evaluation tasks: never in a default training mix.
+OOD_EVAL_DATASETS = ("acre", "boxnet", "game_of_life_halting")
+# reasoning-gym datasets whose answers math-verify reads, for the math family
+RG_MATH_DATASETS = ("basic_arithmetic", "chain_sum", "decimal_arithmetic", "decimal_chain_sum",
+                    "fraction_simplification", "gcd", "lcm", "power_function", "products", "simple_equations")
+RG_CHUNK = 10_000            # reasoning-gym datasets are built per chunk of items (some precompute)
+HOLDOUT_SEED = 20_250_531    # fixes which file rows are held out, whatever the run's seeds
 
 
 @dataclass(frozen=True)
 class Item:
     """One prompt: the question and a JSON reference that only the verifier reads."""
     task: str        # the task's name in the run (metrics are keyed by it)
+    family: str      # whose verifier scores it
     index: int       # position in the task's item stream for its seed
-    question: str
-    answer: str      # the reference answer as text (for people and SFT)
-    reference: str   # JSON: everything the task's verifier needs
-
-
-class Task(Protocol):
-    name: str
-
-    def item(self, index: int) -> Item: ...
-
-    def score(self, response: str, reference: str) -> float:
-        """Reward in [0, 1] for one response; never raises on bad model output."""
-        ...
-
-
-FAMILIES: dict[str, type] = {}
-
-
-def register_family(name: str):
-    def deco(cls):
-        FAMILIES[name] = cls
-        return cls
-    return deco
-
-
-def make_task(spec: TaskSpec, seed: int) -> Task:
-    if spec.family not in FAMILIES:
-        raise ValueError(f"unknown task family {spec.family!r}; known: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[spec.family](spec, seed)
+    question: str    # the prompt before the template
+    answer: str      # the reference answer as text (for people and the tiny model's warm start)
+    reference: str   # JSON: everything the family's verifier needs
+    messages: list = field(default_factory=list, compare=False)  # the chat the model sees
 
 
 def chat_messages(system_prompt: str, question: str) -> list[dict]:
@@ -60,21 +44,152 @@ def chat_messages(system_prompt: str, question: str) -> list[dict]:
     return msgs + [{"role": "user", "content": question}]
 
 
-def has_answer_tag(response: str) -> bool:
-    """Whether a response follows the answer format at all (right or wrong)."""
-    return f"<{ANSWER_TAG}>" in response and f"</{ANSWER_TAG}>" in response
+def render(template: PromptSpec, question: str) -> list[dict]:
+    return chat_messages(template.system, template.user.replace("{question}", question))
 
 
-def sft_completion(answer: str) -> str:
-    """The answer format every task asks for (the tiny model is warm-started on it)."""
-    return f"<{ANSWER_TAG}>{answer}</{ANSWER_TAG}>"
+# ------------------------------------------------------------------------------------ sources
+class _ReasoningGymSource:
+    def __init__(self, dataset: str, config: dict, seed: int, as_math: bool):
+        import reasoning_gym
+        self.dataset, self.config, self.seed, self.as_math = dataset, config, seed, as_math
+        self._chunk: tuple[int, object] | None = None
+        self._create = reasoning_gym.create_dataset
+        self._get(0)   # bad settings fail now, not at the first sample
+
+    def _get(self, index: int):
+        c = index // RG_CHUNK
+        if self._chunk is None or self._chunk[0] != c:
+            # item j of chunk c comes from seed + c*RG_CHUNK + j: one stream whatever the chunking
+            self._chunk = (c, self._create(self.dataset, size=RG_CHUNK, seed=self.seed + c * RG_CHUNK, **self.config))
+        return self._chunk[1]
+
+    def __call__(self, index: int) -> tuple[str, str, dict]:
+        entry = json.loads(json.dumps(self._get(index)[index % RG_CHUNK], default=str))
+        answer = str(entry["answer"])
+        return entry["question"], answer, ({"answer": answer} if self.as_math else entry)
+
+
+class _GeneratorSource:
+    def __init__(self, fn, config: dict, seed: int):
+        self.fn, self.config, self.seed = fn, config, seed
+        self(0)   # bad settings fail now
+
+    def __call__(self, index: int) -> tuple[str, str, dict]:
+        return self.fn(random.Random(f"{self.seed}:{index}"), **self.config)
+
+
+class _FileSource:
+    """Rows of a file, reshuffled every epoch; `holdout_rows` of them (the same ones for every
+    seed) are kept for validation."""
+
+    def __init__(self, spec: TaskSpec, seed: int, split: str):
+        from prorl_actors.tasks.files import load_rows
+        loaded = load_rows(spec.path, spec.family, spec.bad_rows)
+        self.skipped = loaded.skipped
+        order = list(range(len(loaded.rows)))
+        random.Random(HOLDOUT_SEED).shuffle(order)
+        if spec.holdout_rows >= len(order):
+            raise ValueError(f"{spec.path}: holdout_rows {spec.holdout_rows} leaves no training row "
+                             f"({len(order)} usable rows)")
+        held, train = order[:spec.holdout_rows], order[spec.holdout_rows:]
+        self.rows, self.seed = loaded.rows, seed
+        self.overlaps_training = split == "validation" and not held
+        self.pool = held if (split == "validation" and held) else train
+        self.shuffled = split == "train" or not held
+        self._epoch: tuple[int, list[int]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __call__(self, index: int) -> tuple[str, str, dict]:
+        epoch, j = divmod(index, len(self.pool))
+        if not self.shuffled:
+            row = self.rows[self.pool[j]]
+        else:
+            if self._epoch is None or self._epoch[0] != epoch:
+                perm = list(self.pool)
+                random.Random(f"{self.seed}:{epoch}").shuffle(perm)
+                self._epoch = (epoch, perm)
+            row = self.rows[self._epoch[1][j]]
+        ref = json.loads(row.reference)
+        return row.prompt, str(ref.get("answer", "")), ref
+
+
+class Task:
+    """One task of a run: items from its source, presented with its family's template."""
+
+    def __init__(self, spec: TaskSpec, seed: int, template: PromptSpec, split: str = "train"):
+        self.name, self.family, self.spec = spec.name, spec.family, spec
+        self.template = spec.prompt or template
+        self.source = _make_source(spec, seed, split)
+
+    @property
+    def size(self) -> int | None:
+        """Distinct items (file rows); None for an endless generator."""
+        return len(self.source) if isinstance(self.source, _FileSource) else None
+
+    def item(self, index: int) -> Item:
+        question, answer, ref = self.source(index)
+        return Item(task=self.name, family=self.family, index=index, question=question, answer=answer,
+                    reference=json.dumps(ref, ensure_ascii=False), messages=render(self.template, question))
+
+
+def _make_source(spec: TaskSpec, seed: int, split: str):
+    if spec.source == "file":
+        return _FileSource(spec, seed, split)
+    from prorl_actors.tasks.builtin import GENERATORS
+    own = GENERATORS.get(spec.family, {})
+    if spec.dataset in own:
+        return _GeneratorSource(own[spec.dataset], spec.config, seed)
+    return _ReasoningGymSource(spec.dataset, spec.config, seed, as_math=spec.family == "math")
+
+
+def generator_names(family: str) -> list[str]:
+    """The generators a family's tasks can name as `dataset`."""
+    import reasoning_gym
+    from prorl_actors.tasks.builtin import GENERATORS
+    rg = {"logic": sorted(set(reasoning_gym.factory.DATASETS) - {"composite"}),
+          "math": list(RG_MATH_DATASETS)}.get(family, [])
+    return sorted(GENERATORS.get(family, {})) + rg
+
+
+def task_spec_errors(t: TaskSpec) -> list[tuple[str, object, str]]:
+    """What is wrong with one task entry: (key under the task, value, what is allowed)."""
+    from pathlib import Path
+    if t.source == "file":
+        errs = [] if t.dataset is None else [("dataset", t.dataset, "null for source file (the file is the data)")]
+        if t.path is None:
+            errs.append(("path", None, "a .jsonl or .parquet file for source file"))
+        elif Path(t.path).suffix not in (".jsonl", ".json", ".parquet"):
+            errs.append(("path", t.path, "a .jsonl or .parquet file"))
+        elif not Path(t.path).exists():
+            errs.append(("path", t.path, "an existing file"))
+        if t.config:
+            errs.append(("config", t.config, "empty for source file"))
+        return errs
+    if t.path is not None or t.holdout_rows:
+        return [("path" if t.path is not None else "holdout_rows", t.path or t.holdout_rows,
+                 "only for source file")]
+    names = generator_names(t.family)
+    if t.dataset not in names:
+        return [("dataset", t.dataset, f"a generator of family {t.family}: {', '.join(names)}")]
+    try:
+        _make_source(t, 0, "train")
+    except Exception as e:  # noqa: BLE001 - bad difficulty settings, in the generator's words
+        return [("config", t.config, f"settings {t.dataset} accepts ({type(e).__name__}: {e})")]
+    return []
+
+
+def make_task(spec: TaskSpec, seed: int, data: DataSpec, split: str = "train") -> Task:
+    return Task(spec, seed, getattr(data.prompts, spec.family), split)
 
 
 class TaskMixture:
     """Training prompts, drawn by task weight. State = RNG state + one cursor per task."""
 
     def __init__(self, data: DataSpec):
-        self.tasks = [make_task(t, data.train_seed) for t in data.tasks]
+        self.tasks = [make_task(t, data.train_seed, data) for t in data.tasks]
         self.weights = [t.weight for t in data.tasks]
         self.rng = random.Random(data.train_seed)
         self.cursors = {t.name: 0 for t in self.tasks}
@@ -88,6 +203,10 @@ class TaskMixture:
             if item is not None:
                 out.append(item)
         return out
+
+    def skipped_rows(self) -> dict[str, list[str]]:
+        """Per file task, the rows left out while loading (bad_rows: skip), each with its reason."""
+        return {t.name: t.source.skipped for t in self.tasks if getattr(t.source, "skipped", None)}
 
     def take_rejected(self) -> list[dict]:
         out, self.rejected = self.rejected, []
@@ -111,23 +230,51 @@ def _safe_item(task: Task, index: int, rejected: list[dict]) -> Item | None:
         return None
 
 
-def validation_items(data: DataSpec, num_per_task: int, rejected: list[dict] | None = None) -> list[Item]:
+def validation_items(data: DataSpec, num_per_task: int, rejected: list[dict] | None = None,
+                     extra: list[TaskSpec] = (), notes: list[dict] | None = None) -> list[Item]:
+    """The held-out prompts of every training task and of the evaluation-only tasks `extra`.
+    A file task gives at most its held-out rows; `notes` receives what a run should record
+    (validation drawn from training rows, rows skipped while loading)."""
     rejected = [] if rejected is None else rejected
+    notes = [] if notes is None else notes
     items = []
-    for spec in data.tasks:
-        task = make_task(spec, data.validation_seed)
-        items.extend(it for i in range(num_per_task) if (it := _safe_item(task, i, rejected)) is not None)
+    for spec in list(data.tasks) + list(extra):
+        task = make_task(spec, data.validation_seed, data, split="validation")
+        n = num_per_task if task.size is None else min(num_per_task, task.size)
+        if spec in data.tasks and getattr(task.source, "overlaps_training", False):
+            notes.append({"event": "validation_overlaps_training", "task": spec.name,
+                          "reason": "a file task without holdout_rows: validation draws from its training rows"})
+        items.extend(it for i in range(n) if (it := _safe_item(task, i, rejected)) is not None)
     return items
 
 
 class Scorer:
-    """All tasks of a run by name, for verifiers."""
+    """Scores responses of every task of a run (training and evaluation-only) by task name."""
 
-    def __init__(self, data: DataSpec):
-        self.tasks = {t.name: make_task(t, data.train_seed) for t in data.tasks}
+    def __init__(self, data: DataSpec, verifier=None, extra: list[TaskSpec] = ()):
+        from prorl_actors.tasks.families import LogicFamily, make_families
+        self.families = make_families(verifier)
+        self.by_task = {}
+        for t in list(data.tasks) + list(extra):
+            # a generated logic task scores with its own generator settings; the rest share a family
+            own = t.family == "logic" and t.source == "generator" and t.config
+            self.by_task[t.name] = LogicFamily(t.dataset, t.config) if own else self.families[t.family]
 
     def score(self, task: str, response: str, reference: str) -> float:
-        return self.tasks[task].score(response, reference)
+        return self.by_task[task].score(response, json.loads(reference))
 
+    def formatted(self, task: str, response: str) -> bool:
+        """Whether the response gives an answer in its family's format at all (right or wrong)."""
+        return self.by_task[task].formatted(response)
 
-from prorl_actors.tasks import reasoning_gym as _rg  # noqa: E402,F401  (registers the family)
+    def completion(self, item: Item, formatted: bool = True) -> str | None:
+        """A demonstration for the item: its reference answer in the family's format (or, with
+        formatted=False, in a form the verifier rejects), None when there is none."""
+        if not item.answer:
+            return None
+        return self.families[item.family].completion(item.answer, json.loads(item.reference), formatted)
+
+    def close(self) -> None:
+        for fam in self.families.values():
+            if hasattr(fam, "close"):
+                fam.close()

@@ -11,8 +11,9 @@ Kinds (parameters):
   (letter, relation, num); capital_word_frequency (relation, num); json_format; bullet_count
   (num); highlighted_sections (num); title; quotation; start_phrase (phrase); end_phrase
   (phrase); lowercase; uppercase; no_commas; placeholders (num); numbered_sections (marker,
-  num); postscript (marker).
-relation is "at least", "at most" or "exactly".
+  num); postscript (marker); nth_paragraph_first_word (num, nth, first_word);
+  constrained_response ("My answer is yes./no./maybe."); two_responses (split by ******).
+relation is "at least", "at most", "exactly" or "less than".
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ import json
 import re
 from typing import Callable
 
-RELATIONS = {"at least": lambda a, b: a >= b, "at most": lambda a, b: a <= b, "exactly": lambda a, b: a == b}
+RELATIONS = {"at least": lambda a, b: a >= b, "at most": lambda a, b: a <= b, "exactly": lambda a, b: a == b,
+             "less than": lambda a, b: a < b}
+CONSTRAINED_RESPONSES = ("My answer is yes.", "My answer is no.", "My answer is maybe.")
 _WORD = re.compile(r"\b[\w'-]+\b", re.UNICODE)
 
 
@@ -85,7 +88,26 @@ CHECKS: dict[str, tuple[tuple[str, ...], Callable[..., bool]]] = {
         rf"(?mi)^\s*{re.escape(marker)}\s+\d+", r)) == num),
     "postscript": (("marker",), lambda r, marker: re.search(
         rf"(?m)^\s*{re.escape(marker)}", r) is not None),
+    "nth_paragraph_first_word": (("num", "nth", "first_word"), lambda r, num, nth, first_word: _nth_first_word(
+        r, num, nth, first_word)),
+    "constrained_response": ((), lambda r: any(c in r for c in CONSTRAINED_RESPONSES)),
+    "two_responses": ((), lambda r: _two_responses(r)),
 }
+
+
+def _nth_first_word(r: str, num: int, nth: int, first_word: str) -> bool:
+    """Exactly `num` paragraphs separated by blank lines; the nth (from 1) starts with `first_word`."""
+    paragraphs = [p for p in re.split(r"\n\s*\n", r.strip()) if p.strip()]
+    if len(paragraphs) != num or not 1 <= nth <= num:
+        return False
+    words = _words(paragraphs[nth - 1])
+    return bool(words) and words[0].lower().strip("'") == first_word.lower()
+
+
+def _two_responses(r: str) -> bool:
+    """Two different responses separated by six asterisks."""
+    parts = r.split("******")
+    return len(parts) == 2 and all(p.strip() for p in parts) and parts[0].strip() != parts[1].strip()
 
 
 def validate(instructions) -> None:
@@ -102,12 +124,27 @@ def validate(instructions) -> None:
                              f"expected {sorted(required)}")
         if "relation" in ins and ins["relation"] not in RELATIONS:
             raise ValueError(f"instructions[{i}]: relation must be one of {sorted(RELATIONS)}")
-        if "num" in ins and (not isinstance(ins["num"], int) or isinstance(ins["num"], bool) or ins["num"] < 0):
-            raise ValueError(f"instructions[{i}]: num must be an integer >= 0")
+        for key in ("num", "nth"):
+            if key in ins and (not isinstance(ins[key], int) or isinstance(ins[key], bool) or ins[key] < 0):
+                raise ValueError(f"instructions[{i}]: {key} must be an integer >= 0")
+        for key in ("phrase", "marker", "keyword", "letter", "first_word"):
+            if key in ins and (not isinstance(ins[key], str) or not ins[key].strip()):
+                raise ValueError(f"instructions[{i}]: {key} must be a non-empty string")
+        if "keywords" in ins and (not isinstance(ins["keywords"], list) or not ins["keywords"]
+                                  or not all(isinstance(k, str) and k.strip() for k in ins["keywords"])):
+            raise ValueError(f"instructions[{i}]: keywords must be a non-empty list of non-empty strings")
+        if ins["kind"] == "letter_frequency" and len(ins["letter"]) != 1:
+            raise ValueError(f"instructions[{i}]: letter must be one character")
 
 
 def strip_thinking(response: str) -> str:
-    return re.sub(r"^\s*<think>.*?</think>\s*", "", response, flags=re.DOTALL)
+    """The response after its reasoning: the text after the last </think>; nothing when it
+    opened a <think> block it never closed (it stopped while still thinking)."""
+    if "</think>" in response:
+        return response.rsplit("</think>", 1)[1].lstrip()
+    if response.lstrip().startswith("<think>"):
+        return ""
+    return response
 
 
 def follows(response: str, instruction: dict) -> bool:

@@ -1,0 +1,261 @@
+"""Small procedural generators for the math, code, stem and ifeval families, so that the CPU
+default needs no files (logic, and more arithmetic, come from reasoning-gym).
+
+A generator is `fn(rng, **config) -> (prompt, answer, reference)`: `answer` is the reference
+answer as text (a letter, a number, a program, a compliant response) and `reference` is the
+JSON object the family's verifier reads. Items are pure functions of (seed, index).
+"""
+from __future__ import annotations
+
+import math
+import random
+from fractions import Fraction
+from typing import Callable
+
+from prorl_actors.tasks import ifeval
+
+Generated = tuple[str, str, dict]
+GENERATORS: dict[str, dict[str, Callable[..., Generated]]] = {"math": {}, "code": {}, "stem": {}, "ifeval": {}}
+
+
+def generator(family: str, name: str):
+    def deco(fn):
+        GENERATORS[family][name] = fn
+        return fn
+    return deco
+
+
+def _latex(q: Fraction) -> str:
+    if q.denominator == 1:
+        return str(q.numerator)
+    sign = "-" if q < 0 else ""
+    return f"{sign}\\frac{{{abs(q.numerator)}}}{{{q.denominator}}}"
+
+
+# ------------------------------------------------------------------------------------ math
+@generator("math", "arithmetic")
+def arithmetic(rng: random.Random, min_terms: int = 2, max_terms: int = 3, max_value: int = 9,
+               ops: str = "+-*") -> Generated:
+    """An integer expression with operator precedence: "Compute 7 - 2 * 3." -> 1."""
+    n = rng.randint(min_terms, max_terms)
+    expr = str(rng.randint(0, max_value))
+    for _ in range(n - 1):
+        expr += f" {rng.choice(ops)} {rng.randint(0, max_value)}"
+    value = eval(expr, {"__builtins__": {}})  # our own digits and + - *: nothing else can be in it
+    return f"Compute {expr}.", str(value), {"answer": str(value)}
+
+
+@generator("math", "linear_equation")
+def linear_equation(rng: random.Random, max_coef: int = 9) -> Generated:
+    """a*x + b = c with a rational solution, answered as a reduced fraction."""
+    a = rng.choice([k for k in range(-max_coef, max_coef + 1) if k])
+    b, c = rng.randint(-max_coef, max_coef), rng.randint(-max_coef * 3, max_coef * 3)
+    x = Fraction(c - b, a)
+    ax = {1: "x", -1: "-x"}.get(a, f"{a}x")
+    lhs = ax if b == 0 else f"{ax} {'+' if b > 0 else '-'} {abs(b)}"
+    return f"Solve for x: {lhs} = {c}.", _latex(x), {"answer": _latex(x)}
+
+
+@generator("math", "fraction_sum")
+def fraction_sum(rng: random.Random, max_den: int = 9) -> Generated:
+    """p/q + r/s in lowest terms (math-verify accepts 0.5 for \\frac{1}{2})."""
+    f1 = Fraction(rng.randint(1, max_den), rng.randint(2, max_den))
+    f2 = Fraction(rng.randint(1, max_den), rng.randint(2, max_den))
+    total = f1 + f2
+    return (f"Add the fractions {f1.numerator}/{f1.denominator} + {f2.numerator}/{f2.denominator}. "
+            "Give the result in lowest terms.", _latex(total), {"answer": _latex(total)})
+
+
+# ------------------------------------------------------------------------------------ stem
+ELEMENTS = [("H", "Hydrogen", 1), ("He", "Helium", 2), ("Li", "Lithium", 3), ("Be", "Beryllium", 4),
+            ("B", "Boron", 5), ("C", "Carbon", 6), ("N", "Nitrogen", 7), ("O", "Oxygen", 8),
+            ("F", "Fluorine", 9), ("Ne", "Neon", 10), ("Na", "Sodium", 11), ("Mg", "Magnesium", 12),
+            ("Al", "Aluminium", 13), ("Si", "Silicon", 14), ("P", "Phosphorus", 15), ("S", "Sulfur", 16),
+            ("Cl", "Chlorine", 17), ("Ar", "Argon", 18), ("K", "Potassium", 19), ("Ca", "Calcium", 20),
+            ("Fe", "Iron", 26), ("Cu", "Copper", 29), ("Zn", "Zinc", 30), ("Ag", "Silver", 47),
+            ("Sn", "Tin", 50), ("I", "Iodine", 53), ("Au", "Gold", 79), ("Hg", "Mercury", 80),
+            ("Pb", "Lead", 82), ("U", "Uranium", 92)]
+
+
+def _multiple_choice(rng: random.Random, question: str, right: str, wrong: list[str],
+                     num_choices: int) -> Generated:
+    choices = [right] + rng.sample(wrong, num_choices - 1)
+    rng.shuffle(choices)
+    letter = "ABCDEFGHIJ"[choices.index(right)]
+    body = "\n".join(f"{'ABCDEFGHIJ'[i]}) {c}" for i, c in enumerate(choices))
+    return f"{question}\n{body}", letter, {"choices": choices, "answer": letter}
+
+
+@generator("stem", "element_symbols")
+def element_symbols(rng: random.Random, num_choices: int = 4) -> Generated:
+    """Multiple choice: which element has the symbol Fe?"""
+    sym, name, _ = rng.choice(ELEMENTS)
+    return _multiple_choice(rng, f"Which element has the chemical symbol {sym}?", name,
+                            [n for _, n, _ in ELEMENTS if n != name], num_choices)
+
+
+@generator("stem", "unit_conversion")
+def unit_conversion(rng: random.Random, num_choices: int = 4) -> Generated:
+    """Multiple choice: 3 kilograms in grams, with distractors off by powers of ten."""
+    units = [("kilograms", "grams", 1000), ("meters", "centimeters", 100), ("liters", "milliliters", 1000),
+             ("hours", "minutes", 60), ("minutes", "seconds", 60), ("kilometers", "meters", 1000)]
+    big, small, factor = rng.choice(units)
+    k = rng.randint(2, 9)
+    right = k * factor
+    wrong = sorted({k * factor // 10, k * factor * 10, k + factor, (k + 1) * factor, k * factor // 100 or 1} - {right})
+    return _multiple_choice(rng, f"How many {small} are in {k} {big}?", str(right), [str(w) for w in wrong],
+                            min(num_choices, len(wrong) + 1))
+
+
+@generator("stem", "kinematics")
+def kinematics(rng: random.Random) -> Generated:
+    """Short answer: uniform motion, Newton's second law or density, numbers chosen to divide."""
+    kind = rng.choice(["speed", "force", "density"])
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    if kind == "speed":
+        q, ans = f"A cart moves {a * b} m in {b} s at constant speed. What is its speed in m/s?", a
+    elif kind == "force":
+        q, ans = f"A net force accelerates a {a} kg mass at {b} m/s^2. What is the force in newtons?", a * b
+    else:
+        q, ans = f"A block of mass {a * b} g has a volume of {b} cm^3. What is its density in g/cm^3?", a
+    return q, str(ans), {"answer": str(ans)}
+
+
+# ------------------------------------------------------------------------------------ code
+_STDIO_PROBLEMS = [
+    # (statement, solution, input maker, output function)
+    ("Read two integers a and b from one line of standard input and print a + b.",
+     "a, b = map(int, input().split())\nprint(a + b)\n",
+     lambda r: f"{r.randint(-99, 99)} {r.randint(-99, 99)}", lambda s: str(sum(map(int, s.split())))),
+    ("Read a line of text and print it reversed.",
+     "print(input()[::-1])\n",
+     lambda r: "".join(r.choice("abcdefgh xyz") for _ in range(r.randint(1, 12))).strip() or "a",
+     lambda s: s[::-1]),
+    ("Read an integer n (0 <= n <= 12) and print n factorial.",
+     "import math\nprint(math.factorial(int(input())))\n",
+     lambda r: str(r.randint(0, 12)), lambda s: str(math.factorial(int(s)))),
+    ("The first line holds n, the second n integers. Print the largest of them.",
+     "input()\nprint(max(map(int, input().split())))\n",
+     lambda r: (lambda xs: f"{len(xs)}\n{' '.join(map(str, xs))}")([r.randint(-50, 50) for _ in range(r.randint(1, 8))]),
+     lambda s: str(max(map(int, s.splitlines()[1].split())))),
+    ("Read a word and print how many vowels (a, e, i, o, u) it has.",
+     "print(sum(c in 'aeiou' for c in input()))\n",
+     lambda r: "".join(r.choice("abcdeiouxyz") for _ in range(r.randint(1, 10))),
+     lambda s: str(sum(c in "aeiou" for c in s))),
+]
+
+_CALL_PROBLEMS = [
+    ("Write a function `second_largest(xs)` that returns the second largest distinct value of a list "
+     "of integers with at least two distinct values.",
+     "def second_largest(xs):\n    return sorted(set(xs))[-2]\n", "second_largest",
+     lambda r: [sorted({r.randint(0, 30) for _ in range(6)} | {31, 32}, key=lambda _: r.random())],
+     lambda xs: sorted(set(xs))[-2]),
+    ("Write a function `is_palindrome(s)` that returns True when the string s reads the same backwards.",
+     "def is_palindrome(s):\n    return s == s[::-1]\n", "is_palindrome",
+     lambda r: [r.choice(["abba", "abc", "racecar", "x", "xy", "noon", "level", "lever"])],
+     lambda s: s == s[::-1]),
+    ("Write a function `gcd(a, b)` returning the greatest common divisor of two positive integers.",
+     "def gcd(a, b):\n    while b:\n        a, b = b, a % b\n    return a\n", "gcd",
+     lambda r: [r.randint(1, 200), r.randint(1, 200)], math.gcd),
+    ("Write a function `sum_of_squares(n)` returning 1*1 + 2*2 + ... + n*n.",
+     "def sum_of_squares(n):\n    return sum(i * i for i in range(1, n + 1))\n", "sum_of_squares",
+     lambda r: [r.randint(0, 50)], lambda n: sum(i * i for i in range(1, n + 1))),
+]
+
+
+@generator("code", "stdio")
+def stdio_problem(rng: random.Random, num_tests: int = 4) -> Generated:
+    statement, solution, make_input, output = rng.choice(_STDIO_PROBLEMS)
+    inputs = [make_input(rng) for _ in range(num_tests)]
+    tests = [{"kind": "stdio", "stdin": s + "\n", "stdout": output(s)} for s in inputs]
+    example = f"\n\nExample input:\n{inputs[0]}\nExample output:\n{output(inputs[0])}"
+    return statement + example, solution, {"tests": tests}
+
+
+@generator("code", "function")
+def function_problem(rng: random.Random, num_tests: int = 4) -> Generated:
+    statement, solution, fn, make_args, result = rng.choice(_CALL_PROBLEMS)
+    tests = []
+    for _ in range(num_tests):
+        args = make_args(rng)
+        tests.append({"kind": "call", "fn": fn, "args": args, "expected": result(*args)})
+    return statement, solution, {"tests": tests}
+
+
+# ------------------------------------------------------------------------------------ ifeval
+_TOPICS = {
+    "the sea": ["the sea is wide and blue", "waves roll onto the sand", "boats sail far out"],
+    "cats": ["cats sleep most of the day", "a cat likes a warm spot", "cats chase small toys"],
+    "rain": ["rain falls on the roof", "the streets shine after rain", "plants drink the rain"],
+    "bread": ["bread needs flour and water", "fresh bread smells good", "we bake bread at dawn"],
+    "music": ["music fills the room", "a drum keeps the beat", "songs can lift a mood"],
+    "trees": ["trees give us shade", "old trees grow tall", "leaves turn gold in autumn"],
+}
+_KEYWORDS = ["today", "gentle", "always", "bright", "quiet", "simple"]
+
+
+def _ifeval_candidate(rng: random.Random, topic: str, kinds: list[str], sentences: int) -> tuple[list[dict], str]:
+    """Instructions of the chosen kinds and a response built to follow them all."""
+    lines = rng.sample(_TOPICS[topic], sentences)
+    text = ". ".join(lines) + "."
+    text = text[0].upper() + text[1:]
+    ins: list[dict] = []
+    for kind in kinds:
+        if kind == "keywords_include":
+            kw = rng.choice(_KEYWORDS)
+            ins.append({"kind": kind, "keywords": [kw]})
+            text = f"{text} It is {kw}."
+        elif kind == "keywords_exclude":
+            ins.append({"kind": kind, "keywords": [rng.choice([w for w in _KEYWORDS if w not in text.lower()])]})
+        elif kind == "word_count":
+            n = len(ifeval._words(text))
+            ins.append({"kind": kind, "relation": "at most", "num": n + rng.randint(0, 3)})
+        elif kind in ("lowercase", "no_commas", "title", "end_phrase", "postscript"):
+            ins.append({"kind": kind} if kind in ("lowercase", "no_commas", "title") else
+                       {"kind": kind, "phrase": "Is there anything else?"} if kind == "end_phrase" else
+                       {"kind": kind, "marker": "P.S."})
+    # apply in an order that keeps every earlier instruction true
+    if any(i["kind"] == "title" for i in ins):
+        text = f"<<{topic.title()}>>\n{text}"
+    if any(i["kind"] == "postscript" for i in ins):
+        text += "\nP.S. thanks for reading."
+    if any(i["kind"] == "end_phrase" for i in ins):
+        text += " Is there anything else?"
+    if any(i["kind"] == "no_commas" for i in ins):
+        text = text.replace(",", "")
+    if any(i["kind"] == "lowercase" for i in ins):
+        text = text.lower()
+    return ins, text
+
+
+_IFEVAL_TEXT = {
+    "keywords_include": lambda i: f"Include the word \"{i['keywords'][0]}\".",
+    "keywords_exclude": lambda i: f"Do not use the word \"{i['keywords'][0]}\".",
+    "word_count": lambda i: f"Use at most {i['num']} words.",
+    "lowercase": lambda i: "Write everything in lowercase letters.",
+    "no_commas": lambda i: "Do not use any commas.",
+    "title": lambda i: "Give it a title in double angular brackets, like <<title>>.",
+    "end_phrase": lambda i: f"End your reply with the exact phrase \"{i['phrase']}\".",
+    "postscript": lambda i: f"Add a postscript starting with {i['marker']}",
+}
+
+
+@generator("ifeval", "short_writing")
+def short_writing(rng: random.Random, min_instructions: int = 1, max_instructions: int = 3,
+                  sentences: int = 2) -> Generated:
+    """A short text about a topic under 1-3 verifiable instructions, with a compliant reference
+    response (checked by the verifier itself before the item is returned)."""
+    topic = rng.choice(sorted(_TOPICS))
+    kinds = rng.sample(sorted(_IFEVAL_TEXT), rng.randint(min_instructions, max_instructions))
+    if "word_count" in kinds:  # counted last, after the words other instructions add
+        kinds.remove("word_count")
+        kinds.append("word_count")
+    ins, text = _ifeval_candidate(rng, topic, kinds, sentences)
+    word_count = [i for i in ins if i["kind"] == "word_count"]
+    for i in word_count:
+        i["num"] = len(ifeval._words(text)) + rng.randint(0, 3)
+    if ifeval.score(text, ins) != 1.0:
+        raise AssertionError(f"short_writing built a reference that fails its own instructions: {ins}")
+    noun = "sentence" if sentences == 1 else f"{sentences} sentences"
+    prompt = f"Write {noun} about {topic}. " + " ".join(_IFEVAL_TEXT[i["kind"]](i) for i in ins)
+    return prompt, text, {"instructions": ins}

@@ -1,0 +1,239 @@
+"""The five verifier families: how a reference is checked when data is loaded, how a response
+is scored, whether it followed the answer format at all, and what a demonstration looks like.
+
+A reference is a JSON object; per family:
+  math   {"answer": "\\frac{1}{2}"}                          reward 1/0 (math-verify)
+  code   {"tests": [sandbox TestCase dicts]}                 reward = fraction of tests passed
+  stem   {"choices": ["..", ..], "answer": "C"}              reward 1/0 (multiple choice)
+         {"answer": "9.8"}                                   reward 1/0 (short answer)
+  logic  a reasoning-gym entry {"question", "answer", "metadata": {"source_dataset", ...}}
+                                                             reward = the dataset's score_answer
+  ifeval {"instructions": [{"kind": ..., ...}, ...]}          reward = fraction followed
+
+Families that need a helper process (math-verify's child, the code sandbox) start it on the
+first score, so building items (the supervisor, the tiny model's warm start) never starts one.
+"""
+from __future__ import annotations
+
+import re
+import threading
+
+from prorl_actors.tasks import ifeval
+from prorl_actors.tasks.answers import choice_letters, extract_choice, final_answer, last_boxed, last_python_block
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def tagged_answer(response: str) -> str | None:
+    """The text inside the last <answer>...</answer>, stripped (logic's answer format)."""
+    found = _ANSWER_TAG.findall(response)
+    return found[-1].strip() if found else None
+
+
+def _need_str(ref: dict, key: str) -> str:
+    v = ref.get(key)
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"reference.{key} must be a non-empty string")
+    return v
+
+
+class MathFamily:
+    name = "math"
+
+    def __init__(self, timeout_s: float = 5.0):
+        self.timeout_s = timeout_s
+        self._checker = None
+        self._lock = threading.Lock()
+
+    @property
+    def checker(self):
+        with self._lock:
+            if self._checker is None:
+                from prorl_actors.tasks.mathcheck import MathChecker
+                self._checker = MathChecker(self.timeout_s)
+            return self._checker
+
+    def check_reference(self, ref: dict) -> None:
+        _need_str(ref, "answer")
+
+    def score(self, response: str, ref: dict) -> float:
+        answer = final_answer(ifeval.strip_thinking(response))
+        if answer is None:
+            return 0.0
+        return float(self.checker.equivalent(answer, ref["answer"]))  # CheckTimeout/ValueError: counted
+
+    def formatted(self, response: str) -> bool:
+        return final_answer(ifeval.strip_thinking(response)) is not None
+
+    def completion(self, answer: str, ref: dict, formatted: bool) -> str | None:
+        return f"\\boxed{{{answer}}}" if formatted else answer
+
+    def close(self) -> None:
+        if self._checker is not None:
+            self._checker.close()
+
+
+class CodeFamily:
+    name = "code"
+
+    def __init__(self, limits=None, workers: int | None = None, allow_weaker: bool = False):
+        self.limits, self.workers, self.allow_weaker = limits, workers, allow_weaker
+        self._checker = None
+        self._lock = threading.Lock()
+
+    @property
+    def checker(self):
+        with self._lock:
+            if self._checker is None:
+                from prorl_actors.tasks.codecheck import CodeChecker
+                self._checker = CodeChecker(self.limits, self.workers, self.allow_weaker)
+            return self._checker
+
+    def check_reference(self, ref: dict) -> None:
+        from sandbox import TestCase
+        tests = ref.get("tests")
+        if not isinstance(tests, list) or not tests:
+            raise ValueError("reference.tests must be a non-empty list of tests")
+        for i, t in enumerate(tests):
+            TestCase.from_dict(t, f"reference.tests[{i}]")
+
+    def score(self, response: str, ref: dict) -> float:
+        return self.checker.score(ifeval.strip_thinking(response), ref["tests"])
+
+    def formatted(self, response: str) -> bool:
+        return last_python_block(ifeval.strip_thinking(response)) is not None
+
+    def completion(self, answer: str, ref: dict, formatted: bool) -> str | None:
+        body = answer if answer.endswith("\n") else answer + "\n"
+        return f"```python\n{body}```" if formatted else body
+
+    def close(self) -> None:
+        if self._checker is not None:
+            self._checker.close()
+
+
+class StemFamily:
+    """Multiple choice when the reference has choices, else a short answer compared with
+    math-verify (numbers, expressions, units stripped by it) or, for words, as text."""
+    name = "stem"
+
+    def __init__(self, math: MathFamily):
+        self.math = math
+
+    def check_reference(self, ref: dict) -> None:
+        answer = _need_str(ref, "answer")
+        if "choices" in ref:
+            choices = ref["choices"]
+            if not (isinstance(choices, list) and 2 <= len(choices) <= 26
+                    and all(isinstance(c, str) and c.strip() for c in choices)):
+                raise ValueError("reference.choices must be a list of 2 to 26 non-empty strings")
+            if answer not in choice_letters(len(choices)):
+                raise ValueError(f"reference.answer must be one of the letters {choice_letters(len(choices))}")
+        if set(ref) - {"answer", "choices"}:
+            raise ValueError(f"reference has unknown keys {sorted(set(ref) - {'answer', 'choices'})}")
+
+    def score(self, response: str, ref: dict) -> float:
+        text = ifeval.strip_thinking(response)
+        if "choices" in ref:
+            return float(extract_choice(text, ref["choices"]) == ref["answer"])
+        answer = final_answer(text)
+        if answer is None:
+            return 0.0
+        if _as_words(answer) and _as_words(answer) == _as_words(ref["answer"]):
+            return 1.0
+        try:
+            return float(self.math.checker.equivalent(answer, ref["answer"]))
+        except ValueError:   # math-verify could not read it: words that differ
+            return 0.0
+
+    def formatted(self, response: str) -> bool:
+        return last_boxed(ifeval.strip_thinking(response)) is not None
+
+    def completion(self, answer: str, ref: dict, formatted: bool) -> str | None:
+        if formatted:
+            return f"\\boxed{{{answer}}}"
+        if "choices" in ref:   # the option's text, not its letter: the verifier wants the letter
+            return ref["choices"][choice_letters(len(ref["choices"])).index(answer)]
+        return answer
+
+
+def _as_words(s: str) -> str:
+    """Lowercased words of a textual answer ("" when it has digits or maths: math-verify's job)."""
+    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s).strip().lower().rstrip(".")
+    return "" if re.search(r"[\d\\^_=+*/]", s) else re.sub(r"\s+", " ", s)
+
+
+class LogicFamily:
+    """reasoning-gym: the answer in <answer></answer>, scored by the dataset's own score_answer
+    (partial credit exists, so accuracy counts reward 1 only)."""
+    name = "logic"
+
+    def __init__(self, dataset: str | None = None, config: dict | None = None):
+        """`dataset` and `config`: the generator settings of the task (some datasets' scoring
+        reads them, e.g. a precision); entries of other datasets score with their defaults."""
+        self.dataset, self.config = dataset, config or {}
+        self._score_fns: dict = {}
+        self._lock = threading.Lock()
+
+    def _score_fn(self, dataset: str):
+        with self._lock:
+            if dataset not in self._score_fns:
+                import reasoning_gym
+                if dataset == self.dataset and self.config:
+                    self._score_fns[dataset] = reasoning_gym.create_dataset(
+                        dataset, size=10, seed=0, **self.config).score_answer
+                else:
+                    self._score_fns[dataset] = reasoning_gym.get_score_answer_fn(dataset)
+            return self._score_fns[dataset]
+
+    def check_reference(self, ref: dict) -> None:
+        import reasoning_gym
+        meta = ref.get("metadata")
+        if not isinstance(meta, dict) or meta.get("source_dataset") not in reasoning_gym.factory.DATASETS:
+            raise ValueError("reference must be a reasoning-gym entry whose metadata.source_dataset is a "
+                             "reasoning-gym dataset")
+        if "answer" not in ref:
+            raise ValueError("reference.answer is missing")
+
+    def score(self, response: str, ref: dict) -> float:
+        answer = tagged_answer(ifeval.strip_thinking(response))
+        if answer is None:
+            return 0.0
+        return float(self._score_fn(ref["metadata"]["source_dataset"])(answer, ref))
+
+    def formatted(self, response: str) -> bool:
+        return tagged_answer(ifeval.strip_thinking(response)) is not None
+
+    def completion(self, answer: str, ref: dict, formatted: bool) -> str | None:
+        return f"<answer>{answer}</answer>" if formatted else f"The answer is {answer}."
+
+
+class IfevalFamily:
+    name = "ifeval"
+
+    def check_reference(self, ref: dict) -> None:
+        ifeval.validate(ref.get("instructions"))
+
+    def score(self, response: str, ref: dict) -> float:
+        return ifeval.score(response, ref["instructions"])
+
+    def formatted(self, response: str) -> bool:
+        return bool(ifeval.strip_thinking(response).strip())
+
+    def completion(self, answer: str, ref: dict, formatted: bool) -> str | None:
+        return answer if formatted else None
+
+
+def make_families(verifier=None) -> dict:
+    """One instance of each family; `verifier` is the spec's VerifierSpec (None: defaults)."""
+    from sandbox import Limits
+    math_timeout = verifier.math_timeout_s if verifier is not None else 5.0
+    math = MathFamily(math_timeout)
+    if verifier is not None:
+        c = verifier.code
+        code = CodeFamily(Limits(wall_s=c.wall_s, program_wall_s=c.program_wall_s, memory_mib=c.memory_mib),
+                          c.workers, c.allow_weaker)
+    else:
+        code = CodeFamily()
+    return {"math": math, "code": code, "stem": StemFamily(math), "logic": LogicFamily(),
+            "ifeval": IfevalFamily()}
