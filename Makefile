@@ -29,6 +29,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/step_time.py
 	$(BIN)/python benchmarks/sandbox_throughput.py
+	$(BIN)/python benchmarks/verifiers.py
 
 clean:
 	rm -rf runs .pytest_cache

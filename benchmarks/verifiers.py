@@ -65,8 +65,9 @@ def main() -> None:
         actor = VerifierActor(spec.data, spec.verifier)
         rows = _responses(actor.scorer, items)
         # warm-up: start the helper processes (math-verify's child, the sandbox's workers)
-        for task, text, ref in rows[:2]:
-            actor.scorer.score(task, text, ref)
+        for task in {t for t, _, _ in rows}:
+            first = next(r for r in rows if r[0] == task)
+            actor.scorer.score(*first)
         t0 = time.perf_counter()
         for task, text, ref in rows:
             actor._score_one(task, text, ref)

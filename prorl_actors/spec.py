@@ -201,7 +201,7 @@ class TaskSpec:
         "logic", help="which verifier scores it: math (math-verify), code (sandboxed tests), stem (multiple "
                       "choice or short answer), logic (reasoning-gym's score_answer), ifeval (instructions)")
     source: Literal["generator", "file"] = opt("generator", help="items from a procedural generator or from a file")
-    dataset: str | None = opt("chain_sum", help="source generator: a reasoning-gym dataset name (logic; math "
+    dataset: str | None = opt(None, help="source generator: a reasoning-gym dataset name (logic; math "
                                                 "takes its arithmetic ones) or a built-in generator of the family")
     path: str | None = opt(None, help="source file: Parquet or JSONL rows {task, prompt, reference, metadata}")
     bad_rows: Literal["error", "skip"] = opt("error", help="source file: a malformed row stops loading with its "
@@ -218,7 +218,7 @@ class DataSpec:
     train_seed: int = opt(1, ge=0)
     validation_seed: int = opt(900_000_000, ge=0, help="keep millions apart from train_seed (reasoning-gym items overlap)")
     prompts: PromptsSpec = opt(PromptsSpec())
-    tasks: list[TaskSpec] = opt([TaskSpec()])
+    tasks: list[TaskSpec] = opt([TaskSpec(dataset="chain_sum")])
 
 
 @dataclass

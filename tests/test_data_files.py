@@ -69,7 +69,7 @@ def test_family_references_are_checked_when_loading(tmp_path):
 
 def test_file_task_holdout_rows_validate_and_never_train(tmp_path):
     path = write_rows(tmp_path / "m.jsonl", _math_rows(30))
-    task = {"name": "m", "family": "math", "source": "file", "dataset": None, "path": str(path), "holdout_rows": 6}
+    task = {"name": "m", "family": "math", "source": "file", "path": str(path), "holdout_rows": 6}
     spec = build_spec({"data": {"tasks": [task]}, "validation": {"num_prompts_per_task": 10}})
     val = validation_items(spec.data, spec.validation.num_prompts_per_task)
     assert len(val) == 6   # capped at the held-out rows
@@ -85,7 +85,7 @@ def test_file_task_holdout_rows_validate_and_never_train(tmp_path):
 
 def test_file_task_without_holdout_says_validation_overlaps_training(tmp_path):
     path = write_rows(tmp_path / "m.jsonl", _math_rows(8))
-    spec = build_spec({"data": {"tasks": [{"name": "m", "family": "math", "source": "file", "dataset": None,
+    spec = build_spec({"data": {"tasks": [{"name": "m", "family": "math", "source": "file",
                                            "path": str(path)}]}})
     notes = []
     assert len(validation_items(spec.data, 20, notes=notes)) == 8

@@ -75,7 +75,7 @@ def test_five_families_files_and_held_out_tasks_through_ray(tiny_model, tmp_path
     tasks = ("[{name: sums, family: math, dataset: arithmetic}, {name: elements, family: stem, dataset: element_symbols},"
              " {name: aiw, family: logic, dataset: aiw}, {name: writing, family: ifeval, dataset: short_writing},"
              " {name: fn, family: code, dataset: function},"
-             f" {{name: eurus, family: code, source: file, dataset: null, path: '{code_file}', bad_rows: skip}}]")
+             f" {{name: eurus, family: code, source: file, path: '{code_file}', bad_rows: skip}}]")
     # the converted file holds code and math rows: the math row is skipped (and counted) in a code task
     r, run = _train(tiny_model, tmp_path, "hf", extra=(
         f"data.tasks={tasks}", "validation.tasks=[{name: acre, family: logic, dataset: acre}]",

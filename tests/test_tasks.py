@@ -110,8 +110,11 @@ def test_item_whose_generator_raises_is_skipped_and_recorded(monkeypatch):
     ({"family": "code", "dataset": "stdio", "config": {"num_tests": 2, "colour": 1}}, "config", "colour"),
     ({"family": "logic", "dataset": "chain_sum", "config": {"min_terms": "two"}}, "config", "settings chain_sum"),
     ({"family": "math", "source": "file", "dataset": None}, "path", "a .jsonl or .parquet file"),
-    ({"family": "math", "source": "file", "dataset": None, "path": "nope.jsonl"}, "path", "an existing file"),
-    ({"family": "math", "source": "file", "path": "specs/tiny-cpu.yaml"}, "dataset", "null for source file"),
+    ({"family": "math", "source": "file", "path": "nope.jsonl"}, "path", "an existing file"),
+    ({"family": "math", "source": "file", "dataset": "arithmetic", "path": "x.jsonl"}, "dataset",
+     "absent for source file"),
+    ({"family": "math", "source": "file", "path": "specs/tiny-cpu.yaml"}, "path", "a .jsonl or .parquet file"),
+    ({"family": "stem"}, "dataset", "a generator of family stem: element_symbols, kinematics"),
     ({"family": "math", "dataset": "arithmetic", "holdout_rows": 5}, "holdout_rows", "only for source file"),
 ])
 def test_bad_task_entries_fail_at_load_with_their_key(task, key, message):

@@ -158,7 +158,7 @@ def task_spec_errors(t: TaskSpec) -> list[tuple[str, object, str]]:
     """What is wrong with one task entry: (key under the task, value, what is allowed)."""
     from pathlib import Path
     if t.source == "file":
-        errs = [] if t.dataset is None else [("dataset", t.dataset, "null for source file (the file is the data)")]
+        errs = [] if t.dataset is None else [("dataset", t.dataset, "absent for source file (the file is the data)")]
         if t.path is None:
             errs.append(("path", None, "a .jsonl or .parquet file for source file"))
         elif Path(t.path).suffix not in (".jsonl", ".json", ".parquet"):
