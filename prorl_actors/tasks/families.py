@@ -37,21 +37,30 @@ def _need_str(ref: dict, key: str) -> str:
     return v
 
 
-class MathFamily:
-    name = "math"
+class _LazyChecker:
+    """Builds its checker (which owns helper processes) on first use, once, from any thread."""
 
-    def __init__(self, timeout_s: float = 5.0):
-        self.timeout_s = timeout_s
-        self._checker = None
-        self._lock = threading.Lock()
+    def __init__(self, build):
+        self._build, self._checker, self._lock = build, None, threading.Lock()
 
     @property
     def checker(self):
         with self._lock:
             if self._checker is None:
-                from prorl_actors.tasks.mathcheck import MathChecker
-                self._checker = MathChecker(self.timeout_s)
+                self._checker = self._build()
             return self._checker
+
+    def close(self) -> None:
+        if self._checker is not None:
+            self._checker.close()
+
+
+class MathFamily(_LazyChecker):
+    name = "math"
+
+    def __init__(self, timeout_s: float = 5.0):
+        from prorl_actors.tasks.mathcheck import MathChecker
+        super().__init__(lambda: MathChecker(timeout_s))
 
     def check_reference(self, ref: dict) -> None:
         _need_str(ref, "answer")
@@ -68,26 +77,13 @@ class MathFamily:
     def completion(self, answer: str, ref: dict, formatted: bool) -> str | None:
         return f"\\boxed{{{answer}}}" if formatted else answer
 
-    def close(self) -> None:
-        if self._checker is not None:
-            self._checker.close()
 
-
-class CodeFamily:
+class CodeFamily(_LazyChecker):
     name = "code"
 
     def __init__(self, limits=None, workers: int | None = None, allow_weaker: bool = False):
-        self.limits, self.workers, self.allow_weaker = limits, workers, allow_weaker
-        self._checker = None
-        self._lock = threading.Lock()
-
-    @property
-    def checker(self):
-        with self._lock:
-            if self._checker is None:
-                from prorl_actors.tasks.codecheck import CodeChecker
-                self._checker = CodeChecker(self.limits, self.workers, self.allow_weaker)
-            return self._checker
+        from prorl_actors.tasks.codecheck import CodeChecker
+        super().__init__(lambda: CodeChecker(limits, workers, allow_weaker))
 
     def check_reference(self, ref: dict) -> None:
         from sandbox import TestCase
@@ -106,10 +102,6 @@ class CodeFamily:
     def completion(self, answer: str, ref: dict, formatted: bool) -> str | None:
         body = answer if answer.endswith("\n") else answer + "\n"
         return f"```python\n{body}```" if formatted else body
-
-    def close(self) -> None:
-        if self._checker is not None:
-            self._checker.close()
 
 
 class StemFamily:
