@@ -1,7 +1,9 @@
 """Pure-torch RL math for ProRL: advantages, policy loss, KL, entropy, dynamic sampling,
-pass@k and the reference-reset policy. No Ray, no I/O."""
+pass@k, the KL-coefficient controller, overlong handling and the reference-reset policy.
+No Ray, no I/O."""
 
 from prorl_actors.algo.advantages import ADV_ESTIMATORS, get_adv_estimator, group_advantages
+from prorl_actors.algo.control import KLController, kl_coef_for_entropy, kl_coef_for_kl
 from prorl_actors.algo.entropy import entropy_from_logits
 from prorl_actors.algo.kl import KL_KINDS, get_kl_estimator, kl_penalty
 from prorl_actors.algo.losses import (
@@ -13,12 +15,15 @@ from prorl_actors.algo.losses import (
     masked_sum,
     policy_loss,
 )
+from prorl_actors.algo.overlong import mask_truncated, overlong_penalty
 from prorl_actors.algo.passk import pass_at_k
-from prorl_actors.algo.resets import ScheduledResets, reset_due
+from prorl_actors.algo.resets import ResetPolicy, ScheduledResets, kl_share, reset_due, validation_dropped, validation_stalled
 from prorl_actors.algo.sampling import informative_groups
 
 __all__ = [
     "ADV_ESTIMATORS",
+    "KLController",
+    "ResetPolicy",
     "AGG_MODES",
     "KL_KINDS",
     "LOG_RATIO_CLAMP",
@@ -30,10 +35,17 @@ __all__ = [
     "get_kl_estimator",
     "group_advantages",
     "informative_groups",
+    "kl_coef_for_entropy",
+    "kl_coef_for_kl",
+    "kl_share",
+    "mask_truncated",
+    "overlong_penalty",
     "kl_penalty",
     "masked_mean",
     "masked_sum",
     "pass_at_k",
     "policy_loss",
     "reset_due",
+    "validation_dropped",
+    "validation_stalled",
 ]

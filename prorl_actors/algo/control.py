@@ -1,0 +1,149 @@
+"""Controllers for the KL coefficient (ProRL keeps policy entropy stable with a KL penalty).
+
+Algorithmic choices:
+- entropy-target: the KL penalty pulls the policy towards the reference, whose entropy is
+  higher than a collapsing policy's, so entropy *below* the band raises the coefficient and
+  entropy *above* it lowers the coefficient. The error is how far entropy is outside the
+  band (in band widths, clipped to 2; zero inside: a dead band, no chatter around the
+  target). A PI controller in log space (the right scale spans orders of magnitude): the
+  integral moves by rate * error per step, the output is exp(integral + kp * error), both
+  within [coef_min, coef_max]. Entropy responds to the coefficient with a lag (it
+  integrates its effect), so integral action alone oscillates; the proportional part damps
+  it (tests/test_control.py simulates both). An optional moving average of the measured
+  entropy (smoothing < 1) adds lag, so it is off by default. NaN entropy changes nothing.
+- kl-target: the adaptive rule of Ziegler et al. (2019), used by OpenRLHF and (in a
+  stepwise form) RLlib: coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon.
+- fixed: the paper's default; the coefficient never changes.
+
+Pure functions plus one small checkpointable state object. No Ray, no I/O.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+MODES = ("fixed", "entropy-target", "kl-target")
+_STATE = ("coef", "log_integral", "target", "smoothed", "steps", "nan_inputs", "initial_coef")
+
+
+def entropy_band(target: float, band: float) -> tuple[float, float]:
+    """The band [low, high] around the target entropy (nats per token)."""
+    return target - band, target + band
+
+
+def band_error(entropy: float, target: float, band: float, clip: float = 2.0) -> float:
+    """How far entropy is outside the band, in band widths: > 0 below it (raise the
+    coefficient), < 0 above it, 0 inside; clipped to [-clip, clip]."""
+    low, high = entropy_band(target, band)
+    if entropy < low:
+        return min((low - entropy) / band, clip)
+    if entropy > high:
+        return -min((entropy - high) / band, clip)
+    return 0.0
+
+
+def kl_coef_for_entropy(log_integral: float, entropy: float, target: float, band: float, *, rate: float,
+                        kp: float, coef_min: float, coef_max: float) -> tuple[float, float]:
+    """One entropy-target step of a PI controller in log space -> (new log_integral, coef).
+
+    log_integral: the integral part, log of the coefficient the controller settles on;
+    entropy: measured entropy (nats/token); the band is [target - band, target + band].
+    coef = exp(log_integral + kp * e) with e = band_error(...): the integral moves by rate * e
+    per step (anti-windup: kept within the bounds), the proportional part damps the loop
+    (entropy integrates the coefficient's effect, so integral control alone would oscillate).
+    A non-finite entropy changes nothing.
+    """
+    lo, hi = math.log(coef_min), math.log(coef_max)
+    if not math.isfinite(entropy):
+        return log_integral, min(max(math.exp(log_integral), coef_min), coef_max)
+    e = band_error(entropy, target, band)
+    log_integral = min(max(log_integral + rate * e, lo), hi)
+    return log_integral, min(max(math.exp(log_integral + kp * e), coef_min), coef_max)
+
+
+def kl_coef_for_kl(coef: float, kl: float, target: float, *, horizon: float, n_steps: int = 1,
+                   coef_min: float = 0.0, coef_max: float = math.inf) -> float:
+    """One KL-target (adaptive KL) step: the new coefficient; NaN KL leaves it unchanged."""
+    if not math.isfinite(kl) or not math.isfinite(coef):
+        return coef
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return min(max(coef * (1.0 + error * n_steps / horizon), coef_min), coef_max)
+
+
+def ema(previous: float | None, value: float, alpha: float) -> float:
+    """Exponential moving average: alpha = weight of the new value (1 = no smoothing)."""
+    if previous is None or not math.isfinite(previous):
+        return value
+    return alpha * value + (1.0 - alpha) * previous
+
+
+@dataclass
+class KLController:
+    """The KL coefficient of a run and the state its controller needs; checkpointable.
+
+    mode: fixed | entropy-target | kl-target. For entropy-target, `target` is absolute, or
+    (target_relative set) that fraction of the entropy measured on the first update step.
+    """
+    mode: str = "fixed"
+    coef: float = 1e-4
+    target: float | None = None          # entropy (nats/token) or KL target; None until known
+    target_relative: float | None = None
+    band: float = 0.05
+    rate: float = 0.2
+    kp: float = 1.0
+    coef_min: float = 1e-6
+    coef_max: float = 1.0
+    smoothing: float = 1.0               # EMA weight of the newest entropy (1 = none)
+    horizon: float = 10.0                # kl-target only
+    initial_coef: float = field(init=False)
+    log_integral: float = field(init=False)
+    smoothed: float | None = None
+    steps: int = 0
+    nan_inputs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
+        if self.mode == "entropy-target" and (self.target is None) == (self.target_relative is None):
+            raise ValueError("entropy-target needs exactly one of target and target_relative")
+        if self.mode == "kl-target" and self.target is None:
+            raise ValueError("kl-target needs target (the KL to hold)")
+        self.initial_coef = self.coef
+        self.log_integral = math.log(min(max(self.coef, self.coef_min), self.coef_max))
+
+    def update(self, entropy: float, kl: float) -> float:
+        """After a training step with measured entropy and KL: the coefficient for the next."""
+        self.steps += 1
+        signal = entropy if self.mode == "entropy-target" else kl
+        if not math.isfinite(signal):
+            self.nan_inputs += 1
+            return self.coef
+        if self.mode == "entropy-target":
+            if self.target is None:                      # relative target: fixed by the first step
+                self.target = self.target_relative * entropy
+            self.smoothed = ema(self.smoothed, entropy, self.smoothing)
+            self.log_integral, self.coef = kl_coef_for_entropy(
+                self.log_integral, self.smoothed, self.target, self.band, rate=self.rate, kp=self.kp,
+                coef_min=self.coef_min, coef_max=self.coef_max)
+        elif self.mode == "kl-target":
+            self.coef = kl_coef_for_kl(self.coef, kl, self.target, horizon=self.horizon,
+                                       coef_min=self.coef_min, coef_max=self.coef_max)
+        return self.coef
+
+    def band_limits(self) -> tuple[float, float] | None:
+        if self.mode != "entropy-target" or self.target is None:
+            return None
+        return entropy_band(self.target, self.band)
+
+    def restore_initial(self) -> None:
+        """After a reference reset (optional): start again from the initial coefficient."""
+        self.coef = self.initial_coef
+        self.log_integral = math.log(min(max(self.coef, self.coef_min), self.coef_max))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _STATE}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in _STATE:
+            setattr(self, k, state[k])

@@ -1,0 +1,202 @@
+"""The KL-coefficient controller, the reset triggers and overlong handling: hand-computed
+values, and the controller's dynamics on a small simulated plant."""
+import math
+import random
+
+import pytest
+import torch
+
+from prorl_actors.algo.control import band_error
+from prorl_actors.algo import (KLController, ResetPolicy, kl_coef_for_entropy, kl_coef_for_kl, kl_share,
+                               mask_truncated, overlong_penalty, validation_dropped, validation_stalled)
+
+STEP = dict(rate=0.2, kp=1.0, coef_min=1e-6, coef_max=1.0)
+L = math.log(1e-3)
+
+
+# ------------------------------------------------------------------------------ one step
+def test_entropy_step_hand_values():
+    # band [0.9, 1.1]; error in band widths outside it, clipped to 2
+    assert band_error(1.0, 1.0, 0.1) == 0.0 and band_error(1.1, 1.0, 0.1) == 0.0
+    assert band_error(0.85, 1.0, 0.1) == pytest.approx(0.5) and band_error(0.2, 1.0, 0.1) == 2.0
+    assert band_error(1.15, 1.0, 0.1) == pytest.approx(-0.5)
+    li, c = kl_coef_for_entropy(L, 1.0, 1.0, 0.1, **STEP)                  # inside: the integral's value
+    assert li == L and c == pytest.approx(1e-3)
+    li, c = kl_coef_for_entropy(L, 0.85, 1.0, 0.1, **STEP)                 # half a band below
+    assert li == pytest.approx(L + 0.1) and c == pytest.approx(1e-3 * math.exp(0.1 + 0.5))
+    li, c = kl_coef_for_entropy(L, 0.2, 1.0, 0.1, **STEP)                  # far below: error 2
+    assert li == pytest.approx(L + 0.4) and c == pytest.approx(1e-3 * math.exp(0.4 + 2.0))
+    li, c = kl_coef_for_entropy(L, 1.15, 1.0, 0.1, **STEP)
+    assert li == pytest.approx(L - 0.1) and c == pytest.approx(1e-3 * math.exp(-0.6))
+
+
+def test_entropy_step_bounds_and_nan():
+    li, c = kl_coef_for_entropy(math.log(0.9), 0.0, 1.0, 0.1, **STEP)      # capped at coef_max, no wind-up
+    assert c == 1.0 and li == 0.0
+    li, c = kl_coef_for_entropy(math.log(1e-6), 5.0, 1.0, 0.1, **STEP)     # floored at coef_min
+    assert c == 1e-6 and li == pytest.approx(math.log(1e-6))
+    assert kl_coef_for_entropy(L, math.nan, 1.0, 0.1, **STEP) == (L, pytest.approx(1e-3))
+    assert kl_coef_for_entropy(L, math.inf, 1.0, 0.1, **STEP) == (L, pytest.approx(1e-3))
+
+
+def test_kl_target_step_hand_values():
+    assert kl_coef_for_kl(0.1, 0.15, 0.1, horizon=10) == pytest.approx(0.1 * (1 + 0.2 / 10))   # error clipped at 0.2
+    assert kl_coef_for_kl(0.1, 0.09, 0.1, horizon=10) == pytest.approx(0.1 * (1 - 0.1 / 10))
+    assert kl_coef_for_kl(0.1, 0.0, 0.1, horizon=10, n_steps=5) == pytest.approx(0.1 * (1 - 0.2 * 5 / 10))
+    assert kl_coef_for_kl(0.1, math.nan, 0.1, horizon=10) == 0.1
+    assert kl_coef_for_kl(0.1, 1.0, 0.1, horizon=1, coef_max=0.11) == 0.11
+
+
+# ------------------------------------------------------------------------------ dynamics
+def _plant(ctrl: KLController, steps: int, h0: float, drift: float, gain: float, noise: float = 0.0,
+           measurement_noise: float = 0.0, seed: int = 0):
+    """Entropy falls by `drift` a step and the KL penalty lifts it by gain * coef (+ process
+    noise); the controller sees it with measurement noise."""
+    rng = random.Random(seed)
+    h, hs, coefs = h0, [], []
+    for _ in range(steps):
+        hs.append(h)
+        coefs.append(ctrl.update(h + rng.gauss(0.0, measurement_noise), kl=0.0))
+        h = h - drift + gain * ctrl.coef + rng.gauss(0.0, noise)
+    return hs, coefs
+
+
+def _in_band(ctrl, hs):
+    low, high = ctrl.band_limits()
+    return sum(low <= h <= high for h in hs) / len(hs)
+
+
+def test_step_response_settles_in_the_band():
+    ctrl = KLController(mode="entropy-target", coef=1e-4, target=1.0, band=0.05)
+    hs, coefs = _plant(ctrl, 300, h0=1.2, drift=0.01, gain=1.0)   # equilibrium coefficient 0.01
+    assert _in_band(ctrl, hs[100:]) >= 0.9      # a dead band: it drifts to an edge and is nudged back
+    assert coefs[-1] == pytest.approx(0.01, rel=0.5)
+    assert max(coefs[150:]) / min(coefs[150:]) < 1.5                # settled, not cycling
+
+
+def test_integral_action_alone_would_oscillate():
+    """The reason for the proportional term: with kp = 0 the same loop cycles for ever."""
+    ctrl = KLController(mode="entropy-target", coef=1e-4, target=1.0, band=0.05, kp=0.0)
+    hs, coefs = _plant(ctrl, 300, h0=1.2, drift=0.01, gain=1.0)
+    assert _in_band(ctrl, hs[100:]) < 0.5 and max(coefs[150:]) / min(coefs[150:]) > 100
+
+
+def test_without_control_entropy_leaves_the_band():
+    ctrl = KLController(mode="fixed", coef=1e-4)
+    hs, coefs = _plant(ctrl, 300, h0=1.0, drift=0.01, gain=1.0)
+    assert set(coefs) == {1e-4} and hs[-1] < 0.5
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_no_runaway_oscillation_under_noise(seed):
+    ctrl = KLController(mode="entropy-target", coef=1e-3, target=1.0, band=0.05)
+    hs, coefs = _plant(ctrl, 600, h0=1.0, drift=0.01, gain=1.0, noise=0.003, measurement_noise=0.02, seed=seed)
+    tail = coefs[200:]
+    assert max(tail) / min(tail) < 30 and max(tail) < 1.0 and min(tail) > 1e-6   # near 0.01, never pinned
+    assert _in_band(ctrl, hs[200:]) >= 0.85
+
+
+def test_bounds_hold_when_the_target_is_unreachable():
+    ctrl = KLController(mode="entropy-target", coef=1e-3, target=5.0, band=0.1, coef_max=0.05)
+    _, coefs = _plant(ctrl, 100, h0=1.0, drift=0.5, gain=1.0)
+    assert max(coefs) == coefs[-1] == 0.05
+    ctrl = KLController(mode="entropy-target", coef=1e-3, target=0.1, band=0.01, coef_min=1e-5)
+    _, coefs = _plant(ctrl, 100, h0=3.0, drift=0.0, gain=1.0)
+    assert coefs[-1] == 1e-5
+
+
+def test_nan_entropy_is_counted_and_ignored():
+    ctrl = KLController(mode="entropy-target", coef=1e-3, target=1.0, band=0.05)
+    ctrl.update(0.5, 0.0)
+    before = (ctrl.coef, ctrl.smoothed)
+    assert ctrl.update(math.nan, 0.0) == before[0] and ctrl.smoothed == before[1] and ctrl.nan_inputs == 1
+    ctrl.update(0.5, 0.0)
+    assert ctrl.coef > before[0] and math.isfinite(ctrl.smoothed)
+
+
+def test_relative_target_and_state_round_trip():
+    ctrl = KLController(mode="entropy-target", coef=1e-3, target_relative=0.8, band=0.05)
+    ctrl.update(1.5, 0.0)
+    assert ctrl.target == pytest.approx(1.2)
+    state = ctrl.state_dict()
+    a = [ctrl.update(h, 0.0) for h in (1.1, 1.0, 1.3)]
+    fresh = KLController(mode="entropy-target", coef=0.5, target_relative=0.8, band=0.05)
+    fresh.load_state_dict(state)
+    assert [fresh.update(h, 0.0) for h in (1.1, 1.0, 1.3)] == a
+    fresh.restore_initial()
+    assert fresh.coef == 1e-3
+
+
+def test_fixed_mode_never_moves_and_bad_settings_fail():
+    ctrl = KLController(mode="fixed", coef=1e-4)
+    assert [ctrl.update(h, 1.0) for h in (0.1, 5.0, math.nan)] == [1e-4] * 3
+    with pytest.raises(ValueError, match="exactly one"):
+        KLController(mode="entropy-target", target=1.0, target_relative=0.5)
+    with pytest.raises(ValueError, match="kl-target needs target"):
+        KLController(mode="kl-target")
+
+
+# ------------------------------------------------------------------------------ reset triggers
+def test_validation_triggers_hand_values():
+    assert validation_stalled([0.3, 0.4, 0.39, 0.38, 0.4], patience=3)
+    assert not validation_stalled([0.3, 0.4, 0.39, 0.38, 0.41], patience=3)
+    assert validation_stalled([0.3, 0.4, 0.39, 0.38, 0.41], patience=3, min_delta=0.02)
+    assert not validation_stalled([0.4, 0.3, 0.3], patience=3)          # not enough history
+    assert validation_dropped([0.5, 0.6, 0.45], max_drop=0.1)
+    assert not validation_dropped([0.5, 0.6, 0.55], max_drop=0.1)
+    assert kl_share(-0.02, 0.5, 0.1) == pytest.approx(0.05 / 0.07)
+    assert kl_share(0.0, 0.0, 0.0) == 0.0
+
+
+def test_scheduled_and_min_gap():
+    p = ResetPolicy(triggers=("scheduled",), every_steps=5)
+    assert [s for s in range(1, 12) if p.due(s) and not p.record(s, "scheduled")] == [5, 10]
+    assert p.events == [(5, "scheduled"), (10, "scheduled")]
+    p = ResetPolicy(triggers=("kl",), max_kl_share=0.5, min_gap=4)
+    p.record(10, "x")
+    assert [p.due(s, pg_loss=0.01, kl=1.0, kl_coef=1.0) for s in (11, 12, 13)] == [None] * 3
+    assert p.due(14, pg_loss=0.01, kl=1.0, kl_coef=1.0) == "KL share of the loss above 0.5"
+
+
+def test_validation_trigger_counts_evaluations_since_the_last_reset():
+    p = ResetPolicy(triggers=("validation",), patience=2, max_drop=0.2)
+    for v in (0.3, 0.5, 0.45):
+        p.observe_validation(v)
+    assert p.due(30) is None
+    p.observe_validation(0.5)
+    assert p.due(40) == "validation stalled for 2 evaluations"
+    p.record(40, p.due(40))
+    assert p.val_since_reset == [] and p.due(41) is None
+    for v in (0.6, 0.35):
+        p.observe_validation(v)
+    assert p.due(50) == "validation dropped by more than 0.2"
+    p.observe_validation(math.nan)                      # a failed evaluation is not a value
+    assert p.val_since_reset == [0.6, 0.35]
+
+
+def test_kl_ceiling_needs_m_steps_in_a_row():
+    p = ResetPolicy(triggers=("kl",), kl_ceiling=0.1, kl_steps=3)
+    for kl, expect in ((0.2, None), (0.3, None), (math.nan, None), (0.2, None), (0.2, None),
+                       (0.2, "KL above 0.1 for 3 steps")):
+        p.observe_step(kl)
+        assert p.due(5, kl=kl) == expect
+    state = p.state_dict()
+    p.record(6, "kl")
+    assert p.kl_streak == 0
+    q = ResetPolicy(triggers=("kl",), kl_ceiling=0.1, kl_steps=3)
+    q.load_state_dict(state)
+    assert q.due(5, kl=0.2) == "KL above 0.1 for 3 steps"
+    with pytest.raises(ValueError, match="unknown reset triggers"):
+        ResetPolicy(triggers=("weekly",))
+
+
+# ------------------------------------------------------------------------------ overlong
+def test_overlong_penalty_and_mask_hand_values():
+    lengths = torch.tensor([5, 6, 7, 8, 10, 12])
+    assert overlong_penalty(lengths, max_len=10, buffer=4).tolist() == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+    with pytest.raises(ValueError):
+        overlong_penalty(lengths, max_len=10, buffer=0)
+    mask = torch.ones(3, 4)                                   # (B, T)
+    mask[2, 3] = 0
+    out = mask_truncated(mask, torch.tensor([False, True, False]))
+    assert out.tolist() == [[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 0]]
