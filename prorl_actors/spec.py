@@ -133,6 +133,15 @@ class ReferenceSpec:
 
 
 @dataclass
+class OverlongSpec:
+    """Responses cut off by generator.max_new_tokens (DAPO)."""
+    mode: Literal["none", "mask", "soft_punish"] = opt("none", help=(
+        "mask: truncated responses get no gradient; soft_punish: a length penalty falling linearly "
+        "from 0 to -1 over the last buffer_tokens before the limit is added to the reward"))
+    buffer_tokens: int = opt(64, ge=1, help="soft_punish: the length of the penalty ramp")
+
+
+@dataclass
 class AlgorithmSpec:
     adv_estimator: Literal["grpo", "dr_grpo"] = opt("grpo", help="grpo divides by the group std; dr_grpo (Dr.GRPO) does not")
     eps_low: float = opt(0.2, ge=0, lt=1)
@@ -142,6 +151,8 @@ class AlgorithmSpec:
                       "seq-mean-token-sum-norm"] = opt(
         "token-mean", help="token-mean (DAPO) weights every token equally; seq-mean biases towards short answers")
     kl_estimator: Literal["k1", "k2", "k3"] = opt("k3")
+    entropy_coef: float = opt(0.0, ge=0, help="entropy bonus: loss -= entropy_coef * entropy (0 = none, the paper's)")
+    overlong: OverlongSpec = opt(OverlongSpec())
 
 
 @dataclass
@@ -153,15 +164,42 @@ class DynamicSamplingSpec:
 
 @dataclass
 class KLControlSpec:
-    mode: Literal["fixed"] = opt("fixed")
-    coef: float = opt(1e-4, ge=0, help="beta of the KL penalty to the reference policy")
+    mode: Literal["fixed", "entropy-target", "kl-target"] = opt("fixed", help=(
+        "fixed: the paper's constant beta; entropy-target: move beta to hold policy entropy in a band "
+        "(up when entropy is below it, down when above); kl-target: the adaptive-KL rule of "
+        "Ziegler et al. / OpenRLHF, for comparison"))
+    coef: float = opt(1e-4, ge=0, help="beta of the KL penalty to the reference policy (the start value "
+                                       "for the controllers)")
+    entropy_target: float | None = opt(None, gt=0, help="entropy-target: the target, nats per token")
+    entropy_target_relative: float | None = opt(None, gt=0, help=(
+        "entropy-target: the target as this fraction of the entropy measured on the first step"))
+    band: float = opt(0.05, gt=0, help="entropy-target: the band is target +- band (nats per token)")
+    rate: float = opt(0.2, gt=0, help="entropy-target: integral gain, log(beta) per step per band width of error")
+    kp: float = opt(1.0, ge=0, help="entropy-target: proportional gain (damps the loop)")
+    smoothing: float = opt(1.0, gt=0, le=1, help="entropy-target: weight of the newest entropy in a moving "
+                                                 "average (1 = none; smoothing adds lag)")
+    coef_min: float = opt(1e-6, gt=0)
+    coef_max: float = opt(1.0, gt=0)
+    kl_target: float | None = opt(None, gt=0, help="kl-target: the KL to hold")
+    horizon: float = opt(10.0, gt=0, help="kl-target: steps over which a 20% error is corrected")
 
 
 @dataclass
 class ResetSpec:
-    mode: Literal["scheduled", "none"] = opt("scheduled")
+    triggers: list[Literal["scheduled", "validation", "kl"]] = opt(["scheduled"], help=(
+        "any of: scheduled (every every_steps), validation (no improvement for patience evaluations or a "
+        "drop above max_drop), kl (the KL term's share of the loss above max_kl_share, or KL above "
+        "kl_ceiling for kl_steps steps); [] = never"))
     every_steps: int = opt(200, ge=1)
+    patience: int = opt(3, ge=1, help="validation: evaluations without improvement since the last reset")
+    min_delta: float = opt(0.0, ge=0, help="validation: an improvement must exceed this")
+    max_drop: float | None = opt(None, gt=0, help="validation: reset when accuracy falls this far below its best")
+    max_kl_share: float | None = opt(None, gt=0, le=1, help="kl: beta*KL / (|pg loss| + beta*KL) above this")
+    kl_ceiling: float | None = opt(None, gt=0, help="kl: KL above this for kl_steps steps in a row")
+    kl_steps: int = opt(3, ge=1)
+    min_gap: int = opt(1, ge=1, help="steps between two resets at least")
     reset_optimizer: bool = opt(True, help="re-initialise the learner's optimizer state at a reset")
+    restore_kl_coef: bool = opt(False, help="start the KL coefficient again from kl.coef at a reset")
 
 
 @dataclass
@@ -297,6 +335,25 @@ class RunSpec:
         if self.generator.max_new_tokens >= self.generator.max_model_len:
             errs.append(("generator.max_new_tokens", self.generator.max_new_tokens,
                          f"less than generator.max_model_len ({self.generator.max_model_len})"))
+        kl, rs = self.supervisor.kl, self.supervisor.resets
+        if kl.mode == "entropy-target" and (kl.entropy_target is None) == (kl.entropy_target_relative is None):
+            errs.append(("supervisor.kl.entropy_target", kl.entropy_target,
+                         "exactly one of entropy_target and entropy_target_relative with mode entropy-target"))
+        if kl.mode == "kl-target" and kl.kl_target is None:
+            errs.append(("supervisor.kl.kl_target", None, "a number with mode kl-target"))
+        if kl.coef_min >= kl.coef_max:
+            errs.append(("supervisor.kl.coef_min", kl.coef_min, f"less than coef_max ({kl.coef_max})"))
+        if "validation" in rs.triggers and self.validation.every_steps == 0:
+            errs.append(("supervisor.resets.triggers", rs.triggers,
+                         "validation only with validation.every_steps > 0 (it needs evaluations during the run)"))
+        if "kl" in rs.triggers and rs.max_kl_share is None and rs.kl_ceiling is None:
+            errs.append(("supervisor.resets.triggers", rs.triggers, "kl only with max_kl_share or kl_ceiling set"))
+        if len(set(rs.triggers)) != len(rs.triggers):
+            errs.append(("supervisor.resets.triggers", rs.triggers, "each trigger once"))
+        if self.algorithm.overlong.buffer_tokens > self.generator.max_new_tokens and \
+                self.algorithm.overlong.mode == "soft_punish":
+            errs.append(("algorithm.overlong.buffer_tokens", self.algorithm.overlong.buffer_tokens,
+                         f"at most generator.max_new_tokens ({self.generator.max_new_tokens})"))
         if not self.data.tasks:
             errs.append(("data.tasks", [], "at least one task"))
         if abs(self.data.train_seed - self.data.validation_seed) < 1_000_000:

@@ -26,7 +26,8 @@ from prorl_actors.actors.generator import GeneratorActor
 from prorl_actors.actors.learner import LearnerActor
 from prorl_actors.actors.reference import ReferenceActor
 from prorl_actors.actors.verifier import VerifierActor
-from prorl_actors.algo import ScheduledResets, get_adv_estimator, informative_groups, pass_at_k
+from prorl_actors.algo import (KLController, ResetPolicy, get_adv_estimator, informative_groups, kl_share,
+                               overlong_penalty, pass_at_k)
 from prorl_actors.checkpoint import save_checkpoint
 from prorl_actors.engines.generation import SamplingSpec
 from prorl_actors.group import ActorGroup
@@ -63,9 +64,8 @@ class Supervisor:
         val_items = validation_items(spec.data, spec.validation.num_prompts_per_task, self.val_rejected,
                                      extra=spec.validation.tasks, notes=self.data_notes)
         self.train_task_names = {t.name for t in spec.data.tasks}
-        self.resets = ScheduledResets(spec.supervisor.resets.every_steps
-                                      if spec.supervisor.resets.mode == "scheduled" else 0)
-        self.kl_coef = spec.supervisor.kl.coef
+        self.resets = make_reset_policy(spec)
+        self.kl = make_kl_controller(spec)
         self.version = 0
         self.next_group_id = 0
         self.num_item_rejects = 0
@@ -171,13 +171,19 @@ class Supervisor:
         if batch is None:
             self.records.event("no_informative_groups", self.step, rounds=rounds)
         else:
-            rewards = torch.tensor(batch[B.REWARD].to_numpy(), dtype=torch.float32)
+            rewards = torch.tensor(batch[B.REWARD].to_numpy(), dtype=torch.float32)   # (B,)
+            ol = spec.algorithm.overlong
+            if ol.mode == "soft_punish":   # DAPO: a length penalty shapes the advantages, not the filter
+                lengths = torch.tensor(pc.list_value_length(batch[B.RESPONSE_IDS]).to_numpy())
+                rewards = rewards + overlong_penalty(lengths, spec.generator.max_new_tokens, ol.buffer_tokens)
             adv = get_adv_estimator(spec.algorithm.adv_estimator)(rewards, G)
             batch = B.with_column(batch, B.ADV, adv.numpy())
             with timer("reference"):
                 batch = self.reference.call_one("logprobs", batch)
             with timer("learn"):
-                stats = self.learner.call_one("update", batch, self.kl_coef)
+                stats = self.learner.call_one("update", batch, self.kl.coef)
+            stats["kl_coef_used"] = self.kl.coef
+            stats["kl_share"] = kl_share(stats.get("pg_loss", math.nan), stats.get("kl", math.nan), self.kl.coef)
         if stats and stats["optimizer_steps"] == 0:  # every update was non-finite: weights unchanged
             self.records.event("update_skipped", self.step, skipped_updates=stats["skipped_updates"])
         elif stats:
@@ -185,13 +191,13 @@ class Supervisor:
                 weights = self.learner.actors[0].get_weights.remote()
                 self.version += 1
                 self.generators.call_all("set_weights", weights, self.version)
-            if self.resets.due(self.step):
-                self.reference.call_one("reset_to", weights, self.version)
-                if spec.supervisor.resets.reset_optimizer:
-                    self.learner.call_one("reset_optimizer")
-                self.resets.record(self.step)
-                self.records.event("reference_reset", self.step, reason="scheduled", policy_version=self.version,
-                                   optimizer_reset=spec.supervisor.resets.reset_optimizer)
+            # the controller sets the coefficient of the next step from this step's entropy and KL
+            self.kl.update(stats.get("entropy", math.nan), stats.get("kl", math.nan))
+            self.resets.observe_step(stats.get("kl", math.nan))
+            reason = self.resets.due(self.step, pg_loss=stats.get("pg_loss", math.nan),
+                                     kl=stats.get("kl", math.nan), kl_coef=stats["kl_coef_used"])
+            if reason:
+                self.reset_reference(weights, reason)
         return self._step_metrics(everything, batch, stats, rounds, timer, time.perf_counter() - t0)
 
     def _step_metrics(self, everything, batch, stats, rounds, timer, step_s) -> dict:
@@ -206,7 +212,10 @@ class Supervisor:
         m = {
             "step": self.step, "policy_version": self.version,
             "reward_mean": float(rewards.mean()), "accuracy": float((rewards >= 1.0).mean()),
-            "entropy": stats.get("entropy", math.nan), "kl": stats.get("kl", math.nan), "kl_coef": self.kl_coef,
+            "entropy": stats.get("entropy", math.nan), "kl": stats.get("kl", math.nan),
+            "kl_coef": stats.get("kl_coef_used", self.kl.coef), "kl_coef_next": self.kl.coef,
+            "kl_share": stats.get("kl_share", math.nan),
+            "entropy_target": self.kl.target if self.kl.mode == "entropy-target" else math.nan,
             **{k: stats.get(k, math.nan) for k in (
                 "pg_loss", "clip_frac_low", "clip_frac_high", "clip_frac", "dual_clip_frac", "approx_kl",
                 "grad_norm", "lr", "optimizer_steps", "sampler_logp_gap")},
@@ -233,6 +242,20 @@ class Supervisor:
             m[f"time/{p}_s"] = timer.s[p]
         m["time/other_s"] = step_s - sum(timer.s.values())
         return m
+
+    def reset_reference(self, weights, reason: str) -> None:
+        """Reference <- current policy; optimizer state re-initialised and the KL coefficient
+        restored when the spec says so; recorded with its reason."""
+        rs = self.spec.supervisor.resets
+        self.reference.call_one("reset_to", weights, self.version)
+        if rs.reset_optimizer:
+            self.learner.call_one("reset_optimizer")
+        if rs.restore_kl_coef:
+            self.kl.restore_initial()
+        self.resets.record(self.step, reason)
+        self.records.event("reference_reset", self.step, reason=reason, policy_version=self.version,
+                           optimizer_reset=rs.reset_optimizer, kl_coef=self.kl.coef)
+        self.log(f"step {self.step}: reference reset ({reason})")
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict:
@@ -276,6 +299,7 @@ class Supervisor:
             self.log(f"task {task}: {len(skipped)} bad rows skipped (first: {skipped[0]})")
         first_val = self.validate()
         self.records.validation.write(first_val)
+        self.resets.observe_validation(first_val["accuracy"])
         self.log(f"step 0 validation: accuracy {first_val['accuracy']:.3f}")
         first = last = None
         history = []
@@ -294,6 +318,7 @@ class Supervisor:
             if ve and self.step % ve == 0 and self.step != spec.num_steps:
                 val = self.validate()
                 self.records.validation.write(val)
+                self.resets.observe_validation(val["accuracy"])
                 self.log(f"step {self.step} validation: accuracy {val['accuracy']:.3f}")
             ce = spec.checkpoint.every_steps
             if ce and self.step % ce == 0 and self.step != spec.num_steps:
@@ -307,7 +332,7 @@ class Supervisor:
                 "history": history}
 
     def checkpoint(self) -> Path:
-        state = {"step": self.step, "policy_version": self.version, "kl_coef": self.kl_coef,
+        state = {"step": self.step, "policy_version": self.version, "kl": self.kl.state_dict(),
                  "resets": self.resets.state_dict(), "data": self.mixture.state_dict(),
                  "next_group_id": self.next_group_id}
         path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.learner.actors[0], self.model_path,
@@ -322,6 +347,22 @@ class Supervisor:
             self.log(f"closing verifiers: {type(e).__name__}: {e}")
         for grp in (self.generators, self.verifiers, self.learner, self.reference):
             grp.kill()
+
+
+def make_kl_controller(spec: RunSpec) -> KLController:
+    k = spec.supervisor.kl
+    target = k.entropy_target if k.mode == "entropy-target" else k.kl_target
+    return KLController(mode=k.mode, coef=k.coef, target=target, target_relative=k.entropy_target_relative,
+                        band=k.band, rate=k.rate, kp=k.kp, coef_min=k.coef_min, coef_max=k.coef_max,
+                        smoothing=k.smoothing, horizon=k.horizon)
+
+
+def make_reset_policy(spec: RunSpec) -> ResetPolicy:
+    r = spec.supervisor.resets
+    inf = math.inf
+    return ResetPolicy(triggers=tuple(r.triggers), every_steps=r.every_steps, patience=r.patience,
+                       min_delta=r.min_delta, max_drop=r.max_drop or inf, max_kl_share=r.max_kl_share or inf,
+                       kl_ceiling=r.kl_ceiling or inf, kl_steps=r.kl_steps, min_gap=r.min_gap)
 
 
 def summary_table(result: dict) -> str:

@@ -162,3 +162,38 @@ def test_gradient_does_not_depend_on_micro_batch_size(parts, tiny_model, agg):
         grads.append(torch.cat([p.grad.flatten() for p in learner.model.parameters() if p.grad is not None]))
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def _grads(learner):
+    return torch.cat([p.grad.flatten() for p in learner.model.parameters() if p.grad is not None])
+
+
+def test_overlong_mask_drops_truncated_responses_from_the_loss(parts, tiny_model):
+    """Masking the truncated responses of one group gives the gradient of the batch without them."""
+    spec, tok, r = parts
+    ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
+    t = _with_adv_ref(r, [1.5, -0.5, -0.5, -0.5, 0.3, -0.1, -0.1, -0.1] * 3, ref)
+    trunc = [G <= i < 2 * G for i in range(t.num_rows)]                 # group 1 "ran out of tokens"
+    t = t.set_column(t.column_names.index(B.TRUNCATED), B.TRUNCATED, pa.array(trunc))
+    masked = build_spec({"algorithm": {"overlong": {"mode": "mask"}}}).algorithm
+    a = _learner(spec, tiny_model, tok, algo=masked, num_prompts_per_mini_batch=6, max_grad_norm=1e9)
+    a.update(t, kl_coef=0.05)
+    without = t.filter(pa.array([not x for x in trunc]))
+    b = _learner(spec, tiny_model, tok, num_prompts_per_mini_batch=6, max_grad_norm=1e9)
+    b.update(without, kl_coef=0.05)
+    c = _learner(spec, tiny_model, tok, num_prompts_per_mini_batch=6, max_grad_norm=1e9)
+    c.update(t, kl_coef=0.05)                                            # mode none: they count
+    torch.testing.assert_close(_grads(a), _grads(b), rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(_grads(a), _grads(c), rtol=1e-3, atol=1e-6)
+
+
+def test_entropy_bonus_raises_entropy(parts, tiny_model):
+    spec, tok, r = parts
+    ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
+    t = _with_adv_ref(r, [0.0] * r.num_rows, ref)                        # no policy-gradient signal at all
+    plain = _learner(spec, tiny_model, tok, lr=1e-3, num_prompts_per_mini_batch=6)
+    assert plain.update(t, kl_coef=0.0)["optimizer_steps"] == 1 and _grads(plain).abs().max() == 0
+    bonus = build_spec({"algorithm": {"entropy_coef": 0.1}}).algorithm
+    learner = _learner(spec, tiny_model, tok, algo=bonus, lr=1e-3, num_prompts_per_mini_batch=6)
+    entropies = [learner.update(t, kl_coef=0.0)["entropy"] for _ in range(4)]
+    assert entropies[-1] > entropies[0] + 1e-3, entropies

@@ -93,3 +93,24 @@ def test_five_families_files_and_held_out_tasks_through_ray(tiny_model, tmp_path
     assert skipped and skipped[0]["task"] == "eurus" and skipped[0]["count"] == 1
     assert "in a file loaded for family 'code'" in skipped[0]["first"][0]
     assert any(e["event"] == "validation_overlaps_training" and e["task"] == "eurus" for e in events)
+
+
+def test_entropy_controller_and_kl_triggered_reset(tiny_model, tmp_path):
+    """The controller raises beta while entropy is below its band; a KL trigger resets the
+    reference with its reason; the controller's state is in the checkpoint."""
+    r, run = _train(tiny_model, tmp_path, "hf", extra=(
+        "supervisor.kl.mode=entropy-target", "supervisor.kl.entropy_target_relative=3.0",
+        "supervisor.kl.coef=1e-3", "supervisor.resets.triggers=[kl]", "supervisor.resets.kl_ceiling=1e-12",
+        "supervisor.resets.kl_steps=1", "supervisor.resets.restore_kl_coef=true", "num_steps=4"))
+    metrics = read_jsonl(run / "metrics.jsonl")
+    trained = [m for m in metrics if m["trained_groups"] > 0]
+    assert len(trained) >= 2
+    first = trained[0]
+    assert first["entropy_target"] == pytest.approx(3.0 * first["entropy"])
+    assert first["kl_coef"] == 1e-3 and first["kl_coef_next"] > 1e-3      # entropy below the band: beta up
+    resets = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "reference_reset"]
+    assert resets and all(e["reason"] == "KL above 1e-12 for 1 steps" for e in resets)
+    assert all(e["kl_coef"] == 1e-3 for e in resets)                     # restored at each reset
+    state = json.loads((run / "checkpoints" / "step_000004" / "supervisor_state.json").read_text())
+    assert state["kl"]["target"] == pytest.approx(first["entropy_target"])
+    assert [tuple(e) for e in state["resets"]["events"]] == [(e["step"], e["reason"]) for e in resets]

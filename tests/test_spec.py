@@ -21,7 +21,7 @@ def test_paper_recipe_values():
     assert (s.algorithm.eps_low, s.algorithm.eps_high) == (0.2, 0.4)
     assert s.supervisor.kl.coef == 1e-4 and s.learner.lr == 2e-6
     assert s.supervisor.num_prompts_per_step == 256 and s.learner.num_prompts_per_mini_batch == 64
-    assert s.generator.max_new_tokens == 8192 and s.supervisor.resets.mode == "scheduled"
+    assert s.generator.max_new_tokens == 8192 and s.supervisor.resets.triggers == ["scheduled"]
 
 
 def test_every_error_reported_at_once_with_paths():

@@ -8,11 +8,14 @@ One call to `update` trains on one rollout batch:
   2. for each epoch, for each mini-batch of `num_prompts_per_mini_batch` whole groups:
        loss = policy_loss(logp, old_logp, adv)        # DAPO decoupled clipping
             + kl_coef * KL(pi || pi_ref)               # per-token estimator, same aggregation
+            - entropy_coef * entropy                   # optional bonus (0 in the paper)
+     (with overlong mode "mask", truncated responses are left out of every term),
      accumulated over micro-batches, gradient clipped, one AdamW step.
   A non-finite loss or gradient skips that optimizer step and is counted.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from prorl_actors import batch as B
-from prorl_actors.algo import aggregate_loss, kl_penalty, policy_loss
+from prorl_actors.algo import aggregate_loss, kl_penalty, mask_truncated, policy_loss
 from prorl_actors.engines.torch_policy import (batched_logp, load_causal_lm, pick_device, response_logp,
                                                state_dict_for_sync)
 from prorl_actors.spec import AlgorithmSpec, LearnerSpec
@@ -68,6 +71,9 @@ class LearnerActor:
         B.check_batch(rollouts, needs=(B.ADV, B.REF_LOGP))
         s, a, G = self.spec, self.algo, self.G
         seq = B.to_tensors(rollouts, self.pad_id)
+        if a.overlong.mode == "mask":   # DAPO overlong filtering: truncated responses get no gradient
+            truncated = torch.tensor(rollouts[B.TRUNCATED].to_numpy(zero_copy_only=False))     # (B,)
+            seq = dataclasses.replace(seq, mask=mask_truncated(seq.mask, truncated))
         T = seq.mask.shape[1]
         adv = torch.tensor(rollouts[B.ADV].to_numpy(), dtype=torch.float32)     # (B,)
         ref_logp = B.padded(rollouts[B.REF_LOGP], width=T) * seq.mask              # (B, T)
@@ -107,6 +113,8 @@ class LearnerActor:
                                          eps_high=a.eps_high, dual_clip_c=a.dual_clip_c, agg=a.loss_agg)
                     kl_tok = kl_penalty(logp, ref, a.kl_estimator)                   # (b, Tm)
                     loss = pg + kl_coef * aggregate_loss(kl_tok, sub.mask, a.loss_agg)
+                    if a.entropy_coef:   # an entropy bonus (0 in the paper)
+                        loss = loss - a.entropy_coef * aggregate_loss(ent, sub.mask, a.loss_agg)
                     if not torch.isfinite(loss):
                         finite = False
                         break
