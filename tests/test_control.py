@@ -20,14 +20,16 @@ def test_entropy_step_hand_values():
     assert band_error(1.0, 1.0, 0.1) == 0.0 and band_error(1.1, 1.0, 0.1) == 0.0
     assert band_error(0.85, 1.0, 0.1) == pytest.approx(0.5) and band_error(0.2, 1.0, 0.1) == 2.0
     assert band_error(1.15, 1.0, 0.1) == pytest.approx(-0.5)
-    li, c = kl_coef_for_entropy(L, 1.0, 1.0, 0.1, **STEP)                  # inside: the integral's value
+    li, c = kl_coef_for_entropy(L, 1.0, 1.0, 0.1, **STEP)                  # on target: the integral's value
     assert li == L and c == pytest.approx(1e-3)
-    li, c = kl_coef_for_entropy(L, 0.85, 1.0, 0.1, **STEP)                 # half a band below
-    assert li == pytest.approx(L + 0.1) and c == pytest.approx(1e-3 * math.exp(0.1 + 0.5))
-    li, c = kl_coef_for_entropy(L, 0.2, 1.0, 0.1, **STEP)                  # far below: error 2
+    li, c = kl_coef_for_entropy(L, 1.05, 1.0, 0.1, **STEP)                 # inside: no integration, P leans
+    assert li == L and c == pytest.approx(1e-3 * math.exp(-0.5))
+    li, c = kl_coef_for_entropy(L, 0.85, 1.0, 0.1, **STEP)                 # half a band below the band
+    assert li == pytest.approx(L + 0.1) and c == pytest.approx(1e-3 * math.exp(0.1 + 1.5))
+    li, c = kl_coef_for_entropy(L, 0.2, 1.0, 0.1, **STEP)                  # far below: both errors clip at 2
     assert li == pytest.approx(L + 0.4) and c == pytest.approx(1e-3 * math.exp(0.4 + 2.0))
     li, c = kl_coef_for_entropy(L, 1.15, 1.0, 0.1, **STEP)
-    assert li == pytest.approx(L - 0.1) and c == pytest.approx(1e-3 * math.exp(-0.6))
+    assert li == pytest.approx(L - 0.1) and c == pytest.approx(1e-3 * math.exp(-0.1 - 1.5))
 
 
 def test_entropy_step_bounds_and_nan():

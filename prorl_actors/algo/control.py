@@ -4,10 +4,11 @@ Algorithmic choices:
 - entropy-target: the KL penalty pulls the policy towards the reference, whose entropy is
   higher than a collapsing policy's, so entropy *below* the band raises the coefficient and
   entropy *above* it lowers the coefficient. The error is how far entropy is outside the
-  band (in band widths, clipped to 2; zero inside: a dead band, no chatter around the
-  target). A PI controller in log space (the right scale spans orders of magnitude): the
-  integral moves by rate * error per step, the output is exp(integral + kp * error), both
-  within [coef_min, coef_max]. Entropy responds to the coefficient with a lag (it
+  band (in band widths, clipped to 2). A PI controller in log space (the right scale spans
+  orders of magnitude): the integral moves by rate * that error per step (zero inside the
+  band: a dead band, no wind-up around the target); the output is exp(integral + kp * e)
+  with e = (target - entropy) / band, so it already leans against a drift inside the band;
+  both within [coef_min, coef_max]. Entropy responds to the coefficient with a lag (it
   integrates its effect), so integral action alone oscillates; the proportional part damps
   it (tests/test_control.py simulates both). An optional moving average of the measured
   entropy (smoothing < 1) adds lag, so it is off by default. NaN entropy changes nothing.
@@ -49,17 +50,19 @@ def kl_coef_for_entropy(log_integral: float, entropy: float, target: float, band
 
     log_integral: the integral part, log of the coefficient the controller settles on;
     entropy: measured entropy (nats/token); the band is [target - band, target + band].
-    coef = exp(log_integral + kp * e) with e = band_error(...): the integral moves by rate * e
-    per step (anti-windup: kept within the bounds), the proportional part damps the loop
-    (entropy integrates the coefficient's effect, so integral control alone would oscillate).
+    coef = exp(log_integral + kp * e_p): the integral moves by rate * band_error(...) per step
+    (zero inside the band; anti-windup: kept within the bounds); the proportional part, on the
+    whole error e_p = (target - entropy) / band clipped to [-2, 2], damps the loop (entropy
+    integrates the coefficient's effect, so integral control alone would oscillate) and acts
+    already while entropy drifts inside the band.
     A non-finite entropy changes nothing.
     """
     lo, hi = math.log(coef_min), math.log(coef_max)
     if not math.isfinite(entropy):
         return log_integral, min(max(math.exp(log_integral), coef_min), coef_max)
-    e = band_error(entropy, target, band)
-    log_integral = min(max(log_integral + rate * e, lo), hi)
-    return log_integral, min(max(math.exp(log_integral + kp * e), coef_min), coef_max)
+    log_integral = min(max(log_integral + rate * band_error(entropy, target, band), lo), hi)
+    e_p = min(max((target - entropy) / band, -2.0), 2.0)   # the proportional part sees the whole error
+    return log_integral, min(max(math.exp(log_integral + kp * e_p), coef_min), coef_max)
 
 
 def kl_coef_for_kl(coef: float, kl: float, target: float, *, horizon: float, n_steps: int = 1,

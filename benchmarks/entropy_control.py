@@ -1,0 +1,104 @@
+"""Entropy with and without the KL-coefficient controller, same model, seeds and steps.
+
+Runs `prorl train` twice on a spec (default: the demo's):
+  uncontrolled: no KL penalty (beta = 0) and no reference resets;
+  controlled:   supervisor.kl.mode = entropy-target (target relative to the first step's
+                entropy) with the spec's resets.
+Then writes a PNG of entropy per step for both runs (the band shaded, resets marked) and
+prints the fraction of steps inside the band after warm-up, and validation accuracy.
+
+    .venv/bin/python benchmarks/entropy_control.py [--steps 24] [--relative 0.9] [--band 0.02]
+        [--warmup 5] [--out runs/entropy_control] [extra dotted.key=value overrides for both runs]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train(spec: str, out: Path, name: str, overrides: list[str]) -> Path:
+    cmd = [sys.executable, "-m", "prorl_actors.cli", "train", spec, f"output_dir={out}", f"name={name}", *overrides]
+    print("$", " ".join(cmd), flush=True)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run(cmd, check=True, env=env, stdout=sys.stdout, stderr=subprocess.DEVNULL)
+    return out / name
+
+
+def in_band(entropies: list[float], low: float, high: float) -> float:
+    vals = [e for e in entropies if e is not None]
+    return sum(low <= e <= high for e in vals) / max(len(vals), 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spec", default="specs/tiny-cpu.yaml")
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--relative", type=float, default=0.9, help="entropy target / the first step's entropy")
+    ap.add_argument("--band", type=float, default=0.02, help="band half-width, nats per token")
+    ap.add_argument("--warmup", type=int, default=5, help="steps not counted in the in-band fraction")
+    ap.add_argument("--out", default="runs/entropy_control")
+    ap.add_argument("--controller", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides for the controlled run only, e.g. supervisor.kl.coef=0.1")
+    ap.add_argument("--reuse-uncontrolled", action="store_true",
+                    help="keep an uncontrolled run already in --out (same spec and steps)")
+    ap.add_argument("overrides", nargs="*", help="dotted.key=value for both runs")
+    args = ap.parse_args()
+    out = Path(args.out)
+    common = [f"num_steps={args.steps}", *args.overrides]
+    reuse = args.reuse_uncontrolled and (out / "uncontrolled" / "summary.txt").exists()
+    runs = {
+        "uncontrolled": out / "uncontrolled" if reuse else train(args.spec, out, "uncontrolled", common + [
+            "supervisor.kl.mode=fixed", "supervisor.kl.coef=0", "supervisor.resets.triggers=[]"]),
+        "controlled": train(args.spec, out, "controlled", common + [
+            "supervisor.kl.mode=entropy-target", f"supervisor.kl.entropy_target_relative={args.relative}",
+            f"supervisor.kl.band={args.band}", *args.controller]),
+    }
+    metrics = {k: _read(v / "metrics.jsonl") for k, v in runs.items()}
+    target = next(m["entropy_target"] for m in metrics["controlled"] if m.get("entropy_target") is not None)
+    low, high = target - args.band, target + args.band
+    resets = [e["step"] for e in _read(runs["controlled"] / "events.jsonl") if e["event"] == "reference_reset"]
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    ax.axhspan(low, high, color="tab:green", alpha=0.15, label=f"band {target:.3f} +- {args.band}")
+    for name, color in (("uncontrolled", "tab:red"), ("controlled", "tab:blue")):
+        ms = metrics[name]
+        ax.plot([m["step"] for m in ms], [m["entropy"] for m in ms], color=color, marker=".", label=name)
+    for s in resets:
+        ax.axvline(s, color="tab:green", ls=":", lw=1)
+        ax2.axvline(s, color="tab:green", ls=":", lw=1)
+    ax.axvline(args.warmup + 0.5, color="grey", ls="--", lw=1, label="end of warm-up")
+    ax.set_ylabel("policy entropy (nats / token)")
+    ax.legend(fontsize=8)
+    ax.set_title("entropy with and without the KL-coefficient controller (dotted: reference resets)")
+    ms = metrics["controlled"]
+    ax2.semilogy([m["step"] for m in ms], [max(m["kl_coef"], 1e-8) for m in ms], color="tab:blue")
+    ax2.set_ylabel("KL coefficient (controlled)")
+    ax2.set_xlabel("step")
+    fig.tight_layout()
+    png = out / "entropy_control.png"
+    fig.savefig(png, dpi=110)
+
+    print(f"\nband [{low:.4f}, {high:.4f}] (target {target:.4f} = {args.relative} x the first step's entropy)")
+    print(f"{'run':14}{'in band after warm-up':>24}{'final entropy':>15}{'val acc start':>15}{'val acc end':>13}")
+    for name in ("uncontrolled", "controlled"):
+        after = [m["entropy"] for m in metrics[name] if m["step"] > args.warmup]
+        val = _read(runs[name] / "validation.jsonl")
+        print(f"{name:14}{in_band(after, low, high):24.2f}{metrics[name][-1]['entropy']:15.4f}"
+              f"{val[0]['accuracy']:15.3f}{val[-1]['accuracy']:13.3f}")
+    print(f"resets (controlled): {resets}\nplot: {png}")
+
+
+if __name__ == "__main__":
+    main()
