@@ -45,6 +45,12 @@ def last_boxed(text: str) -> str | None:
     return found.strip() if found is not None else None
 
 
+def tagged_answer(text: str) -> str | None:
+    """The text inside the last <answer>...</answer>, stripped (logic's answer format)."""
+    found = _ANSWER_TAG.findall(text)
+    return found[-1].strip() if found else None
+
+
 def _strip_math(answer: str) -> str:
     """Without surrounding $...$, \\(...\\), \\[...\\] and a final period."""
     answer = answer.strip().rstrip(".").strip()

@@ -19,16 +19,8 @@ import re
 import threading
 
 from prorl_actors.tasks import ifeval
-from prorl_actors.tasks.answers import choice_letters, extract_choice, final_answer, last_boxed, last_python_block
-
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
-def tagged_answer(response: str) -> str | None:
-    """The text inside the last <answer>...</answer>, stripped (logic's answer format)."""
-    found = _ANSWER_TAG.findall(response)
-    return found[-1].strip() if found else None
-
+from prorl_actors.tasks.answers import (choice_letters, extract_choice, final_answer, last_boxed, last_python_block,
+                                       tagged_answer)
 
 def _need_str(ref: dict, key: str) -> str:
     v = ref.get(key)
