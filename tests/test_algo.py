@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from prorl_actors.algo import (
     AGG_MODES,
     KL_KINDS,
-    ScheduledResets,
+    ResetPolicy,
     aggregate_loss,
     entropy_from_logits,
     get_adv_estimator,
@@ -350,25 +350,26 @@ def test_pass_at_k_literals_and_types():
 
 
 def test_scheduled_resets():
-    r = ScheduledResets(every_steps=3)
-    assert [r.due(s) for s in (1, 2, 3)] == [False, False, True]
-    r.record(3)
-    assert [r.due(s) for s in (4, 5, 6)] == [False, False, True]
-    r.record(5)  # e.g. a triggered reset restarts the count
-    assert r.due(7) is False and r.due(8) is True
+    r = ResetPolicy(triggers=("scheduled",), every_steps=3)
+    assert [r.due(s) for s in (1, 2, 3)] == [None, None, "scheduled"]
+    r.record(3, "scheduled")
+    assert [r.due(s) for s in (4, 5, 6)] == [None, None, "scheduled"]
+    r.record(5, "validation")  # a triggered reset restarts the count
+    assert r.due(7) is None and r.due(8) == "scheduled"
     state = r.state_dict()
-    assert state == {"every_steps": 3, "last_reset_step": 5, "num_resets": 2}
-    r2 = ScheduledResets(every_steps=3)
+    assert state["last_reset_step"] == 5 and state["num_resets"] == 2
+    assert state["events"] == [[3, "scheduled"], [5, "validation"]]
+    r2 = ResetPolicy(triggers=("scheduled",), every_steps=3)
     r2.load_state_dict(state)
     assert r2 == r
 
 
 def test_resets_never_and_validation():
-    r = ScheduledResets(every_steps=0)
-    assert not any(r.due(s) for s in range(1, 100))
+    for r in (ResetPolicy(triggers=("scheduled",), every_steps=0), ResetPolicy(triggers=())):
+        assert not any(r.due(s) for s in range(1, 100))
     assert reset_due(4, every_steps=2, last_reset_step=2) is True
     assert reset_due(3, every_steps=2, last_reset_step=2) is False
     with pytest.raises(ValueError):
-        ScheduledResets(every_steps=-1)
+        ResetPolicy(every_steps=-1)
     with pytest.raises(ValueError):
         r.due(0)

@@ -169,3 +169,12 @@ def test_convert_file_logs_counts(tmp_path):
     lines = []
     convert_file("scp116k", FIX / "scp116k.jsonl", tmp_path / "s.jsonl", log=lines.append)
     assert lines[0].startswith("scp116k: 3 rows") and "2 rejected" in lines[0]
+
+
+def test_a_file_is_read_once_while_unchanged(tmp_path):
+    from prorl_actors.tasks import _load_file
+    path = write_rows(tmp_path / "m.jsonl", _math_rows(4))
+    first = _load_file(str(path), "math", "error")
+    assert _load_file(str(path), "math", "error") is first
+    write_rows(path, _math_rows(6))        # changed on disk: read again
+    assert len(_load_file(str(path), "math", "error").rows) == 6

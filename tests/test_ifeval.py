@@ -29,6 +29,7 @@ FOLLOWS = [
     ({"kind": "placeholders", "num": 2}, "Send it to [address] by [date]."),
     ({"kind": "numbered_sections", "marker": "Section", "num": 2}, "Section 1\nIntro\nSection 2\nEnd"),
     ({"kind": "postscript", "marker": "P.S."}, "Best wishes.\nP.S. Bring snacks."),
+    ({"kind": "postscript", "marker": "P.S."}, "best wishes.\np.s. bring snacks."),     # any case, as IFEval
     ({"kind": "lowercase"}, "<think>Let me PLAN this.</think>\nhere is my lowercase answer."),   # thinking ignored
     ({"kind": "nth_paragraph_first_word", "num": 2, "nth": 2, "first_word": "then"},
      "First we wait.\n\nThen we go."),
@@ -63,6 +64,7 @@ DOES_NOT = [
     ({"kind": "placeholders", "num": 2}, "Send it to [address] by Friday."),
     ({"kind": "numbered_sections", "marker": "Section", "num": 2}, "Section 1\nOnly one section."),
     ({"kind": "postscript", "marker": "P.S."}, "Best wishes. No postscript."),
+    ({"kind": "postscript", "marker": "P.S."}, "Best wishes, see the P.S. below."),        # not a line start
     ({"kind": "lowercase"}, "12345 !!!"),                                   # nothing to be lowercase
     ({"kind": "nth_paragraph_first_word", "num": 2, "nth": 2, "first_word": "then"},
      "First we wait.\n\nAnd then we go."),

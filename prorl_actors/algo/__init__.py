@@ -17,7 +17,7 @@ from prorl_actors.algo.losses import (
 )
 from prorl_actors.algo.overlong import mask_truncated, overlong_penalty
 from prorl_actors.algo.passk import pass_at_k
-from prorl_actors.algo.resets import ResetPolicy, ScheduledResets, kl_share, reset_due, validation_dropped, validation_stalled
+from prorl_actors.algo.resets import ResetPolicy, kl_share, reset_due, validation_dropped, validation_stalled
 from prorl_actors.algo.sampling import informative_groups
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "AGG_MODES",
     "KL_KINDS",
     "LOG_RATIO_CLAMP",
-    "ScheduledResets",
     "aggregate_loss",
     "entropy_from_logits",
     "get_adv_estimator",

@@ -113,7 +113,7 @@ class KLController:
         if self.mode == "kl-target" and self.target is None:
             raise ValueError("kl-target needs target (the KL to hold)")
         self.initial_coef = self.coef
-        self.log_integral = math.log(min(max(self.coef, self.coef_min), self.coef_max))
+        self.restore_initial()
 
     def update(self, entropy: float, kl: float) -> float:
         """After a training step with measured entropy and KL: the coefficient for the next."""

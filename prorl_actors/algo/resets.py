@@ -9,11 +9,11 @@ Algorithmic choices:
   when at least ``every_steps`` steps have passed since the last recorded reset (or since
   step 0), so with only scheduled resets they land on steps N, 2N, 3N, ...; a reset
   recorded for another reason re-starts the count.
+- Triggered resets too (validation stalled or dropped; the KL term's share of the loss, or
+  KL above a ceiling for M steps), a minimum gap between resets, each recorded with its reason.
 - Pure policy: it decides, the caller acts. Usage after optimizer step ``step``:
-  ``if resets.due(step): <copy policy weights to the reference>; resets.record(step)``.
-- ``ResetPolicy`` adds triggered resets (validation stalled or dropped; the KL term's share
-  of the loss, or KL above a ceiling for M steps) with a minimum gap between resets, and
-  records each reset with its reason.
+  ``if (reason := policy.due(step, ...)): <copy policy weights to the reference>;
+  policy.record(step, reason)``.
 """
 
 from __future__ import annotations
@@ -30,38 +30,6 @@ def reset_due(step: int, every_steps: int, last_reset_step: int = 0) -> bool:
     if step < 1:
         raise ValueError(f"steps are counted from 1; got step={step}")
     return every_steps > 0 and step - last_reset_step >= every_steps
-
-
-@dataclass
-class ScheduledResets:
-    """Reset the reference every ``every_steps`` steps (0 = never); checkpointable."""
-
-    every_steps: int
-    last_reset_step: int = 0  # 0 = the initial reference (no reset yet)
-    num_resets: int = 0
-
-    def __post_init__(self) -> None:
-        if self.every_steps < 0:
-            raise ValueError(f"every_steps must be >= 0 (0 = never); got {self.every_steps}")
-
-    def due(self, step: int) -> bool:
-        """Is a reset due after training step ``step`` (counted from 1)?"""
-        return reset_due(step, self.every_steps, self.last_reset_step)
-
-    def record(self, step: int) -> None:
-        """Note that the reference was reset after step ``step``."""
-        if step < self.last_reset_step:
-            raise ValueError(f"reset at step {step} is before the last reset at {self.last_reset_step}")
-        self.last_reset_step = step
-        self.num_resets += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"every_steps": self.every_steps, "last_reset_step": self.last_reset_step, "num_resets": self.num_resets}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores the counters; ``every_steps`` stays as configured (the run spec wins)."""
-        self.last_reset_step = int(state["last_reset_step"])
-        self.num_resets = int(state["num_resets"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ set (generators: a seed millions away from the training seed; files: the held-ou
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import dataclass, field
@@ -84,8 +85,7 @@ class _FileSource:
     seed) are kept for validation."""
 
     def __init__(self, spec: TaskSpec, seed: int, split: str):
-        from prorl_actors.tasks.files import load_rows
-        loaded = load_rows(spec.path, spec.family, spec.bad_rows)
+        loaded = _load_file(spec.path, spec.family, spec.bad_rows)
         self.skipped = loaded.skipped
         order = list(range(len(loaded.rows)))
         random.Random(HOLDOUT_SEED).shuffle(order)
@@ -114,6 +114,20 @@ class _FileSource:
             row = self.rows[self._epoch[1][j]]
         ref = json.loads(row.reference)
         return row.prompt, str(ref.get("answer", "")), ref
+
+
+def _load_file(path: str, family: str, bad_rows: str):
+    """Rows of a file, read and checked once per process while the file is unchanged (the
+    training mixture, the validation set and the tiny model's warm start all read it)."""
+    from pathlib import Path
+    st = Path(path).stat() if Path(path).exists() else None
+    return _load_file_cached(str(Path(path).resolve()), st and (st.st_mtime_ns, st.st_size), family, bad_rows)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_file_cached(path: str, version, family: str, bad_rows: str):
+    from prorl_actors.tasks.files import load_rows
+    return load_rows(path, family, bad_rows)
 
 
 class Task:

@@ -194,37 +194,37 @@ _TOPICS = {
 _KEYWORDS = ["today", "gentle", "always", "bright", "quiet", "simple"]
 
 
+_FIXED_PARAMS = {"end_phrase": {"phrase": "Is there anything else?"}, "postscript": {"marker": "P.S."}}
+
+
 def _ifeval_candidate(rng: random.Random, topic: str, kinds: list[str], sentences: int) -> tuple[list[dict], str]:
     """Instructions of the chosen kinds and a response built to follow them all."""
-    lines = rng.sample(_TOPICS[topic], sentences)
-    text = ". ".join(lines) + "."
+    text = ". ".join(rng.sample(_TOPICS[topic], sentences)) + "."
     text = text[0].upper() + text[1:]
     ins: list[dict] = []
-    for kind in kinds:
+    for kind in sorted(kinds, key=lambda k: k == "keywords_exclude"):   # excluded: a word not yet used
         if kind == "keywords_include":
             kw = rng.choice(_KEYWORDS)
             ins.append({"kind": kind, "keywords": [kw]})
             text = f"{text} It is {kw}."
         elif kind == "keywords_exclude":
             ins.append({"kind": kind, "keywords": [rng.choice([w for w in _KEYWORDS if w not in text.lower()])]})
-        elif kind == "word_count":
-            n = len(ifeval._words(text))
-            ins.append({"kind": kind, "relation": "at most", "num": n + rng.randint(0, 3)})
-        elif kind in ("lowercase", "no_commas", "title", "end_phrase", "postscript"):
-            ins.append({"kind": kind} if kind in ("lowercase", "no_commas", "title") else
-                       {"kind": kind, "phrase": "Is there anything else?"} if kind == "end_phrase" else
-                       {"kind": kind, "marker": "P.S."})
+        else:
+            ins.append({"kind": kind, **_FIXED_PARAMS.get(kind, {})})
     # apply in an order that keeps every earlier instruction true
-    if any(i["kind"] == "title" for i in ins):
+    if "title" in kinds:
         text = f"<<{topic.title()}>>\n{text}"
-    if any(i["kind"] == "postscript" for i in ins):
+    if "postscript" in kinds:
         text += "\nP.S. thanks for reading."
-    if any(i["kind"] == "end_phrase" for i in ins):
+    if "end_phrase" in kinds:
         text += " Is there anything else?"
-    if any(i["kind"] == "no_commas" for i in ins):
+    if "no_commas" in kinds:
         text = text.replace(",", "")
-    if any(i["kind"] == "lowercase" for i in ins):
+    if "lowercase" in kinds:
         text = text.lower()
+    for i in ins:   # counted on the finished response
+        if i["kind"] == "word_count":
+            i.update(relation="at most", num=len(ifeval._words(text)) + rng.randint(0, 3))
     return ins, text
 
 
@@ -247,13 +247,7 @@ def short_writing(rng: random.Random, min_instructions: int = 1, max_instruction
     response (checked by the verifier itself before the item is returned)."""
     topic = rng.choice(sorted(_TOPICS))
     kinds = rng.sample(sorted(_IFEVAL_TEXT), rng.randint(min_instructions, max_instructions))
-    if "word_count" in kinds:  # counted last, after the words other instructions add
-        kinds.remove("word_count")
-        kinds.append("word_count")
     ins, text = _ifeval_candidate(rng, topic, kinds, sentences)
-    word_count = [i for i in ins if i["kind"] == "word_count"]
-    for i in word_count:
-        i["num"] = len(ifeval._words(text)) + rng.randint(0, 3)
     if ifeval.score(text, ins) != 1.0:
         raise AssertionError(f"short_writing built a reference that fails its own instructions: {ins}")
     noun = "sentence" if sentences == 1 else f"{sentences} sentences"

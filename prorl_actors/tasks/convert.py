@@ -21,41 +21,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from prorl_actors.tasks.answers import final_answer
-from prorl_actors.tasks.files import DataError, check_row, write_rows
+from prorl_actors.tasks.files import DataError, check_row, read_records, write_rows
 
 
 @dataclass
 class Converted:
     rows: list[dict] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)   # "file:row N: why"
-
-
-def read_records(path: Path) -> Iterator[tuple[str, object]]:
-    """(row label, record) from a JSON array, JSONL or Parquet file; a record that is not
-    JSON comes back as a DataError."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        for i, rec in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield f"row {i}", rec
-        return
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not a JSON array: {e.msg} at line {e.lineno}") from None
-        for i, rec in enumerate(records, start=1):
-            yield f"item {i}", rec
-        return
-    for i, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                yield f"line {i}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"line {i}", DataError(f"not JSON: {e.msg}")
 
 
 def _text(rec: dict, key: str) -> str:

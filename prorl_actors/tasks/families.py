@@ -209,15 +209,13 @@ class IfevalFamily:
 
 
 def make_families(verifier=None) -> dict:
-    """One instance of each family; `verifier` is the spec's VerifierSpec (None: defaults)."""
+    """One instance of each family; `verifier` is the spec's VerifierSpec (None: its defaults)."""
     from sandbox import Limits
-    math_timeout = verifier.math_timeout_s if verifier is not None else 5.0
-    math = MathFamily(math_timeout)
-    if verifier is not None:
-        c = verifier.code
-        code = CodeFamily(Limits(wall_s=c.wall_s, program_wall_s=c.program_wall_s, memory_mib=c.memory_mib),
-                          c.workers, c.allow_weaker)
-    else:
-        code = CodeFamily()
+
+    from prorl_actors.spec import VerifierSpec
+    v = verifier or VerifierSpec()
+    math = MathFamily(v.math_timeout_s)
+    code = CodeFamily(Limits(wall_s=v.code.wall_s, program_wall_s=v.code.program_wall_s,
+                             memory_mib=v.code.memory_mib), v.code.workers, v.code.allow_weaker)
     return {"math": math, "code": code, "stem": StemFamily(math), "logic": LogicFamily(),
             "ifeval": IfevalFamily()}

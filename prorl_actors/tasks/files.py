@@ -6,7 +6,8 @@
   metadata   optional: an object (JSONL) or JSON string (Parquet) for people; never scored
 
 `load_rows` checks every row, including its reference against its family. A bad row is a
-`DataError` naming the file and row (JSONL: the line number; Parquet: the row, from 1), or,
+`DataError` naming the file and row (JSONL: the line; Parquet: the row, from 1; a JSON array:
+the item), or,
 with `bad_rows="skip"`, is left out and reported in `LoadedRows.skipped`.
 """
 from __future__ import annotations
@@ -37,27 +38,32 @@ class LoadedRows:
     skipped: list[str] = field(default_factory=list)   # "file:row N: why", one per skipped row
 
 
-def _raw_rows(path: Path):
-    """(row label, dict-or-error) for each row of a JSONL or Parquet file."""
+def read_records(path: Path):
+    """(row label, record) for each record of a Parquet file ("row N"), a JSON array ("item N")
+    or JSONL ("line N", blank lines skipped); a record that is not JSON comes back as a
+    DataError for the caller to report with its label."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
-        table = pq.read_table(path)
-        missing = [c for c in ("task", "prompt", "reference") if c not in table.column_names]
-        if missing:
-            raise DataError(f"{path}: no column {', '.join(missing)} (columns: {', '.join(table.column_names)})")
-        for i, row in enumerate(table.to_pylist(), start=1):
-            yield f"row {i}", row
-    elif path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"line {i}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"line {i}", DataError(f"not JSON: {e.msg} at column {e.colno}")
-    else:
-        raise DataError(f"{path}: unknown file type {path.suffix!r} (use .jsonl or .parquet)")
+        for i, rec in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield f"row {i}", rec
+        return
+    if path.suffix not in (".jsonl", ".json"):
+        raise DataError(f"{path}: unknown file type {path.suffix!r} (use .jsonl, .json or .parquet)")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not a JSON array: {e.msg} at line {e.lineno}") from None
+        for i, rec in enumerate(records, start=1):
+            yield f"item {i}", rec
+        return
+    for i, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield f"line {i}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"line {i}", DataError(f"not JSON: {e.msg} at column {e.colno}")
 
 
 def check_row(raw, family: str | None, families: dict) -> Row:
@@ -109,7 +115,7 @@ def load_rows(path: str | Path, family: str | None = None, bad_rows: str = "erro
     if not path.exists():
         raise DataError(f"{path}: no such file")
     out = LoadedRows(path, [])
-    for label, raw in _raw_rows(path):
+    for label, raw in read_records(path):
         try:
             out.rows.append(check_row(raw, family, families))
         except ValueError as e:

@@ -86,8 +86,8 @@ CHECKS: dict[str, tuple[tuple[str, ...], Callable[..., bool]]] = {
     "placeholders": (("num",), lambda r, num: len(re.findall(r"\[[^\[\]\n]+\]", r)) >= num),
     "numbered_sections": (("marker", "num"), lambda r, marker, num: len(re.findall(
         rf"(?mi)^\s*{re.escape(marker)}\s+\d+", r)) == num),
-    "postscript": (("marker",), lambda r, marker: re.search(
-        rf"(?m)^\s*{re.escape(marker)}", r) is not None),
+    "postscript": (("marker",), lambda r, marker: re.search(   # any case, as IFEval's checker
+        rf"(?mi)^\s*{re.escape(marker)}", r) is not None),
     "nth_paragraph_first_word": (("num", "nth", "first_word"), lambda r, num, nth, first_word: _nth_first_word(
         r, num, nth, first_word)),
     "constrained_response": ((), lambda r: any(c in r for c in CONSTRAINED_RESPONSES)),
