@@ -3,12 +3,15 @@
 Runs `prorl train` twice on a spec (default: the demo's):
   uncontrolled: no KL penalty (beta = 0) and no reference resets;
   controlled:   supervisor.kl.mode = entropy-target (target relative to the first step's
-                entropy) with the spec's resets.
-Then writes a PNG of entropy per step for both runs (the band shaded, resets marked) and
-prints the fraction of steps inside the band after warm-up, and validation accuracy.
+                entropy) with the spec's resets, and the --controller settings (default: the
+                ones tuned for the tiny model, a flattened reference among them; see README).
+Then writes a PNG of entropy per step for both runs (the band shaded, resets and skipped
+resets marked, the controlled coefficient below) and prints the fraction of steps inside the
+band after warm-up, and validation accuracy.
 
-    .venv/bin/python benchmarks/entropy_control.py [--steps 24] [--relative 0.9] [--band 0.02]
-        [--warmup 5] [--out runs/entropy_control] [extra dotted.key=value overrides for both runs]
+    .venv/bin/python benchmarks/entropy_control.py [--steps 48] [--relative 0.8] [--band 0.025]
+        [--warmup 8] [--out runs/entropy_control] [--controller KEY=VALUE ...]
+        [--reuse-uncontrolled] [dotted.key=value overrides for both runs]
 """
 from __future__ import annotations
 
@@ -18,6 +21,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+
+# the controller's settings for the tiny model (README: "Entropy control and reference resets")
+TUNED = ["supervisor.kl.coef=1", "supervisor.kl.coef_min=0.1", "supervisor.kl.coef_max=10", "supervisor.kl.rate=0.3",
+         "supervisor.kl.kp=1", "reference.temperature_scale=1.05", "supervisor.resets.entropy_margin=-0.5"]
 
 
 def _read(path: Path) -> list[dict]:
@@ -41,13 +49,13 @@ def in_band(entropies: list[float], low: float, high: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spec", default="specs/tiny-cpu.yaml")
-    ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--relative", type=float, default=0.9, help="entropy target / the first step's entropy")
-    ap.add_argument("--band", type=float, default=0.02, help="band half-width, nats per token")
-    ap.add_argument("--warmup", type=int, default=5, help="steps not counted in the in-band fraction")
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--relative", type=float, default=0.8, help="entropy target / the first step's entropy")
+    ap.add_argument("--band", type=float, default=0.025, help="band half-width, nats per token")
+    ap.add_argument("--warmup", type=int, default=8, help="steps not counted in the in-band fraction")
     ap.add_argument("--out", default="runs/entropy_control")
-    ap.add_argument("--controller", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="overrides for the controlled run only, e.g. supervisor.kl.coef=0.1")
+    ap.add_argument("--controller", nargs="*", default=TUNED, metavar="KEY=VALUE",
+                    help=f"settings of the controlled run only (default: {' '.join(TUNED)})")
     ap.add_argument("--reuse-uncontrolled", action="store_true",
                     help="keep an uncontrolled run already in --out (same spec and steps)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value for both runs")
@@ -65,7 +73,9 @@ def main() -> None:
     metrics = {k: _read(v / "metrics.jsonl") for k, v in runs.items()}
     target = next(m["entropy_target"] for m in metrics["controlled"] if m.get("entropy_target") is not None)
     low, high = target - args.band, target + args.band
-    resets = [e["step"] for e in _read(runs["controlled"] / "events.jsonl") if e["event"] == "reference_reset"]
+    events = _read(runs["controlled"] / "events.jsonl")
+    resets = [e["step"] for e in events if e["event"] == "reference_reset"]
+    skipped = [e["step"] for e in events if e["event"] == "reference_reset_skipped"]
 
     import matplotlib
     matplotlib.use("Agg")
@@ -78,26 +88,31 @@ def main() -> None:
     for s in resets:
         ax.axvline(s, color="tab:green", ls=":", lw=1)
         ax2.axvline(s, color="tab:green", ls=":", lw=1)
+    for i, s in enumerate(skipped):   # a due reset that waited for entropy and was skipped
+        ax.axvline(s, color="tab:orange", ls=":", lw=1, label="reset skipped (entropy low)" if i == 0 else None)
     ax.axvline(args.warmup + 0.5, color="grey", ls="--", lw=1, label="end of warm-up")
     ax.set_ylabel("policy entropy (nats / token)")
     ax.legend(fontsize=8)
     ax.set_title("entropy with and without the KL-coefficient controller (dotted: reference resets)")
     ms = metrics["controlled"]
-    ax2.semilogy([m["step"] for m in ms], [max(m["kl_coef"], 1e-8) for m in ms], color="tab:blue")
-    ax2.set_ylabel("KL coefficient (controlled)")
+    moved = "entropy_coef" if len({m["entropy_coef"] for m in ms}) > 1 else "kl_coef"   # the actuator
+    ax2.semilogy([m["step"] for m in ms], [max(m[moved], 1e-8) for m in ms], color="tab:blue")
+    ax2.set_ylabel({"kl_coef": "KL coefficient", "entropy_coef": "entropy bonus coefficient"}[moved]
+                   + " (controlled)")
     ax2.set_xlabel("step")
     fig.tight_layout()
     png = out / "entropy_control.png"
     fig.savefig(png, dpi=110)
 
     print(f"\nband [{low:.4f}, {high:.4f}] (target {target:.4f} = {args.relative} x the first step's entropy)")
-    print(f"{'run':14}{'in band after warm-up':>24}{'final entropy':>15}{'val acc start':>15}{'val acc end':>13}")
+    print(f"{'run':14}{'in band after warm-up':>24}{'final entropy':>15}{'val acc start':>15}{'val acc end':>13}"
+          f"{'mean of last 2':>16}")
     for name in ("uncontrolled", "controlled"):
         after = [m["entropy"] for m in metrics[name] if m["step"] > args.warmup]
-        val = _read(runs[name] / "validation.jsonl")
+        val = [v["accuracy"] for v in _read(runs[name] / "validation.jsonl")]
         print(f"{name:14}{in_band(after, low, high):24.2f}{metrics[name][-1]['entropy']:15.4f}"
-              f"{val[0]['accuracy']:15.3f}{val[-1]['accuracy']:13.3f}")
-    print(f"resets (controlled): {resets}\nplot: {png}")
+              f"{val[0]:15.3f}{val[-1]:13.3f}{sum(val[-2:]) / len(val[-2:]):16.3f}")
+    print(f"resets (controlled): {resets}; skipped while entropy was below the target: {skipped}\nplot: {png}")
 
 
 if __name__ == "__main__":

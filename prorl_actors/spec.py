@@ -130,6 +130,10 @@ class ReferenceSpec:
     num_gpus: float = opt(0.0, ge=0)
     micro_batch_size: int = opt(128, ge=1)
     num_threads: int = opt(2, ge=1, help="torch intra-op threads in the reference process")
+    temperature_scale: float = opt(1.0, gt=0, help=(
+        "the reference's logprobs are taken at generator.temperature x this. 1 = the paper's KL. > 1 "
+        "flattens the reference, so the KL penalty can pull entropy above the snapshot's (a penalty to the "
+        "plain snapshot only pulls towards its entropy, which a reset may have taken low)"))
 
 
 @dataclass
@@ -170,6 +174,11 @@ class KLControlSpec:
         "Ziegler et al. / OpenRLHF, for comparison"))
     coef: float = opt(1e-4, ge=0, help="beta of the KL penalty to the reference policy (the start value "
                                        "for the controllers)")
+    actuator: Literal["kl_coef", "entropy_coef"] = opt("kl_coef", help=(
+        "entropy-target: what the controller moves: kl_coef = beta (ProRL's lever; a penalty can only pull "
+        "entropy towards the reference's), entropy_coef = the entropy bonus's coefficient, starting from "
+        "algorithm.entropy_coef, with beta fixed at coef (Skywork-OR1's adaptive entropy control); "
+        "coef_min / coef_max bound whichever it moves"))
     entropy_target: float | None = opt(None, gt=0, help="entropy-target: the target, nats per token")
     entropy_target_relative: float | None = opt(None, gt=0, help=(
         "entropy-target: the target as this fraction of the entropy measured on the first step"))
@@ -199,7 +208,18 @@ class ResetSpec:
     kl_steps: int = opt(3, ge=1)
     min_gap: int = opt(1, ge=1, help="steps between two resets at least")
     reset_optimizer: bool = opt(True, help="re-initialise the learner's optimizer state at a reset")
-    restore_kl_coef: bool = opt(False, help="start the KL coefficient again from kl.coef at a reset")
+    restore_kl_coef: bool = opt(False, help="start the controller's coefficient (beta, or the bonus with "
+                                           "kl.actuator entropy_coef) again from its start value at a reset")
+    wait_for_entropy: bool = opt(True, help=(
+        "kl.mode entropy-target moving kl_coef: a due reset waits until entropy (the mean of the last entropy_window steps) "
+        "reaches the target + entropy_margin band widths, since the KL penalty holds entropy just below the "
+        "reference's; it is skipped after max_wait_steps and the triggers count again. No effect in the "
+        "other modes"))
+    entropy_margin: float = opt(0.5, ge=-1, le=2, help=(
+        "wait_for_entropy: band widths above the target to wait for (below it, if negative: with a "
+        "flattened reference, reference.temperature_scale > 1, the penalty lifts entropy above the snapshot's)"))
+    max_wait_steps: int = opt(20, ge=0, help="wait_for_entropy: steps a due reset waits before it is skipped")
+    entropy_window: int = opt(3, ge=1, help="wait_for_entropy: steps averaged (one step's entropy is noisy)")
 
 
 @dataclass
@@ -339,6 +359,8 @@ class RunSpec:
         if kl.mode == "entropy-target" and (kl.entropy_target is None) == (kl.entropy_target_relative is None):
             errs.append(("supervisor.kl.entropy_target", kl.entropy_target,
                          "exactly one of entropy_target and entropy_target_relative with mode entropy-target"))
+        if kl.actuator == "entropy_coef" and kl.mode != "entropy-target":
+            errs.append(("supervisor.kl.actuator", kl.actuator, "entropy_coef only with mode entropy-target"))
         if kl.mode == "kl-target" and kl.kl_target is None:
             errs.append(("supervisor.kl.kl_target", None, "a number with mode kl-target"))
         if kl.coef_min >= kl.coef_max:

@@ -89,7 +89,8 @@ class Supervisor:
                                         pad_id, spec.seed))
         self.reference = ActorGroup(ReferenceActor, 1, num_cpus=spec.reference.num_cpus,
                                     num_gpus=spec.reference.num_gpus,
-                                    args=(path, spec.model.dtype, spec.reference, g.temperature, pad_id))
+                                    args=(path, spec.model.dtype, spec.reference,
+                                          g.temperature * spec.reference.temperature_scale, pad_id))
         for grp in (self.generators, self.verifiers, self.learner, self.reference):
             grp.ping(timeout_s=600)
         self.log(f"actors up in {time.time() - t0:.1f}s: {len(self.generators)} generator ({g.engine}), "
@@ -181,8 +182,9 @@ class Supervisor:
             with timer("reference"):
                 batch = self.reference.call_one("logprobs", batch)
             with timer("learn"):
-                stats = self.learner.call_one("update", batch, self.kl.coef)
-            stats["kl_coef_used"] = self.kl.coef
+                kl_coef, entropy_coef = self.coefs()
+                stats = self.learner.call_one("update", batch, kl_coef, entropy_coef)
+            stats["kl_coef_used"], stats["entropy_coef_used"] = kl_coef, entropy_coef
             stats["kl_share"] = kl_share(stats.get("pg_loss", math.nan), stats.get("kl", math.nan), self.kl.coef)
         if stats and stats["optimizer_steps"] == 0:  # every update was non-finite: weights unchanged
             self.records.event("update_skipped", self.step, skipped_updates=stats["skipped_updates"])
@@ -193,11 +195,16 @@ class Supervisor:
                 self.generators.call_all("set_weights", weights, self.version)
             # the controller sets the coefficient of the next step from this step's entropy and KL
             self.kl.update(stats.get("entropy", math.nan), stats.get("kl", math.nan))
-            self.resets.observe_step(stats.get("kl", math.nan))
-            reason = self.resets.due(self.step, pg_loss=stats.get("pg_loss", math.nan),
-                                     kl=stats.get("kl", math.nan), kl_coef=stats["kl_coef_used"])
-            if reason:
-                self.reset_reference(weights, reason)
+            self.resets.observe_step(stats.get("kl", math.nan), stats.get("entropy", math.nan))
+            decision = self.resets.decide(self.step, pg_loss=stats.get("pg_loss", math.nan),
+                                          kl=stats.get("kl", math.nan), kl_coef=stats["kl_coef_used"],
+                                          entropy_floor=self.entropy_floor())
+            if decision and decision[0] == "reset":
+                self.reset_reference(weights, decision[1])
+            elif decision and (decision[0] == "skip" or self.resets.waiting_since == self.step):
+                event = "reference_reset_skipped" if decision[0] == "skip" else "reference_reset_waits"
+                self.records.event(event, self.step, reason=decision[1], entropy_target=self.kl.target)
+                self.log(f"step {self.step}: {event.replace('_', ' ')} ({decision[1]})")
         return self._step_metrics(everything, batch, stats, rounds, timer, time.perf_counter() - t0)
 
     def _step_metrics(self, everything, batch, stats, rounds, timer, step_s) -> dict:
@@ -213,7 +220,8 @@ class Supervisor:
             "step": self.step, "policy_version": self.version,
             "reward_mean": float(rewards.mean()), "accuracy": float((rewards >= 1.0).mean()),
             "entropy": stats.get("entropy", math.nan), "kl": stats.get("kl", math.nan),
-            "kl_coef": stats.get("kl_coef_used", self.kl.coef), "kl_coef_next": self.kl.coef,
+            "kl_coef": stats.get("kl_coef_used", self.coefs()[0]), "kl_coef_next": self.coefs()[0],
+            "entropy_coef": stats.get("entropy_coef_used", self.coefs()[1]),
             "kl_share": stats.get("kl_share", math.nan),
             "entropy_target": self.kl.target if self.kl.mode == "entropy-target" else math.nan,
             **{k: stats.get(k, math.nan) for k in (
@@ -228,6 +236,8 @@ class Supervisor:
             "skipped_updates": stats.get("skipped_updates", 0),
             "item_rejects": self.num_item_rejects,
             "reference_resets": self.resets.num_resets,
+            "reference_reset_waiting": int(self.resets.waiting_since is not None),
+            "reference_resets_skipped": len(self.resets.skipped),
             "step_s": step_s,
             "gen_tokens_per_s": float(resp_len.sum()) / max(timer.s["generate"], 1e-9),
         }
@@ -243,6 +253,23 @@ class Supervisor:
         m["time/other_s"] = step_s - sum(timer.s.values())
         return m
 
+    def coefs(self) -> tuple[float, float]:
+        """(beta, entropy bonus coefficient) for the next update: the controller moves one of them."""
+        k = self.spec.supervisor.kl
+        if k.actuator == "entropy_coef":
+            return k.coef, self.kl.coef
+        return self.kl.coef, self.spec.algorithm.entropy_coef
+
+    def entropy_floor(self) -> float | None:
+        """Below this entropy a due reset waits (entropy-target mode moving beta, with
+        resets.wait_for_entropy): the target plus a margin, as the KL penalty holds entropy a
+        little below the reference's."""
+        rs = self.spec.supervisor.resets
+        if (self.kl.mode == "entropy-target" and self.spec.supervisor.kl.actuator == "kl_coef"
+                and rs.wait_for_entropy and self.kl.target is not None):
+            return self.kl.target + rs.entropy_margin * self.kl.band
+        return None
+
     def reset_reference(self, weights, reason: str) -> None:
         """Reference <- current policy; optimizer state re-initialised and the KL coefficient
         restored when the spec says so; recorded with its reason."""
@@ -254,7 +281,7 @@ class Supervisor:
             self.kl.restore_initial()
         self.resets.record(self.step, reason)
         self.records.event("reference_reset", self.step, reason=reason, policy_version=self.version,
-                           optimizer_reset=rs.reset_optimizer, kl_coef=self.kl.coef)
+                           optimizer_reset=rs.reset_optimizer, kl_coef=self.coefs()[0])
         self.log(f"step {self.step}: reference reset ({reason})")
 
     # ------------------------------------------------------------------ validation
@@ -350,9 +377,11 @@ class Supervisor:
 
 
 def make_kl_controller(spec: RunSpec) -> KLController:
+    """The controller of the coefficient that supervisor.kl.actuator names."""
     k = spec.supervisor.kl
     target = k.entropy_target if k.mode == "entropy-target" else k.kl_target
-    return KLController(mode=k.mode, coef=k.coef, target=target, target_relative=k.entropy_target_relative,
+    start = k.coef if k.actuator == "kl_coef" else min(max(spec.algorithm.entropy_coef, k.coef_min), k.coef_max)
+    return KLController(mode=k.mode, coef=start, target=target, target_relative=k.entropy_target_relative,
                         band=k.band, rate=k.rate, kp=k.kp, coef_min=k.coef_min, coef_max=k.coef_max,
                         smoothing=k.smoothing, horizon=k.horizon)
 
@@ -362,7 +391,8 @@ def make_reset_policy(spec: RunSpec) -> ResetPolicy:
     inf = math.inf
     return ResetPolicy(triggers=tuple(r.triggers), every_steps=r.every_steps, patience=r.patience,
                        min_delta=r.min_delta, max_drop=r.max_drop or inf, max_kl_share=r.max_kl_share or inf,
-                       kl_ceiling=r.kl_ceiling or inf, kl_steps=r.kl_steps, min_gap=r.min_gap)
+                       kl_ceiling=r.kl_ceiling or inf, kl_steps=r.kl_steps, min_gap=r.min_gap,
+                       max_wait_steps=r.max_wait_steps, entropy_window=r.entropy_window)
 
 
 def summary_table(result: dict) -> str:

@@ -6,7 +6,6 @@ import random
 import pytest
 import torch
 
-from prorl_actors.algo.control import band_error
 from prorl_actors.algo import (KLController, ResetPolicy, kl_coef_for_entropy, kl_coef_for_kl, kl_share,
                                mask_truncated, overlong_penalty, validation_dropped, validation_stalled)
 
@@ -16,20 +15,17 @@ L = math.log(1e-3)
 
 # ------------------------------------------------------------------------------ one step
 def test_entropy_step_hand_values():
-    # band [0.9, 1.1]; error in band widths outside it, clipped to 2
-    assert band_error(1.0, 1.0, 0.1) == 0.0 and band_error(1.1, 1.0, 0.1) == 0.0
-    assert band_error(0.85, 1.0, 0.1) == pytest.approx(0.5) and band_error(0.2, 1.0, 0.1) == 2.0
-    assert band_error(1.15, 1.0, 0.1) == pytest.approx(-0.5)
+    # error e = (target - entropy) / band, clipped to [-2, 2]; integral += rate * e; coef = exp(integral + kp * e)
     li, c = kl_coef_for_entropy(L, 1.0, 1.0, 0.1, **STEP)                  # on target: the integral's value
     assert li == L and c == pytest.approx(1e-3)
-    li, c = kl_coef_for_entropy(L, 1.05, 1.0, 0.1, **STEP)                 # inside: no integration, P leans
-    assert li == L and c == pytest.approx(1e-3 * math.exp(-0.5))
-    li, c = kl_coef_for_entropy(L, 0.85, 1.0, 0.1, **STEP)                 # half a band below the band
-    assert li == pytest.approx(L + 0.1) and c == pytest.approx(1e-3 * math.exp(0.1 + 1.5))
-    li, c = kl_coef_for_entropy(L, 0.2, 1.0, 0.1, **STEP)                  # far below: both errors clip at 2
+    li, c = kl_coef_for_entropy(L, 1.05, 1.0, 0.1, **STEP)                 # half a band above the target
+    assert li == pytest.approx(L - 0.1) and c == pytest.approx(1e-3 * math.exp(-0.1 - 0.5))
+    li, c = kl_coef_for_entropy(L, 0.85, 1.0, 0.1, **STEP)                 # 1.5 bands below
+    assert li == pytest.approx(L + 0.3) and c == pytest.approx(1e-3 * math.exp(0.3 + 1.5))
+    li, c = kl_coef_for_entropy(L, 0.2, 1.0, 0.1, **STEP)                  # far below: the error clips at 2
     assert li == pytest.approx(L + 0.4) and c == pytest.approx(1e-3 * math.exp(0.4 + 2.0))
     li, c = kl_coef_for_entropy(L, 1.15, 1.0, 0.1, **STEP)
-    assert li == pytest.approx(L - 0.1) and c == pytest.approx(1e-3 * math.exp(-0.1 - 1.5))
+    assert li == pytest.approx(L - 0.3) and c == pytest.approx(1e-3 * math.exp(-0.3 - 1.5))
 
 
 def test_entropy_step_bounds_and_nan():
@@ -71,7 +67,8 @@ def _in_band(ctrl, hs):
 def test_step_response_settles_in_the_band():
     ctrl = KLController(mode="entropy-target", coef=1e-4, target=1.0, band=0.05)
     hs, coefs = _plant(ctrl, 300, h0=1.2, drift=0.01, gain=1.0)   # equilibrium coefficient 0.01
-    assert _in_band(ctrl, hs[100:]) >= 0.9      # a dead band: it drifts to an edge and is nudged back
+    assert _in_band(ctrl, hs[100:]) >= 0.9
+    assert abs(sum(hs[150:]) / len(hs[150:]) - 1.0) < 0.01          # on the target, not at an edge of the band
     assert coefs[-1] == pytest.approx(0.01, rel=0.5)
     assert max(coefs[150:]) / min(coefs[150:]) < 1.5                # settled, not cycling
 
@@ -190,6 +187,70 @@ def test_kl_ceiling_needs_m_steps_in_a_row():
     assert q.due(5, kl=0.2) == "KL above 0.1 for 3 steps"
     with pytest.raises(ValueError, match="unknown reset triggers"):
         ResetPolicy(triggers=("weekly",))
+
+
+def test_a_due_reset_waits_for_entropy_then_resets_or_is_skipped():
+    p = ResetPolicy(triggers=("scheduled",), every_steps=5, max_wait_steps=3, entropy_window=2)
+    decisions = {}
+    for step, h in enumerate([1.2, 1.1, 1.0, 0.95, 0.9, 0.9, 1.2, 1.0], start=1):
+        p.observe_step(0.0, h)
+        decisions[step] = p.decide(step, entropy_floor=1.0)
+        if decisions[step] and decisions[step][0] == "reset":
+            p.record(step, decisions[step][1])
+    # step 5: mean(0.95, 0.9) < 1 -> wait; 6: still; 7: mean(0.9, 1.2) = 1.05 -> reset, saying it waited
+    assert decisions[5] == ("wait", "scheduled; entropy 0.925 below 1") and p.waits == 1
+    assert decisions[6][0] == "wait" and decisions[7] == ("reset", "scheduled; after waiting 2 steps for entropy 1")
+    assert p.events == [(7, decisions[7][1])] and p.waiting_since is None and decisions[8] is None
+    for step in range(9, 16):                                   # due at 12; waits 12, 13, 14; skipped at 15
+        p.observe_step(0.0, 0.5)
+        decisions[step] = p.decide(step, entropy_floor=1.0)
+    assert [decisions[s][0] if decisions[s] else None for s in range(9, 16)] == [None] * 3 + ["wait"] * 3 + ["skip"]
+    assert p.skipped == [(15, "scheduled; entropy below 1 for 3 steps")] and p.num_resets == 1
+    assert p.last_reset_step == 15 and p.decide(16, entropy_floor=1.0) is None   # the schedule counts from the skip
+    assert p.decide(20, entropy_floor=None) == ("reset", "scheduled")            # no floor: never waits
+
+
+def test_a_waiting_kl_trigger_that_goes_away_waits_no_more_and_state_round_trips():
+    p = ResetPolicy(triggers=("kl",), max_kl_share=0.5)
+    p.observe_step(1.0, 0.2)
+    assert p.decide(3, pg_loss=0.01, kl=1.0, kl_coef=1.0, entropy_floor=0.3)[0] == "wait" and p.waiting_since == 3
+    state = p.state_dict()
+    q = ResetPolicy(triggers=("kl",), max_kl_share=0.5)
+    q.load_state_dict(state)
+    assert (q.waiting_since, q.recent_entropy, q.waits) == (3, [0.2], 1)
+    assert p.decide(4, pg_loss=0.01, kl=0.001, kl_coef=1.0, entropy_floor=0.3) is None and p.waiting_since is None
+    p.observe_step(math.nan, math.nan)                          # NaN entropy is left out of the window
+    assert p.recent_entropy == [0.2]
+
+
+def _anchored_plant(wait: bool, seed: int, steps: int = 300):
+    """Entropy falls by 0.01 a step; the KL penalty pulls it towards the *reference's*
+    entropy, harder the larger the coefficient; scheduled resets move the reference to the
+    current policy. Measured with noise, as one batch's entropy is."""
+    rng = random.Random(seed)
+    ctrl = KLController(mode="entropy-target", coef=0.01, target=1.0, band=0.05, coef_min=0.01, coef_max=10.0)
+    policy = ResetPolicy(triggers=("scheduled",), every_steps=25)
+    h = ref = 1.2
+    hs = []
+    for step in range(1, steps + 1):
+        hs.append(h)
+        measured = h + rng.gauss(0.0, 0.02)
+        ctrl.update(measured, 0.0)
+        policy.observe_step(0.0, measured)
+        decision = policy.decide(step, entropy_floor=ctrl.target if wait else None)
+        if decision and decision[0] == "reset":
+            policy.record(step, decision[1])
+            ref = h
+        h = ref + (h - ref) * math.exp(-0.5 * ctrl.coef) - 0.01 + rng.gauss(0.0, 0.005)
+    return _in_band(ctrl, hs[50:]), policy
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_resets_taken_below_the_target_ratchet_entropy_down_and_waiting_prevents_it(seed):
+    waited, policy = _anchored_plant(True, seed)
+    not_waited, _ = _anchored_plant(False, seed)
+    assert waited >= 0.9 and not_waited < 0.3
+    assert policy.num_resets >= 1 and policy.skipped       # some resets happen, some are skipped
 
 
 # ------------------------------------------------------------------------------ overlong

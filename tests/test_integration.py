@@ -101,7 +101,8 @@ def test_entropy_controller_and_kl_triggered_reset(tiny_model, tmp_path):
     r, run = _train(tiny_model, tmp_path, "hf", extra=(
         "supervisor.kl.mode=entropy-target", "supervisor.kl.entropy_target_relative=3.0",
         "supervisor.kl.coef=1e-3", "supervisor.resets.triggers=[kl]", "supervisor.resets.kl_ceiling=1e-12",
-        "supervisor.resets.kl_steps=1", "supervisor.resets.restore_kl_coef=true", "num_steps=4"))
+        "supervisor.resets.kl_steps=1", "supervisor.resets.restore_kl_coef=true", "num_steps=4",
+        "supervisor.resets.wait_for_entropy=false"))
     metrics = read_jsonl(run / "metrics.jsonl")
     trained = [m for m in metrics if m["trained_groups"] > 0]
     assert len(trained) >= 2
@@ -114,3 +115,37 @@ def test_entropy_controller_and_kl_triggered_reset(tiny_model, tmp_path):
     state = json.loads((run / "checkpoints" / "step_000004" / "supervisor_state.json").read_text())
     assert state["kl"]["target"] == pytest.approx(first["entropy_target"])
     assert [tuple(e) for e in state["resets"]["events"]] == [(e["step"], e["reason"]) for e in resets]
+
+
+def test_a_due_reset_waits_while_entropy_is_below_the_target(tiny_model, tmp_path):
+    """With the target far above the entropy, a due reset waits (an event), then is skipped."""
+    r, run = _train(tiny_model, tmp_path, "hf", extra=(
+        "supervisor.kl.mode=entropy-target", "supervisor.kl.entropy_target_relative=3.0",
+        "supervisor.resets.triggers=[scheduled]", "supervisor.resets.every_steps=1",
+        "supervisor.resets.max_wait_steps=1", "num_steps=3"))
+    events = read_jsonl(run / "events.jsonl")
+    kinds = [e["event"] for e in events if e["event"].startswith("reference_reset")]
+    assert kinds == ["reference_reset_waits", "reference_reset_skipped", "reference_reset_waits"], kinds
+    assert all(e["entropy_target"] > 0 and e["reason"].startswith("scheduled; entropy") for e in events
+               if e["event"].startswith("reference_reset"))
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["reference_resets_skipped"] for m in metrics] == [0, 1, 1]
+    assert [m["reference_reset_waiting"] for m in metrics] == [1, 0, 1] and metrics[-1]["reference_resets"] == 0
+
+
+def test_the_controller_can_move_the_entropy_bonus_instead_of_beta(tiny_model, tmp_path):
+    """kl.actuator=entropy_coef: beta stays at kl.coef, the bonus rises while entropy is below
+    the target, and resets do not wait for entropy (only a penalty anchors it to the reference).
+    A flattened reference (temperature_scale > 1) differs from the policy even at step 1."""
+    r, run = _train(tiny_model, tmp_path, "hf", extra=(
+        "supervisor.kl.mode=entropy-target", "supervisor.kl.entropy_target_relative=3.0",
+        "supervisor.kl.actuator=entropy_coef", "supervisor.kl.coef=1e-3", "supervisor.kl.coef_min=1e-4",
+        "algorithm.entropy_coef=1e-3", "supervisor.resets.triggers=[scheduled]",
+        "supervisor.resets.every_steps=2", "num_steps=3", "reference.temperature_scale=1.5"))
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["kl_coef"] for m in metrics] == [1e-3] * 3
+    assert metrics[0]["kl"] > 1e-3          # with the plain snapshot it is 0 at step 1 (policy == reference)
+    bonus = [m["entropy_coef"] for m in metrics]
+    assert bonus[0] == 1e-3 and bonus[0] < bonus[1] < bonus[2]
+    kinds = [e["event"] for e in read_jsonl(run / "events.jsonl") if e["event"].startswith("reference_reset")]
+    assert kinds == ["reference_reset"]

@@ -53,6 +53,29 @@ def test_cross_field_rules():
                                                  "data.validation_seed"}
 
 
+def test_entropy_control_and_reset_rules():
+    with pytest.raises(SpecError) as e:
+        build_spec({"supervisor": {
+            "kl": {"mode": "entropy-target", "entropy_target": 0.5, "entropy_target_relative": 0.8,
+                   "coef_min": 1.0, "coef_max": 0.5},
+            "resets": {"triggers": ["kl", "validation", "kl"]}},
+            "validation": {"every_steps": 0},
+            "algorithm": {"overlong": {"mode": "soft_punish", "buffer_tokens": 100_000}}})
+    errors = {p: why for p, _, why in e.value.errors}
+    assert set(errors) == {"supervisor.kl.entropy_target", "supervisor.kl.coef_min", "supervisor.resets.triggers",
+                           "algorithm.overlong.buffer_tokens"}
+    whys = [why for p, _, why in e.value.errors if p == "supervisor.resets.triggers"]
+    assert len(whys) == 3 and any("validation only" in w for w in whys) and any("each trigger once" in w for w in whys)
+    with pytest.raises(SpecError, match="supervisor.resets.max_wait_steps"):
+        build_spec({"supervisor": {"resets": {"max_wait_steps": -1}}})
+    with pytest.raises(SpecError) as e:
+        build_spec({"supervisor": {"kl": {"mode": "kl-target", "actuator": "entropy_coef"}}})
+    assert {p for p, _, _ in e.value.errors} == {"supervisor.kl.kl_target", "supervisor.kl.actuator"}
+    ok = build_spec({"supervisor": {"kl": {"mode": "entropy-target", "entropy_target_relative": 0.8,
+                                           "actuator": "entropy_coef"}}})
+    assert ok.supervisor.resets.wait_for_entropy and ok.supervisor.resets.entropy_margin == 0.5
+
+
 def test_overrides_and_yaml_round_trip(tmp_path):
     s = load_spec("specs/tiny-cpu.yaml", ["learner.lr=3e-4", "generator.engine=hf", "num_steps=7"])
     assert (s.learner.lr, s.generator.engine, s.num_steps) == (3e-4, "hf", 7)

@@ -67,9 +67,11 @@ class LearnerActor:
             return sub_mask.shape[0] / mb_mask.shape[0]
         return float((sub_mask.sum(1) > 0).sum()) / float((mb_mask.sum(1) > 0).sum())
 
-    def update(self, rollouts: pa.Table, kl_coef: float) -> dict:
+    def update(self, rollouts: pa.Table, kl_coef: float, entropy_coef: float | None = None) -> dict:
+        """One update on a batch; entropy_coef: the bonus's coefficient (None: the spec's)."""
         B.check_batch(rollouts, needs=(B.ADV, B.REF_LOGP))
         s, a, G = self.spec, self.algo, self.G
+        ent_coef = a.entropy_coef if entropy_coef is None else entropy_coef
         seq = B.to_tensors(rollouts, self.pad_id)
         if a.overlong.mode == "mask":   # DAPO overlong filtering: truncated responses get no gradient
             truncated = torch.tensor(rollouts[B.TRUNCATED].to_numpy(zero_copy_only=False))     # (B,)
@@ -113,8 +115,8 @@ class LearnerActor:
                                          eps_high=a.eps_high, dual_clip_c=a.dual_clip_c, agg=a.loss_agg)
                     kl_tok = kl_penalty(logp, ref, a.kl_estimator)                   # (b, Tm)
                     loss = pg + kl_coef * aggregate_loss(kl_tok, sub.mask, a.loss_agg)
-                    if a.entropy_coef:   # an entropy bonus (0 in the paper)
-                        loss = loss - a.entropy_coef * aggregate_loss(ent, sub.mask, a.loss_agg)
+                    if ent_coef:   # an entropy bonus (0 in the paper)
+                        loss = loss - ent_coef * aggregate_loss(ent, sub.mask, a.loss_agg)
                     if not torch.isfinite(loss):
                         finite = False
                         break

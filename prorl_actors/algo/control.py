@@ -2,16 +2,19 @@
 
 Algorithmic choices:
 - entropy-target: the KL penalty pulls the policy towards the reference, whose entropy is
-  higher than a collapsing policy's, so entropy *below* the band raises the coefficient and
-  entropy *above* it lowers the coefficient. The error is how far entropy is outside the
-  band (in band widths, clipped to 2). A PI controller in log space (the right scale spans
-  orders of magnitude): the integral moves by rate * that error per step (zero inside the
-  band: a dead band, no wind-up around the target); the output is exp(integral + kp * e)
-  with e = (target - entropy) / band, so it already leans against a drift inside the band;
-  both within [coef_min, coef_max]. Entropy responds to the coefficient with a lag (it
-  integrates its effect), so integral action alone oscillates; the proportional part damps
-  it (tests/test_control.py simulates both). An optional moving average of the measured
-  entropy (smoothing < 1) adds lag, so it is off by default. NaN entropy changes nothing.
+  higher than a collapsing policy's, so entropy *below* the target raises the coefficient and
+  entropy *above* it lowers the coefficient. A PI controller in log space (the right scale
+  spans orders of magnitude) on the error e = (target - entropy) / band, in band widths,
+  clipped to [-2, 2]: the integral moves by rate * e per step, so the entropy's mean settles
+  on the target, not somewhere in the band (with a dead band it sat at the lower edge and
+  noise carried it out); the output is exp(integral + kp * e), both within
+  [coef_min, coef_max] (anti-windup: the integral stays within the bounds too). Entropy
+  responds to the coefficient with a lag (it integrates its effect), so integral action
+  alone oscillates; the proportional part damps it (tests/test_control.py simulates both).
+  An optional moving average of the measured entropy (smoothing < 1) adds lag, so it is off
+  by default. NaN entropy changes nothing.
+  A KL penalty can only pull entropy towards the *reference's*; a reference reset taken while
+  entropy is below the target would anchor it there, so the reset policy waits (resets.py).
 - kl-target: the adaptive rule of Ziegler et al. (2019), used by OpenRLHF and (in a
   stepwise form) RLlib: coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon.
 - fixed: the paper's default; the coefficient never changes.
@@ -33,36 +36,23 @@ def entropy_band(target: float, band: float) -> tuple[float, float]:
     return target - band, target + band
 
 
-def band_error(entropy: float, target: float, band: float, clip: float = 2.0) -> float:
-    """How far entropy is outside the band, in band widths: > 0 below it (raise the
-    coefficient), < 0 above it, 0 inside; clipped to [-clip, clip]."""
-    low, high = entropy_band(target, band)
-    if entropy < low:
-        return min((low - entropy) / band, clip)
-    if entropy > high:
-        return -min((entropy - high) / band, clip)
-    return 0.0
-
-
 def kl_coef_for_entropy(log_integral: float, entropy: float, target: float, band: float, *, rate: float,
                         kp: float, coef_min: float, coef_max: float) -> tuple[float, float]:
     """One entropy-target step of a PI controller in log space -> (new log_integral, coef).
 
     log_integral: the integral part, log of the coefficient the controller settles on;
-    entropy: measured entropy (nats/token); the band is [target - band, target + band].
-    coef = exp(log_integral + kp * e_p): the integral moves by rate * band_error(...) per step
-    (zero inside the band; anti-windup: kept within the bounds); the proportional part, on the
-    whole error e_p = (target - entropy) / band clipped to [-2, 2], damps the loop (entropy
-    integrates the coefficient's effect, so integral control alone would oscillate) and acts
-    already while entropy drifts inside the band.
+    entropy: measured entropy (nats/token); target +- band is the band it must stay in.
+    e = (target - entropy) / band clipped to [-2, 2] (> 0: entropy too low, raise beta);
+    log_integral += rate * e, kept within [log coef_min, log coef_max] (anti-windup);
+    coef = exp(log_integral + kp * e) within [coef_min, coef_max].
     A non-finite entropy changes nothing.
     """
     lo, hi = math.log(coef_min), math.log(coef_max)
     if not math.isfinite(entropy):
         return log_integral, min(max(math.exp(log_integral), coef_min), coef_max)
-    log_integral = min(max(log_integral + rate * band_error(entropy, target, band), lo), hi)
-    e_p = min(max((target - entropy) / band, -2.0), 2.0)   # the proportional part sees the whole error
-    return log_integral, min(max(math.exp(log_integral + kp * e_p), coef_min), coef_max)
+    e = min(max((target - entropy) / band, -2.0), 2.0)
+    log_integral = min(max(log_integral + rate * e, lo), hi)
+    return log_integral, min(max(math.exp(log_integral + kp * e), coef_min), coef_max)
 
 
 def kl_coef_for_kl(coef: float, kl: float, target: float, *, horizon: float, n_steps: int = 1,

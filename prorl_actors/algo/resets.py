@@ -11,9 +11,20 @@ Algorithmic choices:
   recorded for another reason re-starts the count.
 - Triggered resets too (validation stalled or dropped; the KL term's share of the loss, or
   KL above a ceiling for M steps), a minimum gap between resets, each recorded with its reason.
+- Waiting for entropy: with an entropy target, a due reset waits while entropy (the mean
+  of the last ``entropy_window`` steps: one step's batch is noisy) is below a floor (the
+  supervisor passes the target plus a margin, as the penalty holds entropy a little below
+  the reference's); after ``max_wait_steps`` it is skipped, and the triggers count again
+  from there. The KL penalty
+  pulls the policy towards the reference, so a reference taken from a policy whose entropy
+  has dipped holds entropy down there however large the coefficient grows, and each further
+  reset taken low ratchets it lower (measured: a scheduled reset right after a dip left a
+  48-step run pinned at the coefficient's cap below the band for the rest of it).
 - Pure policy: it decides, the caller acts. Usage after optimizer step ``step``:
-  ``if (reason := policy.due(step, ...)): <copy policy weights to the reference>;
-  policy.record(step, reason)``.
+  ``policy.observe_step(kl, entropy)``; ``decision = policy.decide(step, ...)``; on
+  ``("reset", reason)``: copy the policy weights to the reference and
+  ``policy.record(step, reason)``; "wait" and "skip" are for the log (the policy has
+  already re-armed itself after a skip).
 """
 
 from __future__ import annotations
@@ -67,7 +78,9 @@ class ResetPolicy:
     scheduled: every `every_steps` steps. validation: the metric has not improved for
     `patience` evaluations, or dropped by more than `max_drop` (evaluations since the last
     reset). kl: the KL term's share of the loss above `max_kl_share`, or KL above
-    `kl_ceiling` for `kl_steps` steps in a row.
+    `kl_ceiling` for `kl_steps` steps in a row. With an entropy floor (`decide`), a due
+    reset waits while the recent entropy is below it, and is skipped after `max_wait_steps`.
+    `last_reset_step` is the step the triggers count from: the last reset or skipped reset.
     """
 
     triggers: tuple[str, ...] = ("scheduled",)
@@ -79,30 +92,69 @@ class ResetPolicy:
     kl_ceiling: float = math.inf
     kl_steps: int = 1
     min_gap: int = 1
+    max_wait_steps: int = 20
+    entropy_window: int = 3
     last_reset_step: int = 0
     num_resets: int = 0
     events: list = field(default_factory=list)          # (step, reason) of every reset
     val_since_reset: list = field(default_factory=list)
     kl_streak: int = 0
+    waiting_since: int | None = None                     # a due reset waits for entropy since this step
+    recent_entropy: list = field(default_factory=list)  # the last entropy_window steps' entropy
+    waits: int = 0
+    skipped: list = field(default_factory=list)         # (step, reason) of every skipped reset
 
     def __post_init__(self) -> None:
         unknown = set(self.triggers) - set(TRIGGERS)
         if unknown:
             raise ValueError(f"unknown reset triggers {sorted(unknown)}; known: {TRIGGERS}")
-        if self.every_steps < 0 or self.min_gap < 0 or self.kl_steps < 1:
-            raise ValueError("every_steps and min_gap must be >= 0, kl_steps >= 1")
+        if self.every_steps < 0 or self.min_gap < 0 or self.max_wait_steps < 0:
+            raise ValueError("every_steps, min_gap and max_wait_steps must be >= 0")
+        if self.kl_steps < 1 or self.entropy_window < 1:
+            raise ValueError("kl_steps and entropy_window must be >= 1")
         self.triggers = tuple(self.triggers)
 
-    def observe_step(self, kl: float) -> None:
-        """After every training step: the KL streak above the ceiling (NaN breaks it)."""
+    def observe_step(self, kl: float, entropy: float = math.nan) -> None:
+        """After every training step: the KL streak above the ceiling (NaN breaks it) and the
+        recent entropy (NaN is left out)."""
         self.kl_streak = self.kl_streak + 1 if (math.isfinite(kl) and kl > self.kl_ceiling) else 0
+        if math.isfinite(entropy):
+            self.recent_entropy = [*self.recent_entropy, float(entropy)][-self.entropy_window:]
 
     def observe_validation(self, value: float) -> None:
         if math.isfinite(value):
             self.val_since_reset.append(float(value))
 
+    def decide(self, step: int, *, pg_loss: float = math.nan, kl: float = math.nan, kl_coef: float = 0.0,
+               entropy_floor: float | None = None) -> tuple[str, str] | None:
+        """After step `step`: None (nothing due), ("reset", reason), ("wait", reason) or
+        ("skip", reason).
+
+        entropy_floor (the controller's target; None: never wait): a due reset waits while the
+        mean of the recent entropy is below it; after max_wait_steps of waiting it is skipped
+        and the triggers count again from this step. `waiting_since`: the step the wait began.
+        """
+        reason = self.due(step, pg_loss=pg_loss, kl=kl, kl_coef=kl_coef)
+        if reason is None:
+            self.waiting_since = None          # a trigger that went away (KL fell back) waits no more
+            return None
+        recent = sum(self.recent_entropy) / len(self.recent_entropy) if self.recent_entropy else math.nan
+        if entropy_floor is None or not recent < entropy_floor:
+            if self.waiting_since is not None:
+                reason = f"{reason}; after waiting {step - self.waiting_since} steps for entropy {entropy_floor:.4g}"
+            return "reset", reason
+        if self.waiting_since is None:
+            self.waiting_since, self.waits = step, self.waits + 1
+        if step - self.waiting_since < self.max_wait_steps:
+            return "wait", f"{reason}; entropy {recent:.4g} below {entropy_floor:.4g}"
+        reason = f"{reason}; entropy below {entropy_floor:.4g} for {step - self.waiting_since} steps"
+        self.skipped.append((step, reason))
+        self._rearm(step)
+        return "skip", reason
+
     def due(self, step: int, *, pg_loss: float = math.nan, kl: float = math.nan, kl_coef: float = 0.0) -> str | None:
-        """The reason a reset is due after step `step` (counted from 1), or None."""
+        """The reason a reset is due after step `step` (counted from 1; the minimum gap
+        respected), or None."""
         if step < 1:
             raise ValueError(f"steps are counted from 1; got step={step}")
         if self.num_resets and step - self.last_reset_step < self.min_gap:
@@ -124,14 +176,20 @@ class ResetPolicy:
     def record(self, step: int, reason: str) -> None:
         if step < self.last_reset_step:
             raise ValueError(f"reset at step {step} is before the last reset at {self.last_reset_step}")
-        self.last_reset_step, self.num_resets = step, self.num_resets + 1
+        self.num_resets += 1
         self.events.append((step, reason))
-        self.val_since_reset, self.kl_streak = [], 0
+        self._rearm(step)
+
+    def _rearm(self, step: int) -> None:
+        """The triggers count from `step` again (after a reset, or a skipped one)."""
+        self.last_reset_step, self.val_since_reset, self.kl_streak, self.waiting_since = step, [], 0, None
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_reset_step": self.last_reset_step, "num_resets": self.num_resets,
                 "events": [list(e) for e in self.events], "val_since_reset": list(self.val_since_reset),
-                "kl_streak": self.kl_streak}
+                "kl_streak": self.kl_streak, "waiting_since": self.waiting_since,
+                "recent_entropy": list(self.recent_entropy), "waits": self.waits,
+                "skipped": [list(e) for e in self.skipped]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores the history; the thresholds stay as configured (the run spec wins)."""
@@ -139,3 +197,6 @@ class ResetPolicy:
         self.events = [tuple(e) for e in state["events"]]
         self.val_since_reset = [float(v) for v in state["val_since_reset"]]
         self.kl_streak = int(state["kl_streak"])
+        self.waiting_since, self.waits = state["waiting_since"], int(state["waits"])
+        self.recent_entropy = [float(v) for v in state["recent_entropy"]]
+        self.skipped = [tuple(e) for e in state["skipped"]]
