@@ -218,6 +218,9 @@ class ResetSpec:
     entropy_margin: float = opt(0.5, ge=-1, le=2, help=(
         "wait_for_entropy: band widths above the target to wait for (below it, if negative: with a "
         "flattened reference, reference.temperature_scale > 1, the penalty lifts entropy above the snapshot's)"))
+    entropy_margin_high: float | None = opt(None, ge=0, le=2, help=(
+        "wait_for_entropy: band widths above the target beyond which a due reset waits too (None: no "
+        "limit); for a flattened reference, whose snapshot taken high lifts entropy further"))
     max_wait_steps: int = opt(20, ge=0, help="wait_for_entropy: steps a due reset waits before it is skipped")
     entropy_window: int = opt(3, ge=1, help="wait_for_entropy: steps averaged (one step's entropy is noisy)")
 

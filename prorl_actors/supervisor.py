@@ -198,7 +198,8 @@ class Supervisor:
             self.resets.observe_step(stats.get("kl", math.nan), stats.get("entropy", math.nan))
             decision = self.resets.decide(self.step, pg_loss=stats.get("pg_loss", math.nan),
                                           kl=stats.get("kl", math.nan), kl_coef=stats["kl_coef_used"],
-                                          entropy_floor=self.entropy_floor())
+                                          entropy_floor=self.entropy_window()[0],
+                                          entropy_ceiling=self.entropy_window()[1])
             if decision and decision[0] == "reset":
                 self.reset_reference(weights, decision[1])
             elif decision and (decision[0] == "skip" or self.resets.waiting_since == self.step):
@@ -260,15 +261,16 @@ class Supervisor:
             return k.coef, self.kl.coef
         return self.kl.coef, self.spec.algorithm.entropy_coef
 
-    def entropy_floor(self) -> float | None:
-        """Below this entropy a due reset waits (entropy-target mode moving beta, with
-        resets.wait_for_entropy): the target plus a margin, as the KL penalty holds entropy a
-        little below the reference's."""
+    def entropy_window(self) -> tuple[float | None, float | None]:
+        """A due reset waits while recent entropy is outside [floor, ceiling] (entropy-target
+        mode moving beta, with resets.wait_for_entropy; None = no limit): the target plus
+        margins in band widths, as the KL penalty holds entropy near the reference's."""
         rs = self.spec.supervisor.resets
-        if (self.kl.mode == "entropy-target" and self.spec.supervisor.kl.actuator == "kl_coef"
+        if not (self.kl.mode == "entropy-target" and self.spec.supervisor.kl.actuator == "kl_coef"
                 and rs.wait_for_entropy and self.kl.target is not None):
-            return self.kl.target + rs.entropy_margin * self.kl.band
-        return None
+            return None, None
+        high = None if rs.entropy_margin_high is None else self.kl.target + rs.entropy_margin_high * self.kl.band
+        return self.kl.target + rs.entropy_margin * self.kl.band, high
 
     def reset_reference(self, weights, reason: str) -> None:
         """Reference <- current policy; optimizer state re-initialised and the KL coefficient

@@ -199,15 +199,23 @@ def test_a_due_reset_waits_for_entropy_then_resets_or_is_skipped():
             p.record(step, decisions[step][1])
     # step 5: mean(0.95, 0.9) < 1 -> wait; 6: still; 7: mean(0.9, 1.2) = 1.05 -> reset, saying it waited
     assert decisions[5] == ("wait", "scheduled; entropy 0.925 below 1") and p.waits == 1
-    assert decisions[6][0] == "wait" and decisions[7] == ("reset", "scheduled; after waiting 2 steps for entropy 1")
+    assert decisions[6][0] == "wait" and decisions[7] == ("reset", "scheduled; after waiting 2 steps for entropy")
     assert p.events == [(7, decisions[7][1])] and p.waiting_since is None and decisions[8] is None
     for step in range(9, 16):                                   # due at 12; waits 12, 13, 14; skipped at 15
         p.observe_step(0.0, 0.5)
         decisions[step] = p.decide(step, entropy_floor=1.0)
     assert [decisions[s][0] if decisions[s] else None for s in range(9, 16)] == [None] * 3 + ["wait"] * 3 + ["skip"]
-    assert p.skipped == [(15, "scheduled; entropy below 1 for 3 steps")] and p.num_resets == 1
+    assert p.skipped == [(15, "scheduled; entropy outside the window for 3 steps")] and p.num_resets == 1
     assert p.last_reset_step == 15 and p.decide(16, entropy_floor=1.0) is None   # the schedule counts from the skip
     assert p.decide(20, entropy_floor=None) == ("reset", "scheduled")            # no floor: never waits
+    p.record(20, "scheduled")
+    p.observe_step(0.0, 2.0)                                    # mean(0.5, 2.0) = 1.25: above a ceiling
+    assert p.decide(25, entropy_floor=1.0, entropy_ceiling=1.2) == ("wait", "scheduled; entropy 1.25 above 1.2")
+    p.observe_step(0.0, 1.0)                                    # mean(2.0, 1.0) = 1.5 still above
+    assert p.decide(26, entropy_floor=1.0, entropy_ceiling=1.2)[0] == "wait"
+    p.observe_step(0.0, 1.1)
+    p.observe_step(0.0, 1.1)
+    assert p.decide(27, entropy_floor=1.0, entropy_ceiling=1.2)[0] == "reset"
 
 
 def test_a_waiting_kl_trigger_that_goes_away_waits_no_more_and_state_round_trips():

@@ -117,17 +117,18 @@ def test_entropy_controller_and_kl_triggered_reset(tiny_model, tmp_path):
     assert [tuple(e) for e in state["resets"]["events"]] == [(e["step"], e["reason"]) for e in resets]
 
 
-def test_a_due_reset_waits_while_entropy_is_below_the_target(tiny_model, tmp_path):
-    """With the target far above the entropy, a due reset waits (an event), then is skipped."""
+@pytest.mark.parametrize("relative,side", [(3.0, "below"), (0.3, "above")])
+def test_a_due_reset_waits_while_entropy_is_outside_the_window(tiny_model, tmp_path, relative, side):
+    """With the target far above (below) the entropy, a due reset waits (an event), then is skipped."""
     r, run = _train(tiny_model, tmp_path, "hf", extra=(
-        "supervisor.kl.mode=entropy-target", "supervisor.kl.entropy_target_relative=3.0",
+        "supervisor.kl.mode=entropy-target", f"supervisor.kl.entropy_target_relative={relative}",
         "supervisor.resets.triggers=[scheduled]", "supervisor.resets.every_steps=1",
-        "supervisor.resets.max_wait_steps=1", "num_steps=3"))
-    events = read_jsonl(run / "events.jsonl")
-    kinds = [e["event"] for e in events if e["event"].startswith("reference_reset")]
-    assert kinds == ["reference_reset_waits", "reference_reset_skipped", "reference_reset_waits"], kinds
-    assert all(e["entropy_target"] > 0 and e["reason"].startswith("scheduled; entropy") for e in events
-               if e["event"].startswith("reference_reset"))
+        "supervisor.resets.entropy_margin_high=0", "supervisor.resets.max_wait_steps=1", "num_steps=3"))
+    events = [e for e in read_jsonl(run / "events.jsonl") if e["event"].startswith("reference_reset")]
+    assert [e["event"] for e in events] == ["reference_reset_waits", "reference_reset_skipped",
+                                            "reference_reset_waits"], events
+    assert all(e["entropy_target"] > 0 and e["reason"].startswith("scheduled; entropy") for e in events)
+    assert side in events[0]["reason"]
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["reference_resets_skipped"] for m in metrics] == [0, 1, 1]
     assert [m["reference_reset_waiting"] for m in metrics] == [1, 0, 1] and metrics[-1]["reference_resets"] == 0

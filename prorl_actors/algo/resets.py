@@ -126,28 +126,33 @@ class ResetPolicy:
             self.val_since_reset.append(float(value))
 
     def decide(self, step: int, *, pg_loss: float = math.nan, kl: float = math.nan, kl_coef: float = 0.0,
-               entropy_floor: float | None = None) -> tuple[str, str] | None:
+               entropy_floor: float | None = None, entropy_ceiling: float | None = None) -> tuple[str, str] | None:
         """After step `step`: None (nothing due), ("reset", reason), ("wait", reason) or
         ("skip", reason).
 
-        entropy_floor (the controller's target; None: never wait): a due reset waits while the
-        mean of the recent entropy is below it; after max_wait_steps of waiting it is skipped
-        and the triggers count again from this step. `waiting_since`: the step the wait began.
+        entropy_floor (None: no floor): a due reset waits while the mean of the recent entropy
+        is below it; entropy_ceiling (None: no ceiling) likewise above it (with a flattened
+        reference a snapshot taken high lifts entropy further). After max_wait_steps of waiting
+        it is skipped and the triggers count again from this step. `waiting_since`: the step
+        the wait began.
         """
         reason = self.due(step, pg_loss=pg_loss, kl=kl, kl_coef=kl_coef)
         if reason is None:
             self.waiting_since = None          # a trigger that went away (KL fell back) waits no more
             return None
         recent = sum(self.recent_entropy) / len(self.recent_entropy) if self.recent_entropy else math.nan
-        if entropy_floor is None or not recent < entropy_floor:
+        low = entropy_floor is not None and recent < entropy_floor
+        high = entropy_ceiling is not None and recent > entropy_ceiling
+        if not (low or high):
             if self.waiting_since is not None:
-                reason = f"{reason}; after waiting {step - self.waiting_since} steps for entropy {entropy_floor:.4g}"
+                reason = f"{reason}; after waiting {step - self.waiting_since} steps for entropy"
             return "reset", reason
         if self.waiting_since is None:
             self.waiting_since, self.waits = step, self.waits + 1
+        side = f"below {entropy_floor:.4g}" if low else f"above {entropy_ceiling:.4g}"
         if step - self.waiting_since < self.max_wait_steps:
-            return "wait", f"{reason}; entropy {recent:.4g} below {entropy_floor:.4g}"
-        reason = f"{reason}; entropy below {entropy_floor:.4g} for {step - self.waiting_since} steps"
+            return "wait", f"{reason}; entropy {recent:.4g} {side}"
+        reason = f"{reason}; entropy outside the window for {step - self.waiting_since} steps"
         self.skipped.append((step, reason))
         self._rearm(step)
         return "skip", reason
