@@ -211,10 +211,10 @@ class ResetSpec:
     restore_kl_coef: bool = opt(False, help="start the controller's coefficient (beta, or the bonus with "
                                            "kl.actuator entropy_coef) again from its start value at a reset")
     wait_for_entropy: bool = opt(True, help=(
-        "kl.mode entropy-target moving kl_coef: a due reset waits until entropy (the mean of the last entropy_window steps) "
-        "reaches the target + entropy_margin band widths, since the KL penalty holds entropy just below the "
-        "reference's; it is skipped after max_wait_steps and the triggers count again. No effect in the "
-        "other modes"))
+        "kl.mode entropy-target moving kl_coef: a due reset waits until entropy (the mean of the last "
+        "entropy_window steps) reaches the target + entropy_margin band widths, since the KL penalty holds "
+        "entropy just below the reference's; it is skipped after max_wait_steps and the triggers count "
+        "again. No effect in the other modes"))
     entropy_margin: float = opt(0.5, ge=-1, le=2, help=(
         "wait_for_entropy: band widths above the target to wait for (below it, if negative: with a "
         "flattened reference, reference.temperature_scale > 1, the penalty lifts entropy above the snapshot's)"))

@@ -185,7 +185,7 @@ class Supervisor:
                 kl_coef, entropy_coef = self.coefs()
                 stats = self.learner.call_one("update", batch, kl_coef, entropy_coef)
             stats["kl_coef_used"], stats["entropy_coef_used"] = kl_coef, entropy_coef
-            stats["kl_share"] = kl_share(stats.get("pg_loss", math.nan), stats.get("kl", math.nan), self.kl.coef)
+            stats["kl_share"] = kl_share(stats.get("pg_loss", math.nan), stats.get("kl", math.nan), kl_coef)
         if stats and stats["optimizer_steps"] == 0:  # every update was non-finite: weights unchanged
             self.records.event("update_skipped", self.step, skipped_updates=stats["skipped_updates"])
         elif stats:
@@ -196,10 +196,10 @@ class Supervisor:
             # the controller sets the coefficient of the next step from this step's entropy and KL
             self.kl.update(stats.get("entropy", math.nan), stats.get("kl", math.nan))
             self.resets.observe_step(stats.get("kl", math.nan), stats.get("entropy", math.nan))
+            floor, ceiling = self.reset_entropy_limits()
             decision = self.resets.decide(self.step, pg_loss=stats.get("pg_loss", math.nan),
                                           kl=stats.get("kl", math.nan), kl_coef=stats["kl_coef_used"],
-                                          entropy_floor=self.entropy_window()[0],
-                                          entropy_ceiling=self.entropy_window()[1])
+                                          entropy_floor=floor, entropy_ceiling=ceiling)
             if decision and decision[0] == "reset":
                 self.reset_reference(weights, decision[1])
             elif decision and (decision[0] == "skip" or self.resets.waiting_since == self.step):
@@ -261,7 +261,7 @@ class Supervisor:
             return k.coef, self.kl.coef
         return self.kl.coef, self.spec.algorithm.entropy_coef
 
-    def entropy_window(self) -> tuple[float | None, float | None]:
+    def reset_entropy_limits(self) -> tuple[float | None, float | None]:
         """A due reset waits while recent entropy is outside [floor, ceiling] (entropy-target
         mode moving beta, with resets.wait_for_entropy; None = no limit): the target plus
         margins in band widths, as the KL penalty holds entropy near the reference's."""

@@ -14,12 +14,12 @@ Algorithmic choices:
 - Waiting for entropy: with an entropy target, a due reset waits while entropy (the mean
   of the last ``entropy_window`` steps: one step's batch is noisy) is below a floor (the
   supervisor passes the target plus a margin, as the penalty holds entropy a little below
-  the reference's); after ``max_wait_steps`` it is skipped, and the triggers count again
-  from there. The KL penalty
-  pulls the policy towards the reference, so a reference taken from a policy whose entropy
-  has dipped holds entropy down there however large the coefficient grows, and each further
-  reset taken low ratchets it lower (measured: a scheduled reset right after a dip left a
-  48-step run pinned at the coefficient's cap below the band for the rest of it).
+  the reference's), or (with a ceiling) above it; after ``max_wait_steps`` it is skipped,
+  and the triggers count again from there. The KL penalty pulls the policy towards the
+  reference, so a reference taken from a policy whose entropy has dipped holds entropy down
+  there however large the coefficient grows, and each further reset taken low ratchets it
+  lower (measured: a scheduled reset right after a dip left a 48-step run pinned at the
+  coefficient's cap below the band for the rest of it).
 - Pure policy: it decides, the caller acts. Usage after optimizer step ``step``:
   ``policy.observe_step(kl, entropy)``; ``decision = policy.decide(step, ...)``; on
   ``("reset", reason)``: copy the policy weights to the reference and
@@ -78,8 +78,9 @@ class ResetPolicy:
     scheduled: every `every_steps` steps. validation: the metric has not improved for
     `patience` evaluations, or dropped by more than `max_drop` (evaluations since the last
     reset). kl: the KL term's share of the loss above `max_kl_share`, or KL above
-    `kl_ceiling` for `kl_steps` steps in a row. With an entropy floor (`decide`), a due
-    reset waits while the recent entropy is below it, and is skipped after `max_wait_steps`.
+    `kl_ceiling` for `kl_steps` steps in a row. With an entropy floor or ceiling (`decide`), a
+    due reset waits while the recent entropy is outside them, and is skipped after
+    `max_wait_steps`.
     `last_reset_step` is the step the triggers count from: the last reset or skipped reset.
     """
 
