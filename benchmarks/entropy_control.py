@@ -89,7 +89,7 @@ def main() -> None:
         ax.axvline(s, color="tab:green", ls=":", lw=1)
         ax2.axvline(s, color="tab:green", ls=":", lw=1)
     for i, s in enumerate(skipped):   # a due reset that waited for entropy and was skipped
-        ax.axvline(s, color="tab:orange", ls=":", lw=1, label="reset skipped (entropy low)" if i == 0 else None)
+        ax.axvline(s, color="tab:orange", ls=":", lw=1, label="reset skipped (entropy outside the window)" if i == 0 else None)
     ax.axvline(args.warmup + 0.5, color="grey", ls="--", lw=1, label="end of warm-up")
     ax.set_ylabel("policy entropy (nats / token)")
     ax.legend(fontsize=8)
@@ -112,7 +112,7 @@ def main() -> None:
         val = [v["accuracy"] for v in _read(runs[name] / "validation.jsonl")]
         print(f"{name:14}{in_band(after, low, high):24.2f}{metrics[name][-1]['entropy']:15.4f}"
               f"{val[0]:15.3f}{val[-1]:13.3f}{sum(val[-2:]) / len(val[-2:]):16.3f}")
-    print(f"resets (controlled): {resets}; skipped while entropy was below the target: {skipped}\nplot: {png}")
+    print(f"resets (controlled): {resets}; skipped (entropy outside the window): {skipped}\nplot: {png}")
 
 
 if __name__ == "__main__":

@@ -217,12 +217,13 @@ class Supervisor:
         resp_len = pc.list_value_length(allr[B.RESPONSE_IDS]).to_numpy()
         tasks = np.array(allr[B.TASK].to_pylist())
         n_kept = batch.num_rows // G if batch is not None else 0
+        beta_next, bonus_next = self.coefs()
         m = {
             "step": self.step, "policy_version": self.version,
             "reward_mean": float(rewards.mean()), "accuracy": float((rewards >= 1.0).mean()),
             "entropy": stats.get("entropy", math.nan), "kl": stats.get("kl", math.nan),
-            "kl_coef": stats.get("kl_coef_used", self.coefs()[0]), "kl_coef_next": self.coefs()[0],
-            "entropy_coef": stats.get("entropy_coef_used", self.coefs()[1]),
+            "kl_coef": stats.get("kl_coef_used", beta_next), "kl_coef_next": beta_next,
+            "entropy_coef": stats.get("entropy_coef_used", bonus_next),
             "kl_share": stats.get("kl_share", math.nan),
             "entropy_target": self.kl.target if self.kl.mode == "entropy-target" else math.nan,
             **{k: stats.get(k, math.nan) for k in (

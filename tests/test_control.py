@@ -198,7 +198,7 @@ def test_a_due_reset_waits_for_entropy_then_resets_or_is_skipped():
         if decisions[step] and decisions[step][0] == "reset":
             p.record(step, decisions[step][1])
     # step 5: mean(0.95, 0.9) < 1 -> wait; 6: still; 7: mean(0.9, 1.2) = 1.05 -> reset, saying it waited
-    assert decisions[5] == ("wait", "scheduled; entropy 0.925 below 1") and p.waits == 1
+    assert decisions[5] == ("wait", "scheduled; entropy 0.925 below 1")  # began at 5: "after waiting 2 steps" at 7
     assert decisions[6][0] == "wait" and decisions[7] == ("reset", "scheduled; after waiting 2 steps for entropy")
     assert p.events == [(7, decisions[7][1])] and p.waiting_since is None and decisions[8] is None
     for step in range(9, 16):                                   # due at 12; waits 12, 13, 14; skipped at 15
@@ -225,7 +225,7 @@ def test_a_waiting_kl_trigger_that_goes_away_waits_no_more_and_state_round_trips
     state = p.state_dict()
     q = ResetPolicy(triggers=("kl",), max_kl_share=0.5)
     q.load_state_dict(state)
-    assert (q.waiting_since, q.recent_entropy, q.waits) == (3, [0.2], 1)
+    assert (q.waiting_since, q.recent_entropy) == (3, [0.2])
     assert p.decide(4, pg_loss=0.01, kl=0.001, kl_coef=1.0, entropy_floor=0.3) is None and p.waiting_since is None
     p.observe_step(math.nan, math.nan)                          # NaN entropy is left out of the window
     assert p.recent_entropy == [0.2]

@@ -102,7 +102,6 @@ class ResetPolicy:
     kl_streak: int = 0
     waiting_since: int | None = None                     # a due reset waits for entropy since this step
     recent_entropy: list = field(default_factory=list)  # the last entropy_window steps' entropy
-    waits: int = 0
     skipped: list = field(default_factory=list)         # (step, reason) of every skipped reset
 
     def __post_init__(self) -> None:
@@ -149,7 +148,7 @@ class ResetPolicy:
                 reason = f"{reason}; after waiting {step - self.waiting_since} steps for entropy"
             return "reset", reason
         if self.waiting_since is None:
-            self.waiting_since, self.waits = step, self.waits + 1
+            self.waiting_since = step
         side = f"below {entropy_floor:.4g}" if low else f"above {entropy_ceiling:.4g}"
         if step - self.waiting_since < self.max_wait_steps:
             return "wait", f"{reason}; entropy {recent:.4g} {side}"
@@ -194,7 +193,7 @@ class ResetPolicy:
         return {"last_reset_step": self.last_reset_step, "num_resets": self.num_resets,
                 "events": [list(e) for e in self.events], "val_since_reset": list(self.val_since_reset),
                 "kl_streak": self.kl_streak, "waiting_since": self.waiting_since,
-                "recent_entropy": list(self.recent_entropy), "waits": self.waits,
+                "recent_entropy": list(self.recent_entropy),
                 "skipped": [list(e) for e in self.skipped]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -203,6 +202,6 @@ class ResetPolicy:
         self.events = [tuple(e) for e in state["events"]]
         self.val_since_reset = [float(v) for v in state["val_since_reset"]]
         self.kl_streak = int(state["kl_streak"])
-        self.waiting_since, self.waits = state["waiting_since"], int(state["waits"])
+        self.waiting_since = state["waiting_since"]
         self.recent_entropy = [float(v) for v in state["recent_entropy"]]
         self.skipped = [tuple(e) for e in state["skipped"]]
