@@ -37,7 +37,13 @@ def train(spec: str, out: Path, name: str, overrides: list[str]) -> Path:
     print("$", " ".join(cmd), flush=True)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
-    subprocess.run(cmd, check=True, env=env, stdout=sys.stdout, stderr=subprocess.DEVNULL)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / f"{name}.stderr.log"      # Ray's and vLLM's chatter; its end is shown if the run fails
+    with open(log, "w") as err:
+        done = subprocess.run(cmd, env=env, stdout=sys.stdout, stderr=err)
+    if done.returncode:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        sys.exit(f"{name} run failed (exit {done.returncode}); the end of {log}:\n{tail}")
     return out / name
 
 
@@ -93,12 +99,15 @@ def main() -> None:
     ax.axvline(args.warmup + 0.5, color="grey", ls="--", lw=1, label="end of warm-up")
     ax.set_ylabel("policy entropy (nats / token)")
     ax.legend(fontsize=8)
-    ax.set_title("entropy with and without the KL-coefficient controller (dotted: reference resets)")
+    ax.set_title("entropy with and without the entropy controller (dotted: reference resets)")
     ms = metrics["controlled"]
-    moved = "entropy_coef" if len({m["entropy_coef"] for m in ms}) > 1 else "kl_coef"   # the actuator
-    ax2.semilogy([m["step"] for m in ms], [max(m[moved], 1e-8) for m in ms], color="tab:blue")
-    ax2.set_ylabel({"kl_coef": "KL coefficient", "entropy_coef": "entropy bonus coefficient"}[moved]
-                   + " (controlled)")
+    moved = next((k for k in ("ref_temperature_scale", "entropy_coef") if len({m.get(k) for m in ms}) > 1),
+                 "kl_coef")   # what the controller moved (kl.actuator)
+    ax2.plot([m["step"] for m in ms], [max(m[moved], 1e-8) for m in ms], color="tab:blue")
+    if moved != "ref_temperature_scale":
+        ax2.set_yscale("log")
+    ax2.set_ylabel({"kl_coef": "KL coefficient", "entropy_coef": "entropy bonus coefficient",
+                    "ref_temperature_scale": "reference temperature scale"}[moved] + " (controlled)")
     ax2.set_xlabel("step")
     fig.tight_layout()
     png = out / "entropy_control.png"

@@ -174,10 +174,13 @@ class KLControlSpec:
         "Ziegler et al. / OpenRLHF, for comparison"))
     coef: float = opt(1e-4, ge=0, help="beta of the KL penalty to the reference policy (the start value "
                                        "for the controllers)")
-    actuator: Literal["kl_coef", "entropy_coef"] = opt("kl_coef", help=(
+    actuator: Literal["kl_coef", "entropy_coef", "reference_temperature"] = opt("kl_coef", help=(
         "entropy-target: what the controller moves: kl_coef = beta (ProRL's lever; a penalty can only pull "
         "entropy towards the reference's), entropy_coef = the entropy bonus's coefficient, starting from "
-        "algorithm.entropy_coef, with beta fixed at coef (Skywork-OR1's adaptive entropy control); "
+        "algorithm.entropy_coef, with beta fixed at coef (Skywork-OR1's adaptive entropy control), "
+        "reference_temperature = the reference's temperature scale, starting from "
+        "reference.temperature_scale, with beta fixed at coef (> 1 flattens the reference so the penalty "
+        "lifts entropy, < 1 sharpens it so the penalty lowers it, whatever the snapshot's entropy); "
         "coef_min / coef_max bound whichever it moves"))
     entropy_target: float | None = opt(None, gt=0, help="entropy-target: the target, nats per token")
     entropy_target_relative: float | None = opt(None, gt=0, help=(
@@ -208,8 +211,13 @@ class ResetSpec:
     kl_steps: int = opt(3, ge=1)
     min_gap: int = opt(1, ge=1, help="steps between two resets at least")
     reset_optimizer: bool = opt(True, help="re-initialise the learner's optimizer state at a reset")
-    restore_kl_coef: bool = opt(False, help="start the controller's coefficient (beta, or the bonus with "
-                                           "kl.actuator entropy_coef) again from its start value at a reset")
+    restore_kl_coef: bool = opt(False, help="start what the controller moves (beta, the bonus or the "
+                                           "reference's temperature scale: kl.actuator) again from its start "
+                                           "value at a reset")
+    match_reference_entropy: bool = opt(True, help=(
+        "kl.actuator reference_temperature: at a reset the reference's temperature scale is chosen again so "
+        "that the new reference's entropy on the step's responses equals the old one's (the penalty's pull "
+        "does not jump at the reset; bumpless transfer), within kl.coef_min..coef_max"))
     wait_for_entropy: bool = opt(True, help=(
         "kl.mode entropy-target moving kl_coef: a due reset waits until entropy (the mean of the last "
         "entropy_window steps) reaches the target + entropy_margin band widths, since the KL penalty holds "
@@ -362,10 +370,22 @@ class RunSpec:
         if kl.mode == "entropy-target" and (kl.entropy_target is None) == (kl.entropy_target_relative is None):
             errs.append(("supervisor.kl.entropy_target", kl.entropy_target,
                          "exactly one of entropy_target and entropy_target_relative with mode entropy-target"))
-        if kl.actuator == "entropy_coef" and kl.mode != "entropy-target":
-            errs.append(("supervisor.kl.actuator", kl.actuator, "entropy_coef only with mode entropy-target"))
+        if kl.actuator != "kl_coef" and kl.mode != "entropy-target":
+            errs.append(("supervisor.kl.actuator", kl.actuator, f"{kl.actuator} only with mode entropy-target"))
+        if kl.actuator == "reference_temperature":
+            if kl.coef == 0:
+                errs.append(("supervisor.kl.coef", kl.coef, "> 0 with actuator reference_temperature (the "
+                                                            "penalty is what moves entropy)"))
+            if kl.coef_min < 0.5 or kl.coef_max > 2:
+                errs.append(("supervisor.kl.coef_min", [kl.coef_min, kl.coef_max],
+                             "coef_min >= 0.5 and coef_max <= 2 with actuator reference_temperature (the "
+                             "scale of the reference's temperature)"))
         if kl.mode == "kl-target" and kl.kl_target is None:
             errs.append(("supervisor.kl.kl_target", None, "a number with mode kl-target"))
+        if kl.actuator == "reference_temperature" and rs.match_reference_entropy and rs.restore_kl_coef:
+            errs.append(("supervisor.resets.restore_kl_coef", True, "false with match_reference_entropy and "
+                                                                    "kl.actuator reference_temperature (both set "
+                                                                    "the scale at a reset)"))
         if kl.coef_min >= kl.coef_max:
             errs.append(("supervisor.kl.coef_min", kl.coef_min, f"less than coef_max ({kl.coef_max})"))
         if "validation" in rs.triggers and self.validation.every_steps == 0:

@@ -27,7 +27,7 @@ from prorl_actors.actors.learner import LearnerActor
 from prorl_actors.actors.reference import ReferenceActor
 from prorl_actors.actors.verifier import VerifierActor
 from prorl_actors.algo import (KLController, ResetPolicy, get_adv_estimator, informative_groups, kl_share,
-                               overlong_penalty, pass_at_k)
+                               overlong_penalty, pass_at_k, scale_for_entropy)
 from prorl_actors.checkpoint import save_checkpoint
 from prorl_actors.engines.generation import SamplingSpec
 from prorl_actors.group import ActorGroup
@@ -179,12 +179,14 @@ class Supervisor:
                 rewards = rewards + overlong_penalty(lengths, spec.generator.max_new_tokens, ol.buffer_tokens)
             adv = get_adv_estimator(spec.algorithm.adv_estimator)(rewards, G)
             batch = B.with_column(batch, B.ADV, adv.numpy())
+            ref_scale = self.ref_temperature_scale()
             with timer("reference"):
-                batch = self.reference.call_one("logprobs", batch)
+                batch = self.reference.call_one("logprobs", batch, spec.generator.temperature * ref_scale)
             with timer("learn"):
                 kl_coef, entropy_coef = self.coefs()
                 stats = self.learner.call_one("update", batch, kl_coef, entropy_coef)
             stats["kl_coef_used"], stats["entropy_coef_used"] = kl_coef, entropy_coef
+            stats["ref_temperature_scale_used"] = ref_scale
             stats["kl_share"] = kl_share(stats.get("pg_loss", math.nan), stats.get("kl", math.nan), kl_coef)
         if stats and stats["optimizer_steps"] == 0:  # every update was non-finite: weights unchanged
             self.records.event("update_skipped", self.step, skipped_updates=stats["skipped_updates"])
@@ -201,7 +203,7 @@ class Supervisor:
                                           kl=stats.get("kl", math.nan), kl_coef=stats["kl_coef_used"],
                                           entropy_floor=floor, entropy_ceiling=ceiling)
             if decision and decision[0] == "reset":
-                self.reset_reference(weights, decision[1])
+                self.reset_reference(weights, decision[1], batch)
             elif decision and (decision[0] == "skip" or self.resets.waiting_since == self.step):
                 event = "reference_reset_skipped" if decision[0] == "skip" else "reference_reset_waits"
                 self.records.event(event, self.step, reason=decision[1], entropy_target=self.kl.target)
@@ -224,6 +226,7 @@ class Supervisor:
             "entropy": stats.get("entropy", math.nan), "kl": stats.get("kl", math.nan),
             "kl_coef": stats.get("kl_coef_used", beta_next), "kl_coef_next": beta_next,
             "entropy_coef": stats.get("entropy_coef_used", bonus_next),
+            "ref_temperature_scale": stats.get("ref_temperature_scale_used", self.ref_temperature_scale()),
             "kl_share": stats.get("kl_share", math.nan),
             "entropy_target": self.kl.target if self.kl.mode == "entropy-target" else math.nan,
             **{k: stats.get(k, math.nan) for k in (
@@ -250,17 +253,28 @@ class Supervisor:
             m[f"accuracy/{t}"] = float((rewards[tasks == t] >= 1.0).mean())
             m[f"verify_errors/{t}"] = int(errors[tasks == t].sum())
             m[f"verify_timeouts/{t}"] = int(timeouts[tasks == t].sum())
+            m[f"entropy/{t}"] = stats.get(f"entropy/{t}", math.nan)    # trained tokens of the task
         for p in PHASES:
             m[f"time/{p}_s"] = timer.s[p]
         m["time/other_s"] = step_s - sum(timer.s.values())
         return m
 
     def coefs(self) -> tuple[float, float]:
-        """(beta, entropy bonus coefficient) for the next update: the controller moves one of them."""
+        """(beta, entropy bonus coefficient) for the next update: the controller moves one of them
+        (or neither: the reference's temperature, ref_temperature_scale)."""
         k = self.spec.supervisor.kl
         if k.actuator == "entropy_coef":
             return k.coef, self.kl.coef
+        if k.actuator == "reference_temperature":
+            return k.coef, self.spec.algorithm.entropy_coef
         return self.kl.coef, self.spec.algorithm.entropy_coef
+
+    def ref_temperature_scale(self) -> float:
+        """The reference's logprobs are taken at the sampling temperature x this (kl.actuator
+        reference_temperature moves it; otherwise reference.temperature_scale)."""
+        if self.spec.supervisor.kl.actuator == "reference_temperature":
+            return self.kl.coef
+        return self.spec.reference.temperature_scale
 
     def reset_entropy_limits(self) -> tuple[float | None, float | None]:
         """A due reset waits while recent entropy is outside [floor, ceiling] (entropy-target
@@ -273,18 +287,33 @@ class Supervisor:
         high = None if rs.entropy_margin_high is None else self.kl.target + rs.entropy_margin_high * self.kl.band
         return self.kl.target + rs.entropy_margin * self.kl.band, high
 
-    def reset_reference(self, weights, reason: str) -> None:
+    def reset_reference(self, weights, reason: str, batch: pa.Table | None = None) -> None:
         """Reference <- current policy; optimizer state re-initialised and the KL coefficient
-        restored when the spec says so; recorded with its reason."""
-        rs = self.spec.supervisor.resets
+        restored when the spec says so (or, moving the reference's temperature, the scale chosen
+        so that the reference's entropy on this step's responses stays where it was); recorded
+        with its reason."""
+        rs, k = self.spec.supervisor.resets, self.spec.supervisor.kl
+        match = k.actuator == "reference_temperature" and rs.match_reference_entropy and batch is not None
+        if match:   # at most 128 rows spread over the batch: the entropy of both references on them
+            rows = batch.take(np.linspace(0, batch.num_rows - 1, min(batch.num_rows, 128)).round().astype(np.int64))
+            T, scale_before = self.spec.generator.temperature, self.ref_temperature_scale()
+            ref_entropy = self.reference.call_one("entropy", rows, T * scale_before)
         self.reference.call_one("reset_to", weights, self.version)
         if rs.reset_optimizer:
             self.learner.call_one("reset_optimizer")
         if rs.restore_kl_coef:
             self.kl.restore_initial()
+        extra = {}
+        if match:
+            self.kl.set_coef(scale_for_entropy(lambda sc: self.reference.call_one("entropy", rows, T * sc),
+                                               ref_entropy, k.coef_min, k.coef_max))
+            after = self.ref_temperature_scale()
+            extra = {"ref_temperature_scale_before": scale_before, "ref_temperature_scale": after,
+                     "ref_entropy_before": ref_entropy,
+                     "ref_entropy": self.reference.call_one("entropy", rows, T * after)}
         self.resets.record(self.step, reason)
         self.records.event("reference_reset", self.step, reason=reason, policy_version=self.version,
-                           optimizer_reset=rs.reset_optimizer, kl_coef=self.coefs()[0])
+                           optimizer_reset=rs.reset_optimizer, kl_coef=self.coefs()[0], **extra)
         self.log(f"step {self.step}: reference reset ({reason})")
 
     # ------------------------------------------------------------------ validation
@@ -383,7 +412,10 @@ def make_kl_controller(spec: RunSpec) -> KLController:
     """The controller of the coefficient that supervisor.kl.actuator names."""
     k = spec.supervisor.kl
     target = k.entropy_target if k.mode == "entropy-target" else k.kl_target
-    start = k.coef if k.actuator == "kl_coef" else min(max(spec.algorithm.entropy_coef, k.coef_min), k.coef_max)
+    start = {"kl_coef": k.coef, "entropy_coef": spec.algorithm.entropy_coef,
+             "reference_temperature": spec.reference.temperature_scale}[k.actuator]
+    if k.actuator != "kl_coef":
+        start = min(max(start, k.coef_min), k.coef_max)
     return KLController(mode=k.mode, coef=start, target=target, target_relative=k.entropy_target_relative,
                         band=k.band, rate=k.rate, kp=k.kp, coef_min=k.coef_min, coef_max=k.coef_max,
                         smoothing=k.smoothing, horizon=k.horizon)

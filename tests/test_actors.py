@@ -92,6 +92,21 @@ def test_reference_matches_learner_and_resets(parts, tiny_model):
     assert (after - before).abs().max() > 1e-3  # the reference now is the updated policy
 
 
+def test_reference_logprobs_at_a_given_temperature(parts, tiny_model):
+    """The supervisor passes the reference's temperature per call (kl.actuator reference_temperature)."""
+    spec, tok, r = parts
+    ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
+    model = load_causal_lm(tiny_model, "float32").eval()
+    seq = B.to_tensors(r, tok.pad_token_id)
+    with torch.no_grad():
+        want = {t: response_logp(model, seq, temperature=t)[0][seq.mask.bool()] for t in (1.2, 1.5)}
+    got = {t: torch.tensor([x for row in ref.logprobs(r, t)[B.REF_LOGP].to_pylist() for x in row])
+           for t in (None, 1.5)}
+    torch.testing.assert_close(got[None], want[1.2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1.5], want[1.5], atol=1e-5, rtol=1e-5)
+    assert (want[1.5] - want[1.2]).abs().max() > 1e-2
+
+
 def test_update_moves_probability_towards_positive_advantage(parts, tiny_model):
     spec, tok, r = parts
     ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
@@ -197,3 +212,26 @@ def test_entropy_bonus_raises_entropy(parts, tiny_model):
     learner = _learner(spec, tiny_model, tok, algo=bonus, lr=1e-3, num_prompts_per_mini_batch=6)
     entropies = [learner.update(t, kl_coef=0.0)["entropy"] for _ in range(4)]
     assert entropies[-1] > entropies[0] + 1e-3, entropies
+
+
+def test_entropy_per_task_is_each_tasks_token_mean(parts, tiny_model):
+    """entropy/<task>: the token-mean entropy of each task's responses (their token-weighted
+    mean is the batch's entropy), so a batch's task mix can be told apart from the policy."""
+    spec, tok, r = parts
+    names = [("even", "odd")[(i // G) % 2] for i in range(r.num_rows)]          # two tasks, by group
+    r = r.set_column(r.schema.get_field_index(B.TASK), B.TASK, pa.array(names))
+    ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
+    t = _with_adv_ref(r, [0.0] * r.num_rows, ref)
+    stats = _learner(spec, tiny_model, tok, lr=1e-9, num_prompts_per_mini_batch=6).update(t, kl_coef=0.0)
+    model = load_causal_lm(tiny_model, "float32").eval()
+    seq = B.to_tensors(r, tok.pad_token_id)
+    with torch.no_grad():
+        _, ent = response_logp(model, seq, temperature=1.2, with_entropy=True)       # (B, T)
+    tasks = r[B.TASK].to_pylist()
+    total, tokens = 0.0, 0.0
+    for name in set(tasks):
+        rows = torch.tensor([x == name for x in tasks])
+        want = float((ent[rows] * seq.mask[rows]).sum() / seq.mask[rows].sum())
+        assert stats[f"entropy/{name}"] == pytest.approx(want, rel=1e-4)
+        total, tokens = total + want * float(seq.mask[rows].sum()), tokens + float(seq.mask[rows].sum())
+    assert stats["entropy"] == pytest.approx(total / tokens, rel=1e-4)

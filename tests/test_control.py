@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from prorl_actors.algo import (KLController, ResetPolicy, kl_coef_for_entropy, kl_coef_for_kl, kl_share,
-                               mask_truncated, overlong_penalty, validation_dropped, validation_stalled)
+                               mask_truncated, overlong_penalty, scale_for_entropy, validation_dropped,
+                               validation_stalled)
 
 STEP = dict(rate=0.2, kp=1.0, coef_min=1e-6, coef_max=1.0)
 L = math.log(1e-3)
@@ -124,6 +125,26 @@ def test_relative_target_and_state_round_trip():
     assert [fresh.update(h, 0.0) for h in (1.1, 1.0, 1.3)] == a
     fresh.restore_initial()
     assert fresh.coef == 1e-3
+
+
+def test_scale_for_entropy_bisects_and_clamps():
+    """Bumpless transfer at a reset: the reference's temperature scale for a given entropy."""
+    calls = []
+
+    def entropy_at(s):          # a two-token distribution with logits (0, -1/s): entropy rises with s
+        calls.append(s)
+        p = 1 / (1 + math.exp(-1 / s))
+        return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    want = entropy_at(1.3)
+    s = scale_for_entropy(entropy_at, want, 0.5, 2.0, iters=20)
+    assert s == pytest.approx(1.3, rel=1e-4) and len(calls) == 1 + 2 + 20
+    assert scale_for_entropy(entropy_at, entropy_at(0.4), 0.5, 2.0) == 0.5       # out of reach: the bounds
+    assert scale_for_entropy(entropy_at, math.log(2), 0.5, 2.0) == 2.0
+    ctrl = KLController(mode="entropy-target", coef=1.0, target=0.2, band=0.01, coef_min=0.8, coef_max=1.5)
+    ctrl.set_coef(2.0)
+    assert ctrl.coef == 1.5 and ctrl.log_integral == pytest.approx(math.log(1.5))
+    ctrl.set_coef(1.2)   # the integral goes on from the value set: at the target only kp * e = 0 is added
+    assert ctrl.update(0.2, 0.0) == pytest.approx(1.2)
 
 
 def test_fixed_mode_never_moves_and_bad_settings_fail():

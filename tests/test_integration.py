@@ -1,5 +1,6 @@
 """The real loop, end to end: `prorl train` on an embedded local Ray, real engines, real tiny model."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -150,3 +151,26 @@ def test_the_controller_can_move_the_entropy_bonus_instead_of_beta(tiny_model, t
     assert bonus[0] == 1e-3 and bonus[0] < bonus[1] < bonus[2]
     kinds = [e["event"] for e in read_jsonl(run / "events.jsonl") if e["event"].startswith("reference_reset")]
     assert kinds == ["reference_reset"]
+
+
+def test_the_controller_can_move_the_reference_temperature(tiny_model, tmp_path):
+    """kl.actuator=reference_temperature: beta stays at kl.coef while the reference's temperature
+    scale rises (entropy below the target); the scale used is recorded per step; KL is 0 at step 1
+    only while the scale is 1; resets do not wait for entropy, and at a reset the scale is chosen
+    again so that the new reference's entropy on the step's responses is the old one's."""
+    r, run = _train(tiny_model, tmp_path, "hf", extra=(
+        "supervisor.kl.mode=entropy-target", "supervisor.kl.entropy_target_relative=3.0",
+        "supervisor.kl.actuator=reference_temperature", "supervisor.kl.coef=0.5", "supervisor.kl.coef_min=0.8",
+        "supervisor.kl.coef_max=1.5", "supervisor.kl.rate=0.05", "supervisor.kl.kp=0",
+        "supervisor.resets.triggers=[scheduled]", "supervisor.resets.every_steps=2", "num_steps=3"))
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["kl_coef"] for m in metrics] == [0.5] * 3
+    scale = [m["ref_temperature_scale"] for m in metrics]
+    assert scale[0] == 1.0 and scale[1] == pytest.approx(math.exp(0.1))     # rate 0.05 x error 2 (clipped)
+    assert abs(metrics[0]["kl"]) < 1e-6 and metrics[1]["kl"] > 1e-3
+    resets = [e for e in read_jsonl(run / "events.jsonl") if e["event"].startswith("reference_reset")]
+    assert [e["event"] for e in resets] == ["reference_reset"]
+    e = resets[0]
+    assert e["ref_temperature_scale_before"] == pytest.approx(math.exp(0.2))
+    assert e["ref_entropy"] == pytest.approx(e["ref_entropy_before"], rel=1e-3)
+    assert scale[2] == pytest.approx(e["ref_temperature_scale"]) and 0.8 < scale[2] < 1.5

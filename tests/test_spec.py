@@ -71,6 +71,13 @@ def test_entropy_control_and_reset_rules():
     with pytest.raises(SpecError) as e:
         build_spec({"supervisor": {"kl": {"mode": "kl-target", "actuator": "entropy_coef"}}})
     assert {p for p, _, _ in e.value.errors} == {"supervisor.kl.kl_target", "supervisor.kl.actuator"}
+    with pytest.raises(SpecError) as e:   # the reference's temperature: beta > 0, a scale within [0.5, 2]
+        build_spec({"supervisor": {"kl": {"mode": "entropy-target", "entropy_target_relative": 0.8,
+                                          "actuator": "reference_temperature", "coef": 0}}})
+    assert {p for p, _, _ in e.value.errors} == {"supervisor.kl.coef", "supervisor.kl.coef_min"}
+    ok = build_spec({"supervisor": {"kl": {"mode": "entropy-target", "entropy_target_relative": 0.8, "coef": 1,
+                                           "actuator": "reference_temperature", "coef_min": 0.9, "coef_max": 1.5}}})
+    assert ok.supervisor.kl.actuator == "reference_temperature"
     ok = build_spec({"supervisor": {"kl": {"mode": "entropy-target", "entropy_target_relative": 0.8,
                                            "actuator": "entropy_coef"}}})
     assert ok.supervisor.resets.wait_for_entropy and ok.supervisor.resets.entropy_margin == 0.5

@@ -91,6 +91,8 @@ class LearnerActor:
         loss_stats = ("pg_loss", "clip_frac_low", "clip_frac_high", "clip_frac", "dual_clip_frac", "approx_kl")
         keys = ("entropy", "kl", *loss_stats, "sampler_logp_gap")
         sums = dict.fromkeys(("tokens", "gap_tokens") + keys, 0.0)
+        tasks = rollouts[B.TASK].to_pylist()                                       # (B,)
+        task_ent: dict[str, list[float]] = {}    # task -> [entropy sum, tokens], first epoch
         grad_norms, steps, skipped = [], 0, 0
         for epoch in range(s.num_epochs):
             perm = torch.randperm(n_groups)
@@ -102,6 +104,7 @@ class LearnerActor:
                     continue
                 self.opt.zero_grad(set_to_none=True)
                 mb_sums = dict.fromkeys(sums, 0.0)  # counted only if this optimizer step is taken
+                mb_task: dict[str, list[float]] = {}
                 finite = True
                 for m in range(0, len(rows), s.micro_batch_size):
                     idx = rows[m:m + s.micro_batch_size]
@@ -126,7 +129,12 @@ class LearnerActor:
                         mb_sums["tokens"] += n_tok
                         mb_sums["entropy"] += float((ent * sub.mask).sum())
                         mb_sums["kl"] += float((kl_tok * sub.mask).sum())
-                        if epoch == 0:  # the sampler's logprobs vs the learner's, same weights
+                        if epoch == 0:  # per task; the sampler's logprobs vs the learner's, same weights
+                            row_ent, row_tok = (ent * sub.mask).sum(1).tolist(), sub.mask.sum(1).tolist()
+                            for i, e_sum, n_row in zip(idx.tolist(), row_ent, row_tok):
+                                acc = mb_task.setdefault(tasks[i], [0.0, 0.0])
+                                acc[0] += e_sum
+                                acc[1] += n_row
                             gap = (old - _fit(sample_logp[idx], Tm).to(self.device)).abs()
                             mb_sums["sampler_logp_gap"] += float((gap * sub.mask).sum())
                             mb_sums["gap_tokens"] += n_tok
@@ -144,11 +152,16 @@ class LearnerActor:
                 grad_norms.append(float(grad_norm))
                 for k, v in mb_sums.items():
                     sums[k] += v
+                for t, (e_sum, n_tok) in mb_task.items():
+                    acc = task_ent.setdefault(t, [0.0, 0.0])
+                    acc[0] += e_sum
+                    acc[1] += n_tok
         self.num_skipped_updates += skipped
         self.num_optimizer_steps += steps
         n, n_gap = sums.pop("tokens"), sums.pop("gap_tokens")
         out = {k: (v / n if n else math.nan) for k, v in sums.items()}
         out["sampler_logp_gap"] = sums["sampler_logp_gap"] / n_gap if n_gap else math.nan
+        out.update({f"entropy/{t}": e_sum / n_tok for t, (e_sum, n_tok) in sorted(task_ent.items()) if n_tok})
         out.update(lr=self.sched.get_last_lr()[0], optimizer_steps=steps, skipped_updates=skipped,
                    trained_tokens=int(seq.mask.sum()),
                    grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else math.nan)

@@ -5,7 +5,8 @@ import pyarrow as pa
 import torch
 
 from prorl_actors import batch as B
-from prorl_actors.engines.torch_policy import batched_logp, load_causal_lm, load_policy_weights, pick_device
+from prorl_actors.engines.torch_policy import (batched_logp, load_causal_lm, load_policy_weights, pick_device,
+                                               response_logp)
 from prorl_actors.spec import ReferenceSpec
 
 
@@ -17,15 +18,29 @@ class ReferenceActor:
         self.spec, self.temperature, self.pad_id = spec, temperature, pad_id
         self.version = 0
 
-    def logprobs(self, rollouts: pa.Table) -> pa.Table:
+    def logprobs(self, rollouts: pa.Table, temperature: float | None = None) -> pa.Table:
+        """REF_LOGP added: each response token's logprob at `temperature` (None: the one set at start)."""
         seq = B.to_tensors(rollouts, self.pad_id)
-        logp = batched_logp(self.model, seq, self.temperature, self.spec.micro_batch_size,
+        t = self.temperature if temperature is None else temperature
+        logp = batched_logp(self.model, seq, t, self.spec.micro_batch_size,
                             device=self.device)                                   # (B, T)
         lengths = seq.mask.sum(1).long()
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         values = logp[seq.mask.bool()].numpy()          # row-major: each row's tokens in order
         col = pa.ListArray.from_arrays(pa.array(offsets.numpy(), pa.int32()), pa.array(values, pa.float32()))
         return B.with_column(rollouts, B.REF_LOGP, col)
+
+    @torch.no_grad()
+    def entropy(self, rollouts: pa.Table, temperature: float) -> float:
+        """The reference's token-mean entropy at `temperature` over the responses' positions."""
+        seq = B.to_tensors(rollouts, self.pad_id)
+        total, tokens = 0.0, 0.0
+        for start in range(0, seq.mask.shape[0], self.spec.micro_batch_size):
+            sub = seq.rows(torch.arange(start, min(start + self.spec.micro_batch_size, seq.mask.shape[0])))
+            _, ent = response_logp(self.model, sub.to(self.device), temperature, with_entropy=True)  # (b, T)
+            total += float(ent.sum())
+            tokens += float(sub.mask.sum())
+        return total / tokens if tokens else float("nan")
 
     def reset_to(self, state_dict, version: int) -> int:
         """Reference <- the given policy weights (a ProRL reference reset)."""

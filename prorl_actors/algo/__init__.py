@@ -3,7 +3,7 @@ pass@k, the KL-coefficient controller, overlong handling and the reference-reset
 No Ray, no I/O."""
 
 from prorl_actors.algo.advantages import ADV_ESTIMATORS, get_adv_estimator, group_advantages
-from prorl_actors.algo.control import KLController, kl_coef_for_entropy, kl_coef_for_kl
+from prorl_actors.algo.control import KLController, kl_coef_for_entropy, kl_coef_for_kl, scale_for_entropy
 from prorl_actors.algo.entropy import entropy_from_logits
 from prorl_actors.algo.kl import KL_KINDS, get_kl_estimator, kl_penalty
 from prorl_actors.algo.losses import (
@@ -45,6 +45,7 @@ __all__ = [
     "pass_at_k",
     "policy_loss",
     "reset_due",
+    "scale_for_entropy",
     "validation_dropped",
     "validation_stalled",
 ]

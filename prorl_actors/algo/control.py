@@ -15,6 +15,10 @@ Algorithmic choices:
   by default. NaN entropy changes nothing.
   A KL penalty can only pull entropy towards the *reference's*; a reference reset taken while
   entropy is below the target would anchor it there, so the reset policy waits (resets.py).
+  The same controller can move another actuator (supervisor.kl.actuator; the sign is the same,
+  more of it raises entropy): the entropy bonus's coefficient, or the temperature scale s of the
+  reference's logprobs with beta fixed: KL(pi || ref^(1/s)) = -H(pi) - (1/s) E_pi[log ref] + const,
+  so s > 1 pulls entropy above the snapshot's and s < 1 below it, whatever the snapshot's entropy.
 - kl-target: the adaptive rule of Ziegler et al. (2019), used by OpenRLHF and (in a
   stepwise form) RLlib: coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon.
 - fixed: the paper's default; the coefficient never changes.
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 MODES = ("fixed", "entropy-target", "kl-target")
 _STATE = ("coef", "log_integral", "target", "smoothed", "steps", "nan_inputs", "initial_coef")
@@ -62,6 +66,28 @@ def kl_coef_for_kl(coef: float, kl: float, target: float, *, horizon: float, n_s
         return coef
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return min(max(coef * (1.0 + error * n_steps / horizon), coef_min), coef_max)
+
+
+def scale_for_entropy(entropy_at: Callable[[float], float], target: float, lo: float, hi: float,
+                      iters: int = 12) -> float:
+    """The temperature scale s in [lo, hi] at which entropy_at(s) = target, by bisection in log s.
+
+    entropy_at: a distribution's entropy at the temperature scale s (it rises with s);
+    a target out of reach gives the nearer bound. Used at a reference reset to keep the
+    reference's entropy (what the KL penalty pulls towards) where it was (bumpless transfer).
+    """
+    if entropy_at(lo) >= target:
+        return lo
+    if entropy_at(hi) <= target:
+        return hi
+    a, b = math.log(lo), math.log(hi)
+    for _ in range(iters):
+        mid = 0.5 * (a + b)
+        if entropy_at(math.exp(mid)) < target:
+            a = mid
+        else:
+            b = mid
+    return math.exp(0.5 * (a + b))
 
 
 def ema(previous: float | None, value: float, alpha: float) -> float:
@@ -128,6 +154,11 @@ class KLController:
         if self.mode != "entropy-target" or self.target is None:
             return None
         return entropy_band(self.target, self.band)
+
+    def set_coef(self, value: float) -> None:
+        """Move the output (and the integral, so the next step goes on from it) to `value`."""
+        self.coef = min(max(value, self.coef_min), self.coef_max)
+        self.log_integral = math.log(self.coef) if self.coef > 0 else self.log_integral
 
     def restore_initial(self) -> None:
         """After a reference reset (optional): start again from the initial coefficient."""
