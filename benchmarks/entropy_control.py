@@ -1,4 +1,4 @@
-"""Entropy with and without the KL-coefficient controller, same model, seeds and steps.
+"""Entropy with and without the entropy controller, same model, seeds and steps.
 
 Runs `prorl train` twice on a spec (default: the demo's):
   uncontrolled: no KL penalty (beta = 0) and no reference resets;
@@ -7,7 +7,10 @@ Runs `prorl train` twice on a spec (default: the demo's):
                 ones tuned for the tiny model, a flattened reference among them; see README).
 Then writes a PNG of entropy per step for both runs (the band shaded, resets and skipped
 resets marked, the controlled coefficient below) and prints the fraction of steps inside the
-band after warm-up, and validation accuracy.
+band after warm-up, and validation accuracy. The entropy is the one the controller holds
+(supervisor.kl.entropy_signal: by default here the tasks' entropies weighted by the mixture);
+when that is not the batch's token mean, the batch's mean is drawn dotted and its fraction
+printed too.
 
     .venv/bin/python benchmarks/entropy_control.py [--steps 48] [--relative 0.8] [--band 0.025]
         [--warmup 8] [--out runs/entropy_control] [--controller KEY=VALUE ...]
@@ -17,15 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from prorl_actors.algo import mixture_entropy
+from prorl_actors.spec import load_spec
+
 
 # the controller's settings for the tiny model (README: "Entropy control and reference resets")
-TUNED = ["supervisor.kl.coef=1", "supervisor.kl.coef_min=0.1", "supervisor.kl.coef_max=10", "supervisor.kl.rate=0.3",
-         "supervisor.kl.kp=1", "reference.temperature_scale=1.05", "supervisor.resets.entropy_margin=-0.5"]
+TUNED = ["supervisor.kl.entropy_signal=task_mean", "supervisor.kl.coef=1", "supervisor.kl.coef_min=0.5",
+         "supervisor.kl.coef_max=10", "supervisor.kl.rate=0.3", "supervisor.kl.kp=1",
+         "reference.temperature_scale=1.05", "supervisor.resets.entropy_margin=-0.5"]
 
 
 def _read(path: Path) -> list[dict]:
@@ -48,7 +56,7 @@ def train(spec: str, out: Path, name: str, overrides: list[str]) -> Path:
 
 
 def in_band(entropies: list[float], low: float, high: float) -> float:
-    vals = [e for e in entropies if e is not None]
+    vals = [e for e in entropies if e is not None and not math.isnan(e)]
     return sum(low <= e <= high for e in vals) / max(len(vals), 1)
 
 
@@ -77,6 +85,15 @@ def main() -> None:
             f"supervisor.kl.band={args.band}", *args.controller]),
     }
     metrics = {k: _read(v / "metrics.jsonl") for k, v in runs.items()}
+    # the entropy the controller held (supervisor.kl.entropy_signal), for both runs alike
+    spec = load_spec(runs["controlled"] / "spec.yaml")
+    signal, weights = spec.supervisor.kl.entropy_signal, {t.name: t.weight for t in spec.data.tasks}
+    for name, ms in metrics.items():
+        for m in ms:
+            m["held"] = m["entropy"] if signal == "batch" else mixture_entropy(
+                {k[len("entropy/"):]: v for k, v in m.items() if k.startswith("entropy/") and v is not None}, weights)
+        if all(math.isnan(m["held"]) for m in ms):
+            sys.exit(f"{runs[name]} has no entropy per task (an older run?): run it again")
     target = next(m["entropy_target"] for m in metrics["controlled"] if m.get("entropy_target") is not None)
     low, high = target - args.band, target + args.band
     events = _read(runs["controlled"] / "events.jsonl")
@@ -90,14 +107,17 @@ def main() -> None:
     ax.axhspan(low, high, color="tab:green", alpha=0.15, label=f"band {target:.3f} +- {args.band}")
     for name, color in (("uncontrolled", "tab:red"), ("controlled", "tab:blue")):
         ms = metrics[name]
-        ax.plot([m["step"] for m in ms], [m["entropy"] for m in ms], color=color, marker=".", label=name)
+        ax.plot([m["step"] for m in ms], [m["held"] for m in ms], color=color, marker=".", label=name)
+        if signal != "batch":
+            ax.plot([m["step"] for m in ms], [m["entropy"] for m in ms], color=color, ls=":", lw=1,
+                    label=f"{name}, the batch's token mean")
     for s in resets:
         ax.axvline(s, color="tab:green", ls=":", lw=1)
         ax2.axvline(s, color="tab:green", ls=":", lw=1)
     for i, s in enumerate(skipped):   # a due reset that waited for entropy and was skipped
         ax.axvline(s, color="tab:orange", ls=":", lw=1, label="reset skipped (entropy outside the window)" if i == 0 else None)
     ax.axvline(args.warmup + 0.5, color="grey", ls="--", lw=1, label="end of warm-up")
-    ax.set_ylabel("policy entropy (nats / token)")
+    ax.set_ylabel("policy entropy (nats / token)" + ("" if signal == "batch" else ", tasks' weighted mean"))
     ax.legend(fontsize=8)
     ax.set_title("entropy with and without the entropy controller (dotted: reference resets)")
     ms = metrics["controlled"]
@@ -117,10 +137,15 @@ def main() -> None:
     print(f"{'run':14}{'in band after warm-up':>24}{'final entropy':>15}{'val acc start':>15}{'val acc end':>13}"
           f"{'mean of last 2':>16}")
     for name in ("uncontrolled", "controlled"):
-        after = [m["entropy"] for m in metrics[name] if m["step"] > args.warmup]
+        after = [m["held"] for m in metrics[name] if m["step"] > args.warmup]
         val = [v["accuracy"] for v in _read(runs[name] / "validation.jsonl")]
-        print(f"{name:14}{in_band(after, low, high):24.2f}{metrics[name][-1]['entropy']:15.4f}"
+        print(f"{name:14}{in_band(after, low, high):24.2f}{metrics[name][-1]['held']:15.4f}"
               f"{val[0]:15.3f}{val[-1]:13.3f}{sum(val[-2:]) / len(val[-2:]):16.3f}")
+    if signal != "batch":
+        print("entropy held: the tasks' entropies weighted by data.tasks' weights (supervisor.kl.entropy_signal "
+              "task_mean); the batch's token mean in the band: " + ", ".join(
+                  f"{name} {in_band([m['entropy'] for m in metrics[name] if m['step'] > args.warmup], low, high):.2f}"
+                  for name in ("uncontrolled", "controlled")))
     print(f"resets (controlled): {resets}; skipped (entropy outside the window): {skipped}\nplot: {png}")
 
 

@@ -185,6 +185,10 @@ class KLControlSpec:
     entropy_target: float | None = opt(None, gt=0, help="entropy-target: the target, nats per token")
     entropy_target_relative: float | None = opt(None, gt=0, help=(
         "entropy-target: the target as this fraction of the entropy measured on the first step"))
+    entropy_signal: Literal["batch", "task_mean"] = opt("batch", help=(
+        "entropy-target: the entropy controlled: batch = the token mean over the step's trained tokens "
+        "(moves with the batch's task mix, which dynamic sampling shifts); task_mean = each task's token mean "
+        "weighted by data.tasks' weights (over the tasks in the batch)"))
     band: float = opt(0.05, gt=0, help="entropy-target: the band is target +- band (nats per token)")
     rate: float = opt(0.2, gt=0, help="entropy-target: integral gain, log(beta) per step per band width of error")
     kp: float = opt(1.0, ge=0, help="entropy-target: proportional gain (damps the loop)")

@@ -27,7 +27,7 @@ from prorl_actors.actors.learner import LearnerActor
 from prorl_actors.actors.reference import ReferenceActor
 from prorl_actors.actors.verifier import VerifierActor
 from prorl_actors.algo import (KLController, ResetPolicy, get_adv_estimator, informative_groups, kl_share,
-                               overlong_penalty, pass_at_k, scale_for_entropy)
+                               mixture_entropy, overlong_penalty, pass_at_k, scale_for_entropy)
 from prorl_actors.checkpoint import save_checkpoint
 from prorl_actors.engines.generation import SamplingSpec
 from prorl_actors.group import ActorGroup
@@ -187,6 +187,7 @@ class Supervisor:
                 stats = self.learner.call_one("update", batch, kl_coef, entropy_coef)
             stats["kl_coef_used"], stats["entropy_coef_used"] = kl_coef, entropy_coef
             stats["ref_temperature_scale_used"] = ref_scale
+            stats["entropy_signal"] = self.entropy_signal(stats)
             stats["kl_share"] = kl_share(stats.get("pg_loss", math.nan), stats.get("kl", math.nan), kl_coef)
         if stats and stats["optimizer_steps"] == 0:  # every update was non-finite: weights unchanged
             self.records.event("update_skipped", self.step, skipped_updates=stats["skipped_updates"])
@@ -196,8 +197,8 @@ class Supervisor:
                 self.version += 1
                 self.generators.call_all("set_weights", weights, self.version)
             # the controller sets the coefficient of the next step from this step's entropy and KL
-            self.kl.update(stats.get("entropy", math.nan), stats.get("kl", math.nan))
-            self.resets.observe_step(stats.get("kl", math.nan), stats.get("entropy", math.nan))
+            self.kl.update(stats["entropy_signal"], stats.get("kl", math.nan))
+            self.resets.observe_step(stats.get("kl", math.nan), stats["entropy_signal"])
             floor, ceiling = self.reset_entropy_limits()
             decision = self.resets.decide(self.step, pg_loss=stats.get("pg_loss", math.nan),
                                           kl=stats.get("kl", math.nan), kl_coef=stats["kl_coef_used"],
@@ -223,7 +224,8 @@ class Supervisor:
         m = {
             "step": self.step, "policy_version": self.version,
             "reward_mean": float(rewards.mean()), "accuracy": float((rewards >= 1.0).mean()),
-            "entropy": stats.get("entropy", math.nan), "kl": stats.get("kl", math.nan),
+            "entropy": stats.get("entropy", math.nan), "entropy_signal": stats.get("entropy_signal", math.nan),
+            "kl": stats.get("kl", math.nan),
             "kl_coef": stats.get("kl_coef_used", beta_next), "kl_coef_next": beta_next,
             "entropy_coef": stats.get("entropy_coef_used", bonus_next),
             "ref_temperature_scale": stats.get("ref_temperature_scale_used", self.ref_temperature_scale()),
@@ -268,6 +270,14 @@ class Supervisor:
         if k.actuator == "reference_temperature":
             return k.coef, self.spec.algorithm.entropy_coef
         return self.kl.coef, self.spec.algorithm.entropy_coef
+
+    def entropy_signal(self, stats: dict) -> float:
+        """The entropy the controller holds (supervisor.kl.entropy_signal): the batch's token mean,
+        or the tasks' token means weighted by their mixture weights (NaN if none was trained)."""
+        if self.spec.supervisor.kl.entropy_signal == "batch":
+            return stats.get("entropy", math.nan)
+        return mixture_entropy({k[len("entropy/"):]: v for k, v in stats.items() if k.startswith("entropy/")},
+                               {t.name: t.weight for t in self.spec.data.tasks})
 
     def ref_temperature_scale(self) -> float:
         """The reference's logprobs are taken at the sampling temperature x this (kl.actuator

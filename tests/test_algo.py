@@ -373,3 +373,14 @@ def test_resets_never_and_validation():
         ResetPolicy(every_steps=-1)
     with pytest.raises(ValueError):
         r.due(0)
+
+
+def test_mixture_entropy_hand_values():
+    """Tasks' entropies weighted by the mixture: (1 * 0.1 + 3 * 0.4) / 4 = 0.325, whatever the
+    batch's mix; unmeasured (NaN) or unknown tasks are left out; none measured gives NaN."""
+    from prorl_actors.algo import mixture_entropy
+    w = {"a": 1.0, "b": 3.0, "c": 1.0}
+    assert mixture_entropy({"a": 0.1, "b": 0.4}, w) == pytest.approx(0.325)
+    assert mixture_entropy({"a": 0.1, "b": 0.4, "c": math.nan, "held_out": 9.0}, w) == pytest.approx(0.325)
+    assert mixture_entropy({"a": 0.1}, w) == pytest.approx(0.1)
+    assert math.isnan(mixture_entropy({"c": math.nan}, w)) and math.isnan(mixture_entropy({}, w))

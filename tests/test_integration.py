@@ -162,9 +162,14 @@ def test_the_controller_can_move_the_reference_temperature(tiny_model, tmp_path)
         "supervisor.kl.mode=entropy-target", "supervisor.kl.entropy_target_relative=3.0",
         "supervisor.kl.actuator=reference_temperature", "supervisor.kl.coef=0.5", "supervisor.kl.coef_min=0.8",
         "supervisor.kl.coef_max=1.5", "supervisor.kl.rate=0.05", "supervisor.kl.kp=0",
-        "supervisor.resets.triggers=[scheduled]", "supervisor.resets.every_steps=2", "num_steps=3"))
+        "supervisor.resets.triggers=[scheduled]", "supervisor.resets.every_steps=2", "num_steps=3",
+        "supervisor.kl.entropy_signal=task_mean"))
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["kl_coef"] for m in metrics] == [0.5] * 3
+    (task,) = [k for k in metrics[0] if k.startswith("entropy/")]           # one task: its mean is the signal
+    for m in metrics:
+        assert m["entropy_signal"] == pytest.approx(m[task]) and m[task] == pytest.approx(m["entropy"], rel=1e-4)
+    assert metrics[0]["entropy_target"] == pytest.approx(3.0 * metrics[0]["entropy_signal"])
     scale = [m["ref_temperature_scale"] for m in metrics]
     assert scale[0] == 1.0 and scale[1] == pytest.approx(math.exp(0.1))     # rate 0.05 x error 2 (clipped)
     assert abs(metrics[0]["kl"]) < 1e-6 and metrics[1]["kl"] > 1e-3

@@ -4,7 +4,7 @@ No Ray, no I/O."""
 
 from prorl_actors.algo.advantages import ADV_ESTIMATORS, get_adv_estimator, group_advantages
 from prorl_actors.algo.control import KLController, kl_coef_for_entropy, kl_coef_for_kl, scale_for_entropy
-from prorl_actors.algo.entropy import entropy_from_logits
+from prorl_actors.algo.entropy import entropy_from_logits, mixture_entropy
 from prorl_actors.algo.kl import KL_KINDS, get_kl_estimator, kl_penalty
 from prorl_actors.algo.losses import (
     AGG_MODES,
@@ -42,6 +42,7 @@ __all__ = [
     "kl_penalty",
     "masked_mean",
     "masked_sum",
+    "mixture_entropy",
     "pass_at_k",
     "policy_loss",
     "reset_due",

@@ -158,7 +158,7 @@ class KLController:
     def set_coef(self, value: float) -> None:
         """Move the output (and the integral, so the next step goes on from it) to `value`."""
         self.coef = min(max(value, self.coef_min), self.coef_max)
-        self.log_integral = math.log(self.coef) if self.coef > 0 else self.log_integral
+        self.log_integral = math.log(self.coef)                 # coef_min > 0 (the spec's rule)
 
     def restore_initial(self) -> None:
         """After a reference reset (optional): start again from the initial coefficient."""

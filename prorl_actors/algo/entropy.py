@@ -12,6 +12,8 @@ Algorithmic choices:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -26,3 +28,11 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     logp = torch.where(finite, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))  # (B, T, V)
     p = torch.exp(logp) * finite  # (B, T, V) exactly 0 on masked entries
     return -(p * logp).sum(dim=-1)  # (B, T)
+
+
+def mixture_entropy(per_task: dict[str, float], weights: dict[str, float]) -> float:
+    """The tasks' entropies weighted by their mixture weights, over the tasks measured (finite);
+    unlike a batch's token mean it does not move with the batch's task mix. NaN if none."""
+    pairs = [(weights[t], h) for t, h in per_task.items() if t in weights and math.isfinite(h)]
+    total = sum(w for w, _ in pairs)
+    return sum(w * h for w, h in pairs) / total if total > 0 else math.nan
