@@ -223,8 +223,8 @@ class ResetSpec:
         "that the new reference's entropy on the step's responses equals the old one's (the penalty's pull "
         "does not jump at the reset; bumpless transfer), within kl.coef_min..coef_max"))
     wait_for_entropy: bool = opt(True, help=(
-        "kl.mode entropy-target moving kl_coef: a due reset waits until entropy (the mean of the last "
-        "entropy_window steps) reaches the target + entropy_margin band widths, since the KL penalty holds "
+        "kl.mode entropy-target moving kl_coef: a due reset waits until entropy (kl.entropy_signal, the mean "
+        "of the last entropy_window steps) reaches the target + entropy_margin band widths, since the KL penalty holds "
         "entropy just below the reference's; it is skipped after max_wait_steps and the triggers count "
         "again. No effect in the other modes"))
     entropy_margin: float = opt(0.5, ge=-1, le=2, help=(
