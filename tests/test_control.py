@@ -292,3 +292,17 @@ def test_overlong_penalty_and_mask_hand_values():
     mask[2, 3] = 0
     out = mask_truncated(mask, torch.tensor([False, True, False]))
     assert out.tolist() == [[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 0]]
+
+
+def test_the_supervisor_holds_the_signal_the_spec_names():
+    """supervisor.kl.entropy_signal: batch -> the batch's token mean; task_mean -> the tasks'
+    entropies weighted by data.tasks' weights (here (1 * 0.2 + 3 * 0.4) / 4 = 0.35, not 0.3)."""
+    from types import SimpleNamespace
+
+    from prorl_actors.spec import build_spec
+    from prorl_actors.supervisor import Supervisor
+    tasks = [{"name": "a", "dataset": "chain_sum", "weight": 1.0}, {"name": "b", "dataset": "chain_sum", "weight": 3.0}]
+    stats = {"entropy": 0.3, "entropy/a": 0.2, "entropy/b": 0.4}
+    for signal, want in (("batch", 0.3), ("task_mean", 0.35)):
+        spec = build_spec({"data": {"tasks": tasks}, "supervisor": {"kl": {"entropy_signal": signal}}})
+        assert Supervisor.entropy_signal(SimpleNamespace(spec=spec), stats) == pytest.approx(want)
