@@ -1,25 +1,36 @@
-"""Checkpoints: `checkpoints/step_NNNNNN/` with the policy in HF format (+ tokenizer), the
-learner's optimizer state and the supervisor's state (step, policy version, KL coefficient,
-reset history, data cursors). Atomic: written to a temporary directory, fsynced, then
-renamed; the last `keep_last` are kept.
+"""Checkpoints: `checkpoints/step_NNNNNN/`, the whole state of a run at the end of a step.
+
+    config.json, model.safetensors, tokenizer files   the policy in HF format (transformers, vLLM)
+    learner_state.pt                                  AdamW moments, LR schedule, learner RNG, counters
+    reference/                                        the reference policy in HF format
+    supervisor_state.json                             step, policy version, KL controller, reset
+                                                      history, data sampler, RNG states, weights digest
+
+Atomic: every part is written into `.tmp-step_NNNNNN/`, each file and the directory are
+fsynced, `supervisor_state.json` last, then one rename makes it `step_NNNNNN/` (and the
+parent directory is fsynced). A kill at any moment leaves either the new checkpoint or none
+of it: readers list only `step_*` directories, and the next save removes stale `.tmp-*`.
+The last `keep_last` are kept.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Callable
 
-import ray
+import torch
 
 STATE_FILE = "supervisor_state.json"
+REFERENCE_DIR = "reference"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -27,22 +38,40 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: Path, step: int, learner_actor, model_path: Path, state: dict, keep_last: int) -> Path:
+def _fsync_tree(path: Path) -> None:
+    """Every file, then every directory bottom-up (a rename is durable once its directory is)."""
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            _fsync(p)
+    for d in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        _fsync(d)
+    _fsync(path)
+
+
+def save_checkpoint(root: Path, step: int, write_parts: Callable[[Path], None], state: Callable[[], dict],
+                    keep_last: int, tokenizer_from: Path | None = None) -> Path:
+    """write_parts(tmp_dir) writes the actors' parts (policy, optimizer, reference) into tmp_dir;
+    then state() (JSON, it may use what the parts returned) is written. -> the committed directory."""
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step_*"):     # a save killed half-way
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    ray.get(learner_actor.save.remote(str(tmp)))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                 "chat_template.jinja"):
-        if (Path(model_path) / name).exists():
-            shutil.copy2(Path(model_path) / name, tmp / name)
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    write_parts(tmp)
+    for name in TOKENIZER_FILES:
+        if tokenizer_from is not None and (Path(tokenizer_from) / name).exists():
+            shutil.copy2(Path(tokenizer_from) / name, tmp / name)
+    (tmp / STATE_FILE).write_text(json.dumps({**state(), "saved_at": time.time()}, indent=1))
     _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():                          # a step saved twice (e.g. after a rollback): replace it
+        old = root / f".tmp-old-step_{step:06d}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync(root)
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -52,4 +81,36 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary directories are never listed)."""
     if not root.exists():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE_FILE).exists())
+    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE_FILE).is_file())
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((Path(ckpt) / STATE_FILE).read_text())
+
+
+def weights_digest(state_dict: dict) -> str:
+    """sha256 over the tensors (name, dtype, shape, bytes) in name order: equal iff the weights are."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def verify_checkpoint(ckpt: Path) -> dict:
+    """Load every part of a checkpoint the way a resume does and check the policy against the
+    digest the learner recorded -> its state. Raises if anything is missing or differs."""
+    from transformers import AutoModelForCausalLM
+    state = read_state(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    if weights_digest(model.state_dict()) != state["weights_sha256"]:
+        raise ValueError(f"{ckpt}: the policy's weights do not match the digest recorded at save time")
+    AutoModelForCausalLM.from_pretrained(Path(ckpt) / REFERENCE_DIR)
+    torch.load(Path(ckpt) / "learner_state.pt", weights_only=False)
+    return state

@@ -2,12 +2,16 @@
 
 `prorl train SPEC [dotted.key=value ...]` validates the spec first (exit 2 with every
 error, nothing started), then joins the Ray cluster named by `ray.address` or RAY_ADDRESS
-(as under `ray job submit`) or starts an embedded local Ray on 127.0.0.1.
+(as under `ray job submit`) or starts an embedded local Ray on 127.0.0.1. With `resume:
+auto` (the default) a run directory that holds a checkpoint is continued from its newest
+one. SIGTERM (what `ray job stop` sends) or Ctrl-C checkpoints the last complete step and
+exits 0; a second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,7 +38,8 @@ def connect_ray(spec) -> None:
     if address:
         ray.init(address=address, namespace=spec.ray.namespace, log_to_driver=True)
     else:
-        ray.init(num_cpus=spec.ray.num_cpus, namespace=spec.ray.namespace, include_dashboard=False,
+        # "local": a new embedded Ray even when `ray start` left a cluster (or its address file) here
+        ray.init(address="local", num_cpus=spec.ray.num_cpus, namespace=spec.ray.namespace, include_dashboard=False,
                  _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
@@ -44,27 +49,87 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _start_from(spec, log):
+    """The checkpoint this run continues from (None: a fresh start), after moving an earlier,
+    unresumable run's directory aside."""
+    from prorl_actors.checkpoint import latest_checkpoint
+    run_dir = spec.run_dir
+    ckpt = None
+    if spec.resume == "auto":
+        ckpt = latest_checkpoint(run_dir / "checkpoints")
+    elif spec.resume != "never":
+        ckpt = Path(spec.resume).resolve()
+    if ckpt is None and run_dir.exists() and any(run_dir.iterdir()):
+        # never mix two runs' records
+        old = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(old)
+        why = "resume: never" if spec.resume == "never" else "it has no complete checkpoint to resume from"
+        log(f"{run_dir} held an earlier run ({why}): moved it to {old}")
+    return ckpt
+
+
+def _spec_changes(old_yaml: str, new_yaml: str) -> dict:
+    """Keys whose values differ between two resolved specs -> {key: [old, new]}."""
+    import yaml
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+    a, b = flat(yaml.safe_load(old_yaml)), flat(yaml.safe_load(new_yaml))
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
 def cmd_train(args) -> int:
     spec = _load(args)
-    from prorl_actors.supervisor import Supervisor, summary_table
+    from prorl_actors.checkpoint import read_state
+    from prorl_actors.supervisor import StopFlag, Supervisor, summary_table
     from prorl_actors.tinymodel import resolve_model_path
 
     t0 = time.time()
     run_dir = spec.run_dir
     log = lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
-    if run_dir.exists() and any(run_dir.iterdir()):
-        # never mix two runs' records; resuming a run is a separate feature
-        old = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(old)
-        log(f"{run_dir} held an earlier run: moved it to {old}")
+    stop = StopFlag()
+
+    def on_signal(signum, frame):
+        if stop.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt   # a second Ctrl-C: now
+        stop.requested, stop.signal = True, signal.Signals(signum).name
+        log(f"{stop.signal}: stopping at the next safe point, then a checkpoint")
+
+    ckpt = _start_from(spec, log)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(to_yaml(spec))
+    spec_yaml = to_yaml(spec)
+    changes = {}
+    if ckpt is not None:
+        state = read_state(ckpt)
+        log(f"resuming {run_dir} from {ckpt} (step {state['step']})")
+        if (run_dir / "spec.yaml").exists():
+            changes = _spec_changes((run_dir / "spec.yaml").read_text(), spec_yaml)
+            changes.pop("resume", None)
+            for k, (a, b) in changes.items():
+                log(f"spec changed since the last start: {k}: {a!r} -> {b!r}")
+        if state.get("complete") and state["step"] >= spec.num_steps:
+            log(f"the run is complete at step {state['step']} (num_steps {spec.num_steps}): nothing to do; "
+                "raise num_steps to go on, or resume=never to start afresh")
+            if (run_dir / "summary.txt").exists():
+                print("\n" + (run_dir / "summary.txt").read_text(), end="")
+            return 0
+    (run_dir / "spec.yaml").write_text(spec_yaml)
     log(f"run {spec.name} -> {run_dir}")
     model_path = resolve_model_path(spec.model, spec.data, log=log)
     connect_ray(spec)
+    signal.signal(signal.SIGTERM, on_signal)   # after ray.init, which installs its own
+    signal.signal(signal.SIGINT, on_signal)
     import ray
     try:
-        sup = Supervisor(spec, model_path, log=log)
+        sup = Supervisor(spec, model_path, log=log, resume_from=ckpt, stop=stop)
+        if changes:
+            sup.records.event("spec_changed", sup.step, changes=changes)
         try:
             result = sup.run()
         finally:
@@ -72,11 +137,13 @@ def cmd_train(args) -> int:
     finally:
         ray.shutdown()
     from prorl_actors.plots import plot_run
-    table = summary_table(result)
-    (run_dir / "summary.txt").write_text(table + "\n")
-    print("\n" + table)
-    log(f"curves: {plot_run(run_dir)}")
-    log(f"done: {run_dir}")
+    if result["history"]:
+        table = summary_table(result)
+        if not result["preempted"]:
+            (run_dir / "summary.txt").write_text(table + "\n")
+        print("\n" + table)
+        log(f"curves: {plot_run(run_dir)}")
+    log(f"{'stopped' if result['preempted'] else 'done'}: {run_dir}")
     return 0
 
 

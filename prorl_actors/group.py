@@ -1,51 +1,185 @@
-"""ActorGroup: N Ray actors of one role. The group, not the supervisor, owns creation,
-fan-out of work across its actors and the liveness check (`ping`); restarts and
-re-dispatch after a death come with the fault-tolerance issue."""
+"""ActorGroup: N Ray actors of one role, and what happens when one of them dies.
+
+The group owns creation, fan-out of work across its actors, waiting, and replacement:
+- A stateless role (generators, verifiers) heals itself: when an actor dies in the middle of
+  a call (its process killed, its node gone, or a call over `call_timeout_s`), the group
+  starts a replacement, brings it up to date (`on_restart`, e.g. the current weights) and
+  sends it the same piece of work again, so the caller gets every row it asked for.
+- A stateful role (learner, reference) raises `ActorLost`: only the supervisor knows what
+  state to restore (from a checkpoint or from weights it holds) before calling `replace`.
+Every replacement is an `actor_restarted` event and counts against `max_restarts`.
+Waiting polls, so that a SIGTERM (`should_stop`) can interrupt a long call with `Preempted`.
+"""
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.exceptions import RayActorError
+
+POLL_S = 0.2
+
+
+class ActorLost(RuntimeError):
+    """An actor of a stateful role died; its state has to be restored by the caller."""
+
+    def __init__(self, role: str, rank: int, cause: str):
+        super().__init__(f"{role}[{rank}] died: {cause}")
+        self.role, self.rank, self.cause = role, rank, cause
+
+
+class Preempted(Exception):
+    """A stop was requested (SIGTERM) while waiting on an interruptible call."""
+
+
+class TooManyRestarts(RuntimeError):
+    pass
 
 
 class ActorGroup:
     def __init__(self, cls, num_actors: int, *, num_cpus: float, num_gpus: float = 0.0,
                  env: dict[str, str] | None = None, args: tuple | Callable[[int], tuple] = (),
-                 name: str | None = None):
-        """`args` are the constructor's, or a function of the actor's rank giving them."""
+                 name: str | None = None, stateless: bool = True, max_restarts: int = 20,
+                 call_timeout_s: float = 0.0, on_restart: Callable | None = None,
+                 on_event: Callable | None = None, should_stop: Callable[[], bool] = lambda: False):
+        """`args` are the constructor's, or a function of the actor's rank giving them (evaluated
+        at every start, so a replacement can be built from state that has moved on);
+        on_restart(actor) brings a fresh replacement up to date; on_event(kind, **fields) records."""
         self.role = name or cls.__name__
-        remote_cls = ray.remote(cls)
-        opts = dict(num_cpus=num_cpus, num_gpus=num_gpus)
+        self.stateless, self.max_restarts, self.call_timeout_s = stateless, max_restarts, call_timeout_s
+        self.on_restart, self.on_event, self.should_stop = on_restart, on_event or (lambda *a, **k: None), should_stop
+        self._remote = ray.remote(cls)
+        self._opts = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)  # we restart, with state
         if env:
-            opts["runtime_env"] = {"env_vars": env}
-        args_for = args if callable(args) else (lambda rank: args)
-        self.actors = [remote_cls.options(**opts).remote(*args_for(rank)) for rank in range(num_actors)]
+            self._opts["runtime_env"] = {"env_vars": env}
+        self._args_for = args if callable(args) else (lambda rank: args)
+        self.restarts = 0
+        self.actors = [self._spawn(rank) for rank in range(num_actors)]
+
+    def _spawn(self, rank: int):
+        return self._remote.options(**self._opts).remote(*self._args_for(rank))
 
     def __len__(self) -> int:
         return len(self.actors)
 
-    def call_all(self, method: str, *args) -> list:
+    # ------------------------------------------------------------------ waiting
+    def _gather(self, calls: dict) -> tuple[dict, dict]:
+        """calls: key -> (rank, ObjectRef). Wait for all -> ({key: result}, {key: cause of death}).
+        An exception raised by the method itself (a bug, bad input) is re-raised: retrying it
+        would fail the same way."""
+        done, dead = {}, {}
+        waiting = {ref: key for key, (_, ref) in calls.items()}
+        t0 = time.monotonic()
+        while waiting:
+            if self.should_stop():
+                raise Preempted(f"{self.role}: stop requested")
+            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=POLL_S)
+            for ref in ready:
+                key = waiting.pop(ref)
+                try:
+                    done[key] = ray.get(ref)
+                except RayActorError as e:
+                    if getattr(e, "actor_init_failed", False):   # its constructor raised: not a death
+                        raise
+                    dead[key] = _cause(e)
+            if waiting and self.call_timeout_s and time.monotonic() - t0 > self.call_timeout_s:
+                for ref, key in waiting.items():   # hung: kill it; the group replaces it like a dead one
+                    ray.kill(self.actors[calls[key][0]], no_restart=True)
+                    dead[key] = f"no answer in {self.call_timeout_s:g} s (killed)"
+                waiting = {}
+        return done, dead
+
+    def replace(self, rank: int, cause: str, step: int | None = None) -> None:
+        """A fresh actor at `rank` (args evaluated now), brought up to date by on_restart."""
+        while True:
+            if self.restarts >= self.max_restarts:
+                raise TooManyRestarts(f"{self.role}: {self.restarts} restarts already, the limit "
+                                      f"(fault_tolerance.max_actor_restarts); last death: {cause}")
+            self.restarts += 1
+            t0 = time.monotonic()
+            try:
+                ray.kill(self.actors[rank], no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            self.actors[rank] = self._spawn(rank)
+            try:
+                ray.get(self.actors[rank].ping.remote())
+                if self.on_restart is not None:
+                    self.on_restart(self.actors[rank])
+            except RayActorError as e:     # the replacement died too: count it and try again
+                if getattr(e, "actor_init_failed", False):
+                    raise RuntimeError(f"{self.role}[{rank}]: no replacement can start: {e}") from e
+                cause = f"replacement died while starting: {_cause(e)}"
+                continue
+            self.on_event("actor_restarted", role=self.role, rank=rank, cause=cause, step=step,
+                          restart_s=round(time.monotonic() - t0, 3), restarts=self.restarts)
+            return
+
+    def _lost(self, rank: int, cause: str, step: int | None):
+        """A death: a stateless role replaces the actor (the caller re-sends its work); a
+        stateful role leaves it to the supervisor."""
+        self.on_event("actor_died", role=self.role, rank=rank, cause=cause, step=step)
+        if not self.stateless:
+            raise ActorLost(self.role, rank, cause)
+        self.replace(rank, cause, step)
+
+    # ------------------------------------------------------------------ calls
+    def _call(self, method: str, args: tuple, ranks: list[int], step: int | None) -> dict:
+        """The same call on the actors at `ranks` -> {rank: result} (a replacement gets it again)."""
+        results, todo = {}, list(ranks)
+        while todo:
+            done, dead = self._gather({r: (r, getattr(self.actors[r], method).remote(*args)) for r in todo})
+            results.update(done)
+            for r, cause in dead.items():
+                self._lost(r, cause, step)
+            todo = sorted(dead)
+        return results
+
+    def call_all(self, method: str, *args, step: int | None = None) -> list:
         """The same call on every actor -> list of results."""
-        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+        results = self._call(method, args, list(range(len(self.actors))), step)
+        return [results[r] for r in range(len(self.actors))]
 
-    def call_one(self, method: str, *args):
+    def call_one(self, method: str, *args, step: int | None = None):
         """Roles with state kept once (learner, reference) use actor 0."""
-        return ray.get(getattr(self.actors[0], method).remote(*args))
+        return self._call(method, args, [0], step)[0]
 
-    def map_table(self, method: str, table: pa.Table, *args, rows_per_unit: int = 1) -> pa.Table:
+    def map_table(self, method: str, table: pa.Table, *args, rows_per_unit: int = 1,
+                  step: int | None = None) -> pa.Table:
         """Split `table` into contiguous shards of whole units (e.g. groups of G rows), one per
-        actor, call `method(shard, *args)` on each and concatenate the results in order."""
+        actor, call `method(shard, *args)` on each and concatenate the results in order. A shard
+        whose actor dies is sent again, to its replacement."""
         units = table.num_rows // rows_per_unit
         bounds = np.linspace(0, units, len(self.actors) + 1).round().astype(int) * rows_per_unit
-        refs = [getattr(a, method).remote(table.slice(lo, hi - lo), *args)
-                for a, lo, hi in zip(self.actors, bounds[:-1], bounds[1:]) if hi > lo]
-        return pa.concat_tables(ray.get(refs))
+        shards = {r: table.slice(lo, hi - lo) for r, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo}
+        results, todo = {}, sorted(shards)
+        while todo:
+            done, dead = self._gather({r: (r, getattr(self.actors[r], method).remote(shards[r], *args))
+                                       for r in todo})
+            results.update(done)
+            for r, cause in dead.items():
+                self._lost(r, cause, step)
+                self.on_event("work_redispatched", role=self.role, rank=r, method=method,
+                              rows=shards[r].num_rows, step=step)
+            todo = sorted(dead)
+        return pa.concat_tables([results[r] for r in sorted(shards)])
 
     def ping(self, timeout_s: float = 60.0) -> list[str]:
         return ray.get([a.ping.remote() for a in self.actors], timeout=timeout_s)
 
     def kill(self) -> None:
         for a in self.actors:
-            ray.kill(a)
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+
+def _cause(e: Exception) -> str:
+    """The error's first line, and the dead process's pid when Ray knows it."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines()]
+    pid = next((ln for ln in lines if ln.startswith("pid:")), None)
+    return (f"{type(e).__name__}: {lines[0] if lines else ''}" + (f" ({pid})" if pid else ""))[:300]

@@ -1,9 +1,15 @@
 """Run-directory records: metrics.jsonl (one object per step), validation.jsonl and
-events.jsonl. One writer, append-only, flushed every line so a crash loses nothing."""
+events.jsonl. One writer, append-only, flushed every line so a crash loses nothing.
+
+A resume or a rollback to the checkpoint of step k first calls `roll_back_records(run_dir, k)`:
+the lines of steps after k move to rolled_back.jsonl (the steps are done again, and each
+step appears once in the records), except the events of the run's own life (deaths,
+restarts, resumes, preemptions), which stay where they happened."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -39,6 +45,14 @@ class RunRecords:
         self.validation = JsonlLog(run_dir / "validation.jsonl")
         self.events = JsonlLog(run_dir / "events.jsonl")
 
+    def roll_back_to(self, step: int) -> int:
+        """roll_back_records on the open files (closed, rewritten, reopened) -> lines moved."""
+        run_dir = self.metrics.path.parent
+        self.close()
+        moved = roll_back_records(run_dir, step)
+        self.__init__(run_dir)
+        return moved
+
     def event(self, kind: str, step: int, **fields) -> None:
         self.events.write({"event": kind, "step": step, "time": time.time(), **fields})
 
@@ -47,7 +61,43 @@ class RunRecords:
             log.close()
 
 
+# events about the run itself, not about its training steps: never rolled back
+LIFE_EVENTS = ("actor_died", "actor_restarted", "work_redispatched", "rolled_back", "run_resumed", "preempted",
+               "spec_changed", "checkpoint_discarded")
+
+
+def roll_back_records(run_dir: Path, step: int) -> int:
+    """Move every record of a step after `step` (life events excepted) to rolled_back.jsonl,
+    tagged with its file -> the number of lines moved. Files are replaced atomically."""
+    moved = 0
+    with open(run_dir / "rolled_back.jsonl", "a") as out:
+        for name in ("metrics.jsonl", "validation.jsonl", "events.jsonl"):
+            path = run_dir / name
+            keep = []
+            for rec in read_jsonl(path):
+                if rec.get("step", 0) <= step or rec.get("event") in LIFE_EVENTS:
+                    keep.append(rec)
+                else:
+                    out.write(json.dumps({"file": name, "rolled_back_to": step, **rec}) + "\n")
+                    moved += 1
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            os.replace(tmp, path)
+    return moved
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:   # the last line cut short by a kill: the lines before it stand
+                continue
+            raise ValueError(f"{path}:{i + 1}: not a JSON record ({e})") from e
+    return out

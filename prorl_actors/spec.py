@@ -308,8 +308,21 @@ class ValidationSpec:
 
 @dataclass
 class CheckpointSpec:
-    every_steps: int = opt(0, ge=0, help="0 = only at the end")
-    keep_last: int = opt(2, ge=1)
+    every_steps: int = opt(10, ge=0, help="a checkpoint after every N steps (and at the end, and on SIGTERM); "
+                                          "0 = only at the end and on SIGTERM")
+    keep_last: int = opt(2, ge=1, help="complete checkpoints kept (older ones are deleted after a save)")
+
+
+@dataclass
+class FaultToleranceSpec:
+    """What the supervisor does when an actor dies (its process is killed, its node goes)."""
+    max_actor_restarts: int = opt(20, ge=0, help="restarts per role over the whole run before the run fails "
+                                                 "(a restart storm is a bug to look at, not to loop on)")
+    max_rollbacks: int = opt(5, ge=0, help="learner losses survived by rolling back to the last checkpoint "
+                                           "(in-process, without restarting the job)")
+    call_timeout_s: float = opt(0.0, ge=0, help="a call to an actor that has not returned after this many "
+                                                "seconds counts as a death (the actor is killed and "
+                                                "replaced); 0 = no limit")
 
 
 @dataclass
@@ -340,6 +353,10 @@ class RunSpec:
     data: DataSpec = opt(DataSpec())
     validation: ValidationSpec = opt(ValidationSpec())
     checkpoint: CheckpointSpec = opt(CheckpointSpec())
+    resume: str = opt("auto", help="auto: continue from the newest complete checkpoint of this run's directory "
+                                   "if there is one; never: start afresh (an earlier run's directory is moved "
+                                   "aside); or the path of a checkpoint directory (step_NNNNNN) to start from")
+    fault_tolerance: FaultToleranceSpec = opt(FaultToleranceSpec())
     metrics: MetricsSpec = opt(MetricsSpec())
     ray: RaySpec = opt(RaySpec())
 
@@ -410,6 +427,9 @@ class RunSpec:
                          "at least 1,000,000 away from data.train_seed (items of nearby seeds overlap)"))
         if len(self.learner.betas) != 2 or not all(0 <= b < 1 for b in self.learner.betas):
             errs.append(("learner.betas", self.learner.betas, "two numbers in [0, 1)"))
+        if self.resume not in ("auto", "never") and not (Path(self.resume) / "supervisor_state.json").is_file():
+            errs.append(("resume", self.resume, "auto, never, or a checkpoint directory (one holding "
+                                                "supervisor_state.json)"))
         if self.model.tiny.hidden_size % self.model.tiny.num_heads:
             errs.append(("model.tiny.num_heads", self.model.tiny.num_heads, "a divisor of model.tiny.hidden_size"))
         if self.model.tiny.num_heads % self.model.tiny.num_kv_heads:

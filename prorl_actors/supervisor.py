@@ -8,10 +8,23 @@ One step =
   -> new weights to the generators -> reference reset when due -> metrics.
 Validation (accuracy and pass@k per task on held-out prompts) runs at step 0, every
 `validation.every_steps` and at the end.
+
+Surviving (see group.py for the stateless roles):
+- a checkpoint every `checkpoint.every_steps`, at the end and on SIGTERM holds the whole
+  state; a run started on a directory with one continues from it (`resume`);
+- a dead generator or verifier is replaced and its work sent again, inside the step;
+- a dead reference is rebuilt from what it was last set to (the checkpoint's reference or
+  the weights of its last reset), and its call repeated;
+- a dead learner takes its optimizer state with it: the run rolls back to the last
+  checkpoint, in-process, and does those steps again (their records move aside);
+- SIGTERM (`ray job stop`, preemption) interrupts generation or validation at once, or lets
+  a learner update finish, then checkpoints the last complete step and returns.
 """
 from __future__ import annotations
 
+import json
 import math
+import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 import torch
 
 from prorl_actors import batch as B
@@ -28,10 +42,10 @@ from prorl_actors.actors.reference import ReferenceActor
 from prorl_actors.actors.verifier import VerifierActor
 from prorl_actors.algo import (KLController, ResetPolicy, get_adv_estimator, informative_groups, kl_share,
                                mixture_entropy, overlong_penalty, pass_at_k, scale_for_entropy)
-from prorl_actors.checkpoint import save_checkpoint
+from prorl_actors.checkpoint import REFERENCE_DIR, latest_checkpoint, read_state, save_checkpoint
 from prorl_actors.engines.generation import SamplingSpec
-from prorl_actors.group import ActorGroup
-from prorl_actors.metrics import RunRecords
+from prorl_actors.group import ActorGroup, ActorLost, Preempted
+from prorl_actors.metrics import RunRecords, read_jsonl
 from prorl_actors.spec import RunSpec
 from prorl_actors.tasks import Item, TaskMixture, validation_items
 from prorl_actors.tinymodel import load_tokenizer
@@ -50,10 +64,22 @@ class PhaseTimer:
         self.s[phase] += time.perf_counter() - t0
 
 
+class StopFlag:
+    """Set by the SIGTERM/SIGINT handler; the supervisor stops at the next safe point."""
+
+    def __init__(self):
+        self.requested, self.signal = False, None
+
+
 class Supervisor:
-    def __init__(self, spec: RunSpec, model_path: Path, log=print):
+    def __init__(self, spec: RunSpec, model_path: Path, log=print, resume_from: Path | None = None,
+                 stop: StopFlag | None = None):
+        """resume_from: a checkpoint to continue from (the run directory's records after its step
+        are rolled back first)."""
         self.spec, self.log, self.model_path = spec, log, Path(model_path)
         self.run_dir = spec.run_dir
+        self.stop = stop or StopFlag()
+        self.interruptible = True           # False while a learner update runs: it is let finish
         self.tokenizer = load_tokenizer(model_path)
         pad_id = self.tokenizer.pad_token_id
         g, G = spec.generator, spec.group_size
@@ -67,44 +93,177 @@ class Supervisor:
         self.resets = make_reset_policy(spec)
         self.kl = make_kl_controller(spec)
         self.version = 0
+        self.reference_version = 0
         self.next_group_id = 0
         self.num_item_rejects = 0
         self.step = 0
+        self.last_validation_step = -1
+        self.complete = False
+        self.history: list[dict] = []
+        # where the stateful actors come from: a checkpoint, else the base model
+        self.restore_from = Path(resume_from) if resume_from else None
+        self.weights_ref = None             # the policy's current weights (object store), for replacements
+        self.reference_weights_ref = None   # the weights of the reference's last reset (None: restore_from/base)
+        self.rollbacks, self.resumes = 0, 0
+        resume_state = read_state(resume_from) if resume_from else None
         self.records = RunRecords(self.run_dir)
+        if resume_state is not None:   # records of later steps go aside before anything is written
+            self.rolled_back_lines = self.records.roll_back_to(resume_state["step"])
         # the held-out prompts, tokenized once (rejections are recorded once, at run start)
-        self.val_prompts = self._prompt_table(val_items, split="validation")
+        self.val_prompts = self._prompt_table(val_items, split="validation", record=resume_state is None)
         if self.val_prompts.num_rows == 0:
             raise ValueError("no usable validation prompt (see events.jsonl: item_rejected / prompt_rejected)")
 
         # the vLLM engine sets its own VLLM_* variables before importing vllm
         gen_env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         path = str(model_path)
+        ft = spec.fault_tolerance
+        common = dict(max_restarts=ft.max_actor_restarts, call_timeout_s=ft.call_timeout_s,
+                      on_event=self._actor_event, should_stop=lambda: self.stop.requested and self.interruptible)
         t0 = time.time()
         self.generators = ActorGroup(GeneratorActor, g.num_actors, num_cpus=g.num_cpus, num_gpus=g.num_gpus,
-                                     env=gen_env, args=lambda rank: (path, spec.model.dtype, g, spec.seed + rank))
+                                     env=gen_env, args=lambda rank: (path, spec.model.dtype, g, spec.seed + rank),
+                                     name="generator", on_restart=self._sync_generator, **common)
         self.verifiers = ActorGroup(VerifierActor, spec.verifier.num_actors, num_cpus=spec.verifier.num_cpus,
-                                    args=(spec.data, spec.verifier, spec.validation.tasks))
+                                    args=(spec.data, spec.verifier, spec.validation.tasks), name="verifier", **common)
         self.learner = ActorGroup(LearnerActor, 1, num_cpus=spec.learner.num_cpus, num_gpus=spec.learner.num_gpus,
-                                  args=(path, spec.learner, spec.algorithm, g.temperature, G, g.max_new_tokens,
-                                        pad_id, spec.seed))
+                                  args=lambda rank: (self._policy_path(), spec.learner, spec.algorithm, g.temperature,
+                                                     G, g.max_new_tokens, pad_id, spec.seed),
+                                  name="learner", stateless=False, on_restart=self._restore_learner, **common)
         self.reference = ActorGroup(ReferenceActor, 1, num_cpus=spec.reference.num_cpus,
                                     num_gpus=spec.reference.num_gpus,
-                                    args=(path, spec.model.dtype, spec.reference,
-                                          g.temperature * spec.reference.temperature_scale, pad_id))
-        for grp in (self.generators, self.verifiers, self.learner, self.reference):
+                                    args=lambda rank: (self._reference_path(), spec.model.dtype, spec.reference,
+                                                       g.temperature * spec.reference.temperature_scale, pad_id),
+                                    name="reference", stateless=False, on_restart=self._restore_reference, **common)
+        self.groups = (self.generators, self.verifiers, self.learner, self.reference)
+        for grp in self.groups:
             grp.ping(timeout_s=600)
         self.log(f"actors up in {time.time() - t0:.1f}s: {len(self.generators)} generator ({g.engine}), "
                  f"{len(self.verifiers)} verifier, 1 learner, 1 reference")
+        self.initial_state = self.state_dict()   # what a rollback with no checkpoint yet returns to
+        if resume_state is not None:
+            self._resume(resume_state)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """The supervisor's part of a checkpoint (the actors save theirs)."""
+        return {"step": self.step, "policy_version": self.version, "reference_version": self.reference_version,
+                "kl": self.kl.state_dict(), "resets": self.resets.state_dict(), "data": self.mixture.state_dict(),
+                "next_group_id": self.next_group_id, "num_item_rejects": self.num_item_rejects,
+                "last_validation_step": self.last_validation_step, "complete": self.complete,
+                "rng": {"python": json.dumps(random.getstate()), "numpy": _np_rng_state(),
+                        "torch": torch.get_rng_state().tolist()}}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.step, self.version, self.reference_version = st["step"], st["policy_version"], st["reference_version"]
+        self.kl.load_state_dict(st["kl"])
+        self.resets.load_state_dict(st["resets"])
+        self.mixture.load_state_dict(st["data"])
+        self.next_group_id, self.num_item_rejects = st["next_group_id"], st["num_item_rejects"]
+        self.last_validation_step, self.complete = st["last_validation_step"], st["complete"]
+        version, internal, gauss = json.loads(st["rng"]["python"])
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, gauss = st["rng"]["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(torch.tensor(st["rng"]["torch"], dtype=torch.uint8))
+
+    def _policy_path(self) -> str:
+        return str(self.restore_from or self.model_path)
+
+    def _reference_path(self) -> str:
+        return str(self.restore_from / REFERENCE_DIR if self.restore_from else self.model_path)
+
+    def _restore_learner(self, actor) -> None:
+        """A learner built from a checkpoint's weights gets its optimizer, schedule and RNG; the
+        weights must be the ones the checkpoint recorded."""
+        if self.restore_from is None:
+            return
+        digest = ray.get(actor.load_state.remote(str(self.restore_from)))
+        expected = read_state(self.restore_from)["weights_sha256"]
+        if digest != expected:
+            raise RuntimeError(f"{self.restore_from}: the learner's weights after loading differ from the "
+                               f"ones saved ({digest[:12]} != {expected[:12]})")
+
+    def _restore_reference(self, actor) -> None:
+        if self.reference_weights_ref is not None:
+            ray.get(actor.reset_to.remote(self.reference_weights_ref, self.reference_version))
+
+    def _sync_generator(self, actor) -> None:
+        if self.weights_ref is not None:
+            ray.get(actor.set_weights.remote(self.weights_ref, self.version))
+
+    def _actor_event(self, kind: str, step: int | None = None, **fields) -> None:
+        self.records.event(kind, self.step if step is None else step, **fields)
+        self.log(f"step {self.step}: {kind.replace('_', ' ')}: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
+
+    def _broadcast_weights(self) -> None:
+        """The learner's weights -> the object store (kept for replacements) -> every generator."""
+        self.weights_ref = ray.put(self.learner.call_one("get_weights", step=self.step))
+        self.generators.call_all("set_weights", self.weights_ref, self.version, step=self.step)
+
+    def _reference_call(self, method: str, *args):
+        """A reference call; a dead reference is rebuilt (from a checkpoint's reference or the
+        weights of its last reset) and the call repeated."""
+        while True:
+            try:
+                return self.reference.call_one(method, *args, step=self.step)
+            except ActorLost as e:
+                self.reference.replace(0, e.cause, step=self.step)
+
+    def _resume(self, st: dict) -> None:
+        """Continue the run from the checkpoint in restore_from: the learner already holds its
+        weights (it was built from them); its optimizer and RNG, the supervisor's state, the
+        generators' weights follow."""
+        self.load_state_dict(st)
+        self._restore_learner(self.learner.actors[0])
+        self._broadcast_weights()
+        self.history = [m for m in read_jsonl(self.run_dir / "metrics.jsonl") if m["step"] <= self.step]
+        events = read_jsonl(self.run_dir / "events.jsonl")
+        for grp in self.groups:   # restarts count over the whole run, across resumes
+            grp.restarts = sum(e["event"] == "actor_restarted" and e.get("role") == grp.role for e in events)
+        self.rollbacks = sum(e["event"] == "rolled_back" for e in events)
+        self.resumes = sum(e["event"] == "run_resumed" for e in events) + 1
+        self.records.event("run_resumed", self.step, checkpoint=str(self.restore_from), policy_version=self.version,
+                           kl_coef=self.kl.coef, weights_sha256=st["weights_sha256"], data=st["data"]["cursors"],
+                           rolled_back_lines=self.rolled_back_lines)
+        self.log(f"resumed from {self.restore_from} at step {self.step} (policy version {self.version}, "
+                 f"KL coefficient {self.kl.coef:.4g}, {self.resets.num_resets} reference resets so far; "
+                 f"{self.rolled_back_lines} record lines of later steps moved to rolled_back.jsonl)")
+
+    def rollback(self, lost: ActorLost) -> None:
+        """The learner died with its optimizer state: every stateful part goes back to the last
+        checkpoint (or to the start), in-process, and the steps after it are done again."""
+        ft = self.spec.fault_tolerance
+        if self.rollbacks >= ft.max_rollbacks:
+            raise RuntimeError(f"{lost}; {self.rollbacks} rollbacks already, the limit "
+                               "(fault_tolerance.max_rollbacks)")
+        self.rollbacks += 1
+        from_step = self.step
+        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        self.restore_from = ckpt
+        state = read_state(ckpt) if ckpt else self.initial_state
+        self.learner.replace(0, lost.cause, step=from_step)     # built from restore_from, then its state
+        self.load_state_dict(state)
+        self.reference_weights_ref = None
+        self._reference_call("load", self._reference_path(), self.reference_version)
+        self._broadcast_weights()
+        moved = self.records.roll_back_to(self.step)
+        self.history = [m for m in self.history if m["step"] <= self.step]
+        self.records.event("rolled_back", from_step, to_step=self.step, checkpoint=str(ckpt) if ckpt else None,
+                           cause=str(lost), rolled_back_lines=moved)
+        self.log(f"step {from_step}: {lost}; rolled back to {'step ' + str(self.step) if ckpt else 'the start'} "
+                 f"and going on from there ({moved} record lines moved to rolled_back.jsonl)")
 
     # ------------------------------------------------------------------ prompts
-    def _prompt_table(self, items: list[Item], split: str = "train") -> pa.Table:
+    def _prompt_table(self, items: list[Item], split: str = "train", record: bool = True) -> pa.Table:
         rows = {B.PROMPT_IDS: [], B.TASK: [], B.ITEM_INDEX: [], B.REFERENCE: [], B.GROUP_ID: []}
         for it in items:
             text = self.tokenizer.apply_chat_template(it.messages, tokenize=False, add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) > self.max_prompt_tokens:
-                self.records.event("prompt_rejected", self.step, split=split, task=it.task, item_index=it.index,
-                                   reason=f"{len(ids)} tokens > {self.max_prompt_tokens}")
+                if record:
+                    self.records.event("prompt_rejected", self.step, split=split, task=it.task, item_index=it.index,
+                                       reason=f"{len(ids)} tokens > {self.max_prompt_tokens}")
                 continue
             rows[B.PROMPT_IDS].append(ids)
             rows[B.TASK].append(it.task)
@@ -121,9 +280,9 @@ class Supervisor:
     def _rollouts(self, prompts: pa.Table, sp: SamplingSpec, timer: PhaseTimer) -> pa.Table:
         """Generate and verify."""
         with timer("generate"):
-            rollouts = self.generators.map_table("generate", prompts, sp)
+            rollouts = self.generators.map_table("generate", prompts, sp, step=self.step)
         with timer("verify"):
-            rollouts = self.verifiers.map_table("verify", rollouts, rows_per_unit=sp.n)
+            rollouts = self.verifiers.map_table("verify", rollouts, rows_per_unit=sp.n, step=self.step)
         return rollouts
 
     # ------------------------------------------------------------------ one step
@@ -181,10 +340,11 @@ class Supervisor:
             batch = B.with_column(batch, B.ADV, adv.numpy())
             ref_scale = self.ref_temperature_scale()
             with timer("reference"):
-                batch = self.reference.call_one("logprobs", batch, spec.generator.temperature * ref_scale)
+                batch = self._reference_call("logprobs", batch, spec.generator.temperature * ref_scale)
+            self.interruptible = False      # from here the step is let finish: the learner's state moves
             with timer("learn"):
                 kl_coef, entropy_coef = self.coefs()
-                stats = self.learner.call_one("update", batch, kl_coef, entropy_coef)
+                stats = self.learner.call_one("update", batch, kl_coef, entropy_coef, step=self.step)
             stats["kl_coef_used"], stats["entropy_coef_used"] = kl_coef, entropy_coef
             stats["ref_temperature_scale_used"] = ref_scale
             stats["entropy_signal"] = self.entropy_signal(stats)
@@ -193,9 +353,8 @@ class Supervisor:
             self.records.event("update_skipped", self.step, skipped_updates=stats["skipped_updates"])
         elif stats:
             with timer("sync"):
-                weights = self.learner.actors[0].get_weights.remote()
                 self.version += 1
-                self.generators.call_all("set_weights", weights, self.version)
+                self._broadcast_weights()
             # the controller sets the coefficient of the next step from this step's entropy and KL
             self.kl.update(stats["entropy_signal"], stats.get("kl", math.nan))
             self.resets.observe_step(stats.get("kl", math.nan), stats["entropy_signal"])
@@ -204,7 +363,7 @@ class Supervisor:
                                           kl=stats.get("kl", math.nan), kl_coef=stats["kl_coef_used"],
                                           entropy_floor=floor, entropy_ceiling=ceiling)
             if decision and decision[0] == "reset":
-                self.reset_reference(weights, decision[1], batch)
+                self.reset_reference(decision[1], batch)
             elif decision and (decision[0] == "skip" or self.resets.waiting_since == self.step):
                 event = "reference_reset_skipped" if decision[0] == "skip" else "reference_reset_waits"
                 self.records.event(event, self.step, reason=decision[1], entropy_target=self.kl.target)
@@ -245,6 +404,9 @@ class Supervisor:
             "reference_resets": self.resets.num_resets,
             "reference_reset_waiting": int(self.resets.waiting_since is not None),
             "reference_resets_skipped": len(self.resets.skipped),
+            **{f"actor_restarts/{grp.role}": grp.restarts for grp in self.groups},
+            "rollbacks": self.rollbacks, "resumes": self.resumes,
+            "last_checkpoint_step": self.last_checkpoint_step(),
             "step_s": step_s,
             "gen_tokens_per_s": float(resp_len.sum()) / max(timer.s["generate"], 1e-9),
         }
@@ -297,7 +459,7 @@ class Supervisor:
         high = None if rs.entropy_margin_high is None else self.kl.target + rs.entropy_margin_high * self.kl.band
         return self.kl.target + rs.entropy_margin * self.kl.band, high
 
-    def reset_reference(self, weights, reason: str, batch: pa.Table | None = None) -> None:
+    def reset_reference(self, reason: str, batch: pa.Table | None = None) -> None:
         """Reference <- current policy; optimizer state re-initialised and the KL coefficient
         restored when the spec says so (or, moving the reference's temperature, the scale chosen
         so that the reference's entropy on this step's responses stays where it was); recorded
@@ -307,20 +469,21 @@ class Supervisor:
         if match:   # at most 128 rows spread over the batch: the entropy of both references on them
             rows = batch.take(np.linspace(0, batch.num_rows - 1, min(batch.num_rows, 128)).round().astype(np.int64))
             T, scale_before = self.spec.generator.temperature, self.ref_temperature_scale()
-            ref_entropy = self.reference.call_one("entropy", rows, T * scale_before)
-        self.reference.call_one("reset_to", weights, self.version)
+            ref_entropy = self._reference_call("entropy", rows, T * scale_before)
+        self.reference_weights_ref, self.reference_version = self.weights_ref, self.version
+        self._reference_call("reset_to", self.reference_weights_ref, self.version)
         if rs.reset_optimizer:
-            self.learner.call_one("reset_optimizer")
+            self.learner.call_one("reset_optimizer", step=self.step)
         if rs.restore_kl_coef:
             self.kl.restore_initial()
         extra = {}
         if match:
-            self.kl.set_coef(scale_for_entropy(lambda sc: self.reference.call_one("entropy", rows, T * sc),
+            self.kl.set_coef(scale_for_entropy(lambda sc: self._reference_call("entropy", rows, T * sc),
                                                ref_entropy, k.coef_min, k.coef_max))
             after = self.ref_temperature_scale()
             extra = {"ref_temperature_scale_before": scale_before, "ref_temperature_scale": after,
                      "ref_entropy_before": ref_entropy,
-                     "ref_entropy": self.reference.call_one("entropy", rows, T * after)}
+                     "ref_entropy": self._reference_call("entropy", rows, T * after)}
         self.resets.record(self.step, reason)
         self.records.event("reference_reset", self.step, reason=reason, policy_version=self.version,
                            optimizer_reset=rs.reset_optimizer, kl_coef=self.coefs()[0], **extra)
@@ -356,57 +519,114 @@ class Supervisor:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
+        """Train to num_steps (from the start, or from where a resumed run was) -> results, with
+        "preempted": True when a SIGTERM stopped it first (after a checkpoint)."""
         spec = self.spec
-        self.step = 0
-        self.records.event("run_start", 0, model=str(self.model_path), num_steps=spec.num_steps)
-        for bad in self.val_rejected:
-            self.records.event("item_rejected", 0, split="validation", **bad)
-        for note in self.data_notes:
-            self.records.event(note.pop("event"), 0, **note)
-        for task, skipped in self.mixture.skipped_rows().items():
-            self.records.event("rows_skipped", 0, task=task, count=len(skipped), first=skipped[:5])
-            self.log(f"task {task}: {len(skipped)} bad rows skipped (first: {skipped[0]})")
-        first_val = self.validate()
-        self.records.validation.write(first_val)
-        self.resets.observe_validation(first_val["accuracy"])
-        self.log(f"step 0 validation: accuracy {first_val['accuracy']:.3f}")
-        first = last = None
-        history = []
-        for self.step in range(1, spec.num_steps + 1):
-            m = self.train_step()
-            self.records.metrics.write(m)
-            history.append(m)
-            first = first or m
-            last = m
-            if self.step % spec.metrics.print_every_steps == 0 or self.step == spec.num_steps:
-                self.log(f"step {self.step:4d}/{spec.num_steps}  reward {m['reward_mean']:.3f}  acc {m['accuracy']:.3f}"
-                         f"  entropy {m['entropy']:.3f}  kl {m['kl']:.2e}  kept {m['kept_groups_frac']:.2f}"
-                         f"  rounds {m['gen_rounds']}  clip_hi {m['clip_frac_high']:.3f}  resets {m['reference_resets']}"
-                         f"  {m['step_s']:.1f}s  {m['gen_tokens_per_s']:.0f} tok/s")
-            ve = spec.validation.every_steps
-            if ve and self.step % ve == 0 and self.step != spec.num_steps:
-                val = self.validate()
-                self.records.validation.write(val)
-                self.resets.observe_validation(val["accuracy"])
-                self.log(f"step {self.step} validation: accuracy {val['accuracy']:.3f}")
-            ce = spec.checkpoint.every_steps
-            if ce and self.step % ce == 0 and self.step != spec.num_steps:
-                self.checkpoint()
-        final_val = self.validate()
-        self.records.validation.write(final_val)
-        self.checkpoint()
-        self.records.event("run_end", self.step, policy_version=self.version)
+        if self.step == 0 and self.last_validation_step < 0:
+            self.records.event("run_start", 0, model=str(self.model_path), num_steps=spec.num_steps)
+            for bad in self.val_rejected:
+                self.records.event("item_rejected", 0, split="validation", **bad)
+            for note in self.data_notes:
+                self.records.event(note.pop("event"), 0, **note)
+            for task, skipped in self.mixture.skipped_rows().items():
+                self.records.event("rows_skipped", 0, task=task, count=len(skipped), first=skipped[:5])
+                self.log(f"task {task}: {len(skipped)} bad rows skipped (first: {skipped[0]})")
+        while True:
+            try:
+                if self.last_validation_step < self.step and (self.step == 0 or self._validation_due()):
+                    self._validate_and_record()      # at step 0, or one a stop interrupted
+                while self.step < spec.num_steps and not self.stop.requested:
+                    self._one_step()
+                if not self.stop.requested and not self.complete:
+                    self._validate_and_record()      # the final evaluation
+                    self.complete = True
+                    self.checkpoint()
+                    self.records.event("run_end", self.step, policy_version=self.version)
+                break
+            except ActorLost as e:   # the learner (a reference is rebuilt where it is called)
+                self.rollback(e)
+            except Preempted:
+                break   # nothing of an interrupted step was kept: the state is the last complete step's
+        preempted = self.stop.requested and not self.complete
+        if preempted:
+            self._preempted()
         self.records.close()
-        return {"first_val": first_val, "final_val": final_val, "first": first, "last": last,
-                "history": history}
+        val = read_jsonl(self.run_dir / "validation.jsonl")
+        return {"first_val": val[0] if val else None, "final_val": val[-1] if val else None,
+                "first": self.history[0] if self.history else None,
+                "last": self.history[-1] if self.history else None,
+                "history": self.history, "preempted": preempted}
+
+    def _one_step(self) -> None:
+        """One training step, its records, and the validation and checkpoint due after it. A stop
+        request before the learner update leaves the state as the previous step ended it."""
+        spec, before = self.spec, self.state_dict()
+        self.interruptible = True
+        try:
+            self.step += 1
+            m = self.train_step()
+        except Preempted:
+            self.load_state_dict(before)   # the sampler and counters as the last complete step left them
+            raise
+        self.records.metrics.write(m)
+        self.history.append(m)
+        if self.step % spec.metrics.print_every_steps == 0 or self.step == spec.num_steps:
+            self.log(f"step {self.step:4d}/{spec.num_steps}  reward {m['reward_mean']:.3f}  acc {m['accuracy']:.3f}"
+                     f"  entropy {m['entropy']:.3f}  kl {m['kl']:.2e}  kept {m['kept_groups_frac']:.2f}"
+                     f"  rounds {m['gen_rounds']}  clip_hi {m['clip_frac_high']:.3f}  resets {m['reference_resets']}"
+                     f"  {m['step_s']:.1f}s  {m['gen_tokens_per_s']:.0f} tok/s")
+        self.interruptible = True
+        if self._validation_due():
+            self._validate_and_record()
+        ce = spec.checkpoint.every_steps
+        if ce and self.step % ce == 0 and self.step != spec.num_steps:
+            self.checkpoint()
+
+    def _validation_due(self) -> bool:
+        """A periodic validation after this step (the final one is the run's last act)."""
+        ve = self.spec.validation.every_steps
+        return bool(ve) and self.step % ve == 0 and self.step != self.spec.num_steps
+
+    def _validate_and_record(self) -> None:
+        val = self.validate()
+        self.records.validation.write(val)
+        self.resets.observe_validation(val["accuracy"])
+        self.last_validation_step = self.step
+        self.log(f"step {self.step} validation: accuracy {val['accuracy']:.3f}")
+
+    def _preempted(self) -> None:
+        """SIGTERM: a checkpoint of the last complete step (unless nothing was trained yet)."""
+        self.interruptible = False
+        path = None
+        if self.step > 0 and self.last_checkpoint_step() != self.step:
+            path = self.checkpoint()
+        elif self.step > 0:
+            path = latest_checkpoint(self.run_dir / "checkpoints")
+        self.records.event("preempted", self.step, signal=self.stop.signal,
+                           checkpoint=str(path) if path else None)
+        self.log(f"stopped by {self.stop.signal} after step {self.step}: "
+                 + (f"checkpoint {path}; the same command resumes from it" if path else "nothing trained yet"))
+
+    def last_checkpoint_step(self) -> int:
+        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        return int(ckpt.name.split("_")[1]) if ckpt else 0
 
     def checkpoint(self) -> Path:
-        state = {"step": self.step, "policy_version": self.version, "kl": self.kl.state_dict(),
-                 "resets": self.resets.state_dict(), "data": self.mixture.state_dict(),
-                 "next_group_id": self.next_group_id}
-        path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.learner.actors[0], self.model_path,
-                               state, self.spec.checkpoint.keep_last)
-        self.records.event("checkpoint", self.step, path=str(path))
+        """The whole state at the end of this step: the learner's policy and optimizer, the
+        reference, the supervisor's state (controllers, sampler, RNG, counters)."""
+        t0 = time.perf_counter()
+        digest = {}
+
+        def write_parts(tmp: Path) -> None:
+            digest["sha"] = self.learner.call_one("save", str(tmp), step=self.step)
+            (tmp / REFERENCE_DIR).mkdir()
+            self._reference_call("save", str(tmp / REFERENCE_DIR))
+
+        path = save_checkpoint(self.run_dir / "checkpoints", self.step, write_parts,
+                               lambda: {**self.state_dict(), "weights_sha256": digest["sha"]},
+                               self.spec.checkpoint.keep_last, tokenizer_from=self.model_path)
+        self.records.event("checkpoint", self.step, path=str(path), seconds=round(time.perf_counter() - t0, 3),
+                           complete=self.complete)
         return path
 
     def shutdown(self) -> None:
@@ -414,8 +634,13 @@ class Supervisor:
             self.verifiers.call_all("close")
         except Exception as e:  # noqa: BLE001 - a dead verifier has nothing left to stop
             self.log(f"closing verifiers: {type(e).__name__}: {e}")
-        for grp in (self.generators, self.verifiers, self.learner, self.reference):
+        for grp in self.groups:
             grp.kill()
+
+
+def _np_rng_state() -> list:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [name, keys.tolist(), pos, has_gauss, gauss]
 
 
 def make_kl_controller(spec: RunSpec) -> KLController:

@@ -43,3 +43,33 @@ def test_vllm_samples_from_the_synced_weights(tiny_model, monkeypatch):
             p.add_(0.02 * torch.randn_like(p))
     engine.load_weights(state_dict_for_sync(model))
     assert _max_logp_gap(engine, model, tok, prompt) < 1e-3
+
+
+def test_vllm_loads_a_checkpoint(tiny_model, small_spec, tmp_path, monkeypatch):
+    """A checkpoint's policy is HF format: vLLM serves it as written (its sampling logprobs are the
+    learner's), and transformers loads it with the digest the learner recorded."""
+    from prorl_actors.actors.learner import LearnerActor
+    from prorl_actors.actors.reference import ReferenceActor
+    from prorl_actors.checkpoint import save_checkpoint, verify_checkpoint
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    tok = load_tokenizer(tiny_model)
+    learner = LearnerActor(str(tiny_model), small_spec.learner, small_spec.algorithm, 1.2, 4, 8, tok.pad_token_id, 0)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a policy that is not the base model's
+        for p in learner.model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ref = ReferenceActor(str(tiny_model), "float32", small_spec.reference, 1.2, tok.pad_token_id)
+    digest = {}
+
+    def parts(d):
+        digest["sha"] = learner.save(str(d))
+        (d / "reference").mkdir()
+        ref.save(str(d / "reference"))
+    ckpt = save_checkpoint(tmp_path, 7, parts, lambda: {"step": 7, "weights_sha256": digest["sha"]}, 1, tiny_model)
+    assert verify_checkpoint(ckpt)["weights_sha256"] == learner.weights_digest()
+    engine = VLLMEngine(str(ckpt), "float32", GeneratorSpec(), 256, seed=0)
+    prompt = tok(tok.apply_chat_template(chat_messages("", "1 + 2 ="), tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    assert _max_logp_gap(engine, learner.model.eval(), tok, prompt) < 1e-3
+    base = load_causal_lm(tiny_model, "float32").eval()
+    assert _max_logp_gap(engine, base, tok, prompt) > 1e-2      # and it is not the base model

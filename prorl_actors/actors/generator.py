@@ -1,6 +1,8 @@
 """GeneratorActor: samples G responses per prompt and returns them as an Arrow batch."""
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow as pa
 
 from prorl_actors import batch as B
@@ -17,6 +19,10 @@ class GeneratorActor:
         """prompts: one row per prompt with PROMPT_IDS, TASK, ITEM_INDEX, REFERENCE, GROUP_ID
         -> rollouts: G consecutive rows per prompt (ROLLOUT_SCHEMA)."""
         prompt_ids = prompts[B.PROMPT_IDS].to_pylist()
+        # the seed of this shard: the call's and its first group's (shards of one call draw
+        # different noise; the same shard sent again, to a replacement, draws the same)
+        first = int(prompts[B.GROUP_ID][0].as_py()) if prompts.num_rows else 0
+        sp = dataclasses.replace(sp, seed=(sp.seed * 1_000_003 + first) % 2**31)
         samples = self.engine.generate(prompt_ids, sp)
         rep = lambda col: [v for v in prompts[col].to_pylist() for _ in range(sp.n)]  # noqa: E731
         flat = [s for group in samples for s in group]

@@ -24,6 +24,7 @@ import torch
 
 from prorl_actors import batch as B
 from prorl_actors.algo import aggregate_loss, kl_penalty, mask_truncated, policy_loss
+from prorl_actors.checkpoint import weights_digest
 from prorl_actors.engines.torch_policy import (batched_logp, load_causal_lm, pick_device, response_logp,
                                                state_dict_for_sync)
 from prorl_actors.spec import AlgorithmSpec, LearnerSpec
@@ -170,13 +171,34 @@ class LearnerActor:
     def get_weights(self) -> dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in state_dict_for_sync(self.model).items()}
 
-    def save(self, path: str) -> None:
-        """Policy weights in HF format (transformers and vLLM load them) + optimizer state."""
+    def save(self, path: str) -> str:
+        """Policy weights in HF format (transformers and vLLM load them) + everything else a resume
+        needs to continue exactly: AdamW moments, LR schedule, RNG states, counters.
+        -> the digest of the weights saved."""
         p = Path(path)
         self.model.save_pretrained(p, safe_serialization=True)
         torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                     "num_optimizer_steps": self.num_optimizer_steps,
-                    "num_skipped_updates": self.num_skipped_updates}, p / "learner_state.pt")
+                    "num_skipped_updates": self.num_skipped_updates,
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
+                   p / "learner_state.pt")
+        return self.weights_digest()
+
+    def load_state(self, path: str) -> str:
+        """After construction from a checkpoint's weights: its optimizer, schedule, RNG and counters.
+        -> the digest of the weights now held (to compare with the one recorded at save)."""
+        st = torch.load(Path(path) / "learner_state.pt", weights_only=False)
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.num_optimizer_steps, self.num_skipped_updates = st["num_optimizer_steps"], st["num_skipped_updates"]
+        torch.set_rng_state(st["torch_rng"])
+        if st["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        return self.weights_digest()
+
+    def weights_digest(self) -> str:
+        return weights_digest(self.model.state_dict())
 
     def ping(self) -> str:
         return "ok"

@@ -15,7 +15,7 @@ class ReferenceActor:
         torch.set_num_threads(spec.num_threads)
         self.device = pick_device(spec.num_gpus)
         self.model = load_causal_lm(model_path, dtype).to(self.device).eval()
-        self.spec, self.temperature, self.pad_id = spec, temperature, pad_id
+        self.spec, self.temperature, self.pad_id, self.dtype = spec, temperature, pad_id, dtype
         self.version = 0
 
     def logprobs(self, rollouts: pa.Table, temperature: float | None = None) -> pa.Table:
@@ -47,6 +47,17 @@ class ReferenceActor:
         load_policy_weights(self.model, state_dict)
         self.version = version
         return version
+
+    def load(self, path: str, version: int) -> int:
+        """Reference <- the weights of an HF model directory (a checkpoint's `reference/`, or the
+        base model), as at a rollback."""
+        self.model = load_causal_lm(path, self.dtype).to(self.device).eval()
+        self.version = version
+        return version
+
+    def save(self, path: str) -> None:
+        """The reference policy in HF format (a checkpoint's `reference/`)."""
+        self.model.save_pretrained(path, safe_serialization=True)
 
     def ping(self) -> str:
         return "ok"

@@ -118,7 +118,10 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         # no per-request seed: on CPU it crashes vLLM when chunked prefill discards a sample
-        # ("CPU Generator does not use offset"); the engine is seeded once at start-up.
+        # ("CPU Generator does not use offset"). The workers' RNG is reseeded instead, so that a
+        # call's samples depend only on its seed, prompts and weights (the prefix cache is empty
+        # after every weight update): a replaced or resumed generator samples what the lost one did.
+        self.llm.collective_rpc("prorl_seed", args=(sp.seed,))
         params = SamplingParams(n=sp.n, temperature=sp.temperature, top_p=sp.top_p,
                                 max_tokens=sp.max_new_tokens, logprobs=0)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)

@@ -1,0 +1,97 @@
+"""Checkpoint files and run records without Ray: atomic saves, rolled-back records, torn lines,
+the `resume` key, spec changes between starts."""
+import json
+
+import pytest
+import torch
+
+from prorl_actors.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint, weights_digest
+from prorl_actors.cli import _spec_changes
+from prorl_actors.metrics import read_jsonl, roll_back_records
+from prorl_actors.spec import SpecError, load_spec
+
+
+def _save(root, step, payload="x", keep=2):
+    return save_checkpoint(root, step, lambda tmp: (tmp / "part.txt").write_text(payload),
+                           lambda: {"step": step}, keep)
+
+
+def test_saves_are_listed_only_when_complete_and_the_last_k_kept(tmp_path):
+    for s in (1, 2, 3):
+        _save(tmp_path, s)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
+    (tmp_path / ".tmp-step_000004").mkdir()               # a save killed half-way
+    (tmp_path / ".tmp-step_000004" / "part.txt").write_text("half")
+    (tmp_path / "step_000009").mkdir()                     # no state file: never complete
+    assert latest_checkpoint(tmp_path).name == "step_000003"
+    _save(tmp_path, 4)
+    assert not list(tmp_path.glob(".tmp-*"))               # the next save clears it
+    _save(tmp_path, 4, payload="again")                    # the same step saved again (after a rollback)
+    assert (tmp_path / "step_000004" / "part.txt").read_text() == "again"
+    assert json.loads((tmp_path / "step_000004" / "supervisor_state.json").read_text())["step"] == 4
+
+
+def test_a_failing_part_leaves_the_previous_checkpoint(tmp_path):
+    _save(tmp_path, 1)
+
+    def broken(tmp):
+        (tmp / "part.txt").write_text("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 2, broken, lambda: {"step": 2}, 2)
+    assert latest_checkpoint(tmp_path).name == "step_000001"
+
+
+def test_weights_digest_sees_one_changed_value():
+    a = {"w": torch.zeros(3, 2), "b": torch.ones(2)}
+    b = {"b": torch.ones(2), "w": torch.zeros(3, 2)}
+    assert weights_digest(a) == weights_digest(b)
+    b["w"][1, 1] = 1e-30
+    assert weights_digest(a) != weights_digest(b)
+    assert weights_digest(a) != weights_digest({"w": torch.zeros(3, 2).double(), "b": torch.ones(2)})
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_roll_back_moves_later_steps_aside_but_keeps_the_runs_life(tmp_path):
+    _write(tmp_path / "metrics.jsonl", [{"step": s} for s in (1, 2, 3, 4)])
+    _write(tmp_path / "validation.jsonl", [{"step": 0}, {"step": 2}, {"step": 4}])
+    _write(tmp_path / "events.jsonl", [{"event": "run_start", "step": 0}, {"event": "checkpoint", "step": 2},
+                                       {"event": "reference_reset", "step": 3},
+                                       {"event": "actor_died", "step": 3, "role": "learner"},
+                                       {"event": "batch_short", "step": 4}])
+    assert roll_back_records(tmp_path, 2) == 5
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in read_jsonl(tmp_path / "validation.jsonl")] == [0, 2]
+    assert [r["event"] for r in read_jsonl(tmp_path / "events.jsonl")] == ["run_start", "checkpoint", "actor_died"]
+    moved = read_jsonl(tmp_path / "rolled_back.jsonl")
+    assert [(r["file"], r["step"]) for r in moved] == [("metrics.jsonl", 3), ("metrics.jsonl", 4),
+                                                       ("validation.jsonl", 4), ("events.jsonl", 3),
+                                                       ("events.jsonl", 4)]
+    assert all(r["rolled_back_to"] == 2 for r in moved)
+
+
+def test_a_torn_last_line_is_dropped_a_bad_middle_line_is_an_error(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"step": 1}\n{"step": 2}\n{"ste')
+    assert read_jsonl(p) == [{"step": 1}, {"step": 2}]
+    p.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"m.jsonl:2: not a JSON record"):
+        read_jsonl(p)
+
+
+def test_resume_key(tmp_path):
+    assert load_spec("specs/tiny-cpu.yaml", []).resume == "auto"
+    with pytest.raises(SpecError, match=r"resume: got '/nowhere'; allowed: auto, never, or a checkpoint"):
+        load_spec("specs/tiny-cpu.yaml", ["resume=/nowhere"])
+    ckpt = _save(tmp_path, 5)
+    assert load_spec("specs/tiny-cpu.yaml", [f"resume={ckpt}"]).resume == str(ckpt)
+
+
+def test_spec_changes_between_starts():
+    old = "num_steps: 10\nlearner: {lr: 0.001, betas: [0.9, 0.99]}\n"
+    new = "num_steps: 20\nlearner: {lr: 0.001, betas: [0.9, 0.999]}\nresume: auto\n"
+    assert _spec_changes(old, new) == {"learner.betas": [[0.9, 0.99], [0.9, 0.999]], "num_steps": [10, 20],
+                                       "resume": [None, "auto"]}

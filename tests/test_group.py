@@ -1,0 +1,149 @@
+"""ActorGroup on a real local Ray: actors killed by pid in the middle of a call, a hung call, a
+restart limit, a stateful role, a bug in a method, and a stop request while waiting."""
+import os
+import signal
+import threading
+import time
+
+import sys
+
+import pyarrow as pa
+import pytest
+import ray
+from ray import cloudpickle
+
+from prorl_actors.group import ActorGroup, ActorLost, Preempted, TooManyRestarts
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers cannot import this test module
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+class Worker:
+    """hang_once: the first actor of a rank to see this file's absence hangs (a stuck call)."""
+
+    def __init__(self, tag: str, hang_once: str | None = None, broken_if: str | None = None):
+        if broken_if and os.path.exists(broken_if):
+            raise RuntimeError("cannot start")
+        self.tag, self.hang_once, self.weights = tag, hang_once, None
+
+    def ping(self):
+        return "ok"
+
+    def pid(self):
+        return os.getpid()
+
+    def work(self, table, delay=0.0):
+        if self.hang_once and not os.path.exists(self.hang_once):
+            open(self.hang_once, "w").close()
+            time.sleep(3600)
+        time.sleep(delay)
+        return table.append_column("by", pa.array([f"{self.tag}:{self.weights}"] * table.num_rows))
+
+    def set_weights(self, w):
+        self.weights = w
+
+    def fail(self):
+        raise ValueError("a bug in the method")
+
+
+def _group(n, events, extra=(), **kw):
+    return ActorGroup(Worker, n, num_cpus=0.1, args=lambda rank: (f"w{rank}", *extra),
+                      on_event=lambda kind, **f: events.append((kind, f)), **kw)
+
+
+def _kill_later(pid, after_s):
+    threading.Timer(after_s, os.kill, (pid, signal.SIGKILL)).start()
+
+
+def test_dead_actor_is_replaced_brought_up_to_date_and_its_shard_resent(local_ray):
+    events, current = [], {"w": 7}
+    grp = _group(2, events, on_restart=lambda a: ray.get(a.set_weights.remote(current["w"])))
+    grp.call_all("set_weights", 7)
+    _kill_later(ray.get(grp.actors[1].pid.remote()), 0.5)
+    table = pa.table({"x": list(range(10))})
+    out = grp.map_table("work", table, 2.0, step=3)
+    assert out["x"].to_pylist() == list(range(10))            # every row, in order
+    assert out["by"].to_pylist() == ["w0:7"] * 5 + ["w1:7"] * 5  # the replacement got the weights first
+    kinds = [k for k, _ in events]
+    assert kinds == ["actor_died", "actor_restarted", "work_redispatched"]
+    assert events[0][1]["role"] == "Worker" and events[0][1]["rank"] == 1 and events[0][1]["step"] == 3
+    assert "ActorDiedError" in events[0][1]["cause"] and events[2][1]["rows"] == 5
+    assert grp.restarts == 1
+    grp.kill()
+
+
+def test_hung_call_is_killed_and_sent_again(local_ray, tmp_path):
+    events = []
+    grp = _group(1, events, call_timeout_s=1.5, extra=(str(tmp_path / "hung"),))
+    t0 = time.time()
+    out = grp.map_table("work", pa.table({"x": [1, 2]}))
+    assert out.num_rows == 2 and time.time() - t0 < 30
+    assert [k for k, _ in events] == ["actor_died", "actor_restarted", "work_redispatched"]
+    assert "no answer in 1.5 s" in events[0][1]["cause"]
+    grp.kill()
+
+
+def test_restart_limit(local_ray):
+    events = []
+    grp = _group(1, events, max_restarts=1)
+    for _ in range(2):
+        _kill_later(ray.get(grp.actors[0].pid.remote()), 0.3)
+        if grp.restarts == 0:
+            grp.call_all("work", pa.table({"x": [1]}), 1.0)
+        else:
+            with pytest.raises(TooManyRestarts, match="max_actor_restarts"):
+                grp.call_all("work", pa.table({"x": [1]}), 1.0)
+    grp.kill()
+
+
+def test_stateful_role_leaves_restoring_to_the_caller(local_ray):
+    events = []
+    grp = _group(1, events, stateless=False)
+    _kill_later(ray.get(grp.actors[0].pid.remote()), 0.3)
+    with pytest.raises(ActorLost) as e:
+        grp.call_one("work", pa.table({"x": [1]}), 2.0)
+    assert e.value.role == "Worker" and [k for k, _ in events] == ["actor_died"]
+    grp.replace(0, e.value.cause)
+    assert grp.call_one("work", pa.table({"x": [1]}))["x"].to_pylist() == [1] and grp.restarts == 1
+    grp.kill()
+
+
+def test_a_bug_in_a_method_is_raised_not_restarted(local_ray):
+    events = []
+    grp = _group(1, events)
+    with pytest.raises(ray.exceptions.RayTaskError, match="a bug in the method"):
+        grp.call_one("fail")
+    assert events == [] and grp.restarts == 0
+    grp.kill()
+
+
+def test_a_replacement_that_cannot_start_is_an_error_not_a_loop(local_ray, tmp_path):
+    events = []
+    flag = tmp_path / "broken"
+    grp = _group(1, events, extra=(None, str(flag)))
+    grp.ping()
+    flag.touch()              # from now on the constructor raises
+    _kill_later(ray.get(grp.actors[0].pid.remote()), 0.3)
+    with pytest.raises(RuntimeError, match="no replacement can start"):
+        grp.call_one("work", pa.table({"x": [1]}), 2.0)
+    assert grp.restarts == 1
+    grp.kill()
+
+
+def test_stop_request_interrupts_a_wait(local_ray):
+    stop = {"now": False}
+    grp = _group(1, [], should_stop=lambda: stop["now"])
+    threading.Timer(0.5, stop.update, kwargs={"now": True}).start()
+    t0 = time.time()
+    with pytest.raises(Preempted):
+        grp.map_table("work", pa.table({"x": [1]}), 30.0)
+    assert time.time() - t0 < 5
+    grp.kill()
