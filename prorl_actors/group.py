@@ -106,7 +106,7 @@ class ActorGroup:
                 pass
             self.actors[rank] = self._spawn(rank)
             try:
-                ray.get(self.actors[rank].ping.remote())
+                ray.get(self.actors[rank].ping.remote(), timeout=max(600.0, self.call_timeout_s))
                 if self.on_restart is not None:
                     self.on_restart(self.actors[rank])
             except RayActorError as e:     # the replacement died too: count it and try again

@@ -239,8 +239,7 @@ class Supervisor:
                                "(fault_tolerance.max_rollbacks)")
         self.rollbacks += 1
         from_step = self.step
-        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
-        self.restore_from = ckpt
+        ckpt = self.restore_from          # the newest checkpoint saved or resumed from (None: the start)
         state = read_state(ckpt) if ckpt else self.initial_state
         self.learner.replace(0, lost.cause, step=from_step)     # built from restore_from, then its state
         self.load_state_dict(state)
@@ -627,6 +626,9 @@ class Supervisor:
                                self.spec.checkpoint.keep_last, tokenizer_from=self.model_path)
         self.records.event("checkpoint", self.step, path=str(path), seconds=round(time.perf_counter() - t0, 3),
                            complete=self.complete)
+        # from now on a rebuilt reference (or a rollback) starts from here: it holds the
+        # reference as it is, so the weights of its last reset need not be kept any more
+        self.restore_from, self.reference_weights_ref = path, None
         return path
 
     def shutdown(self) -> None:

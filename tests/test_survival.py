@@ -5,7 +5,6 @@ Generation is seeded per call (the HF engine's generator, vLLM's workers), so a 
 loses an actor, rolls back or resumes must end with exactly the weights of the uninterrupted
 run (`baseline`): the strongest check that no step was lost, done twice or done with the
 wrong state (weights, optimizer, reference, KL coefficient, sampler position, RNG)."""
-import json
 import os
 import signal
 import subprocess
@@ -69,6 +68,25 @@ class Driver:
                 continue
         return None
 
+    def catch(self, title: str, timeout: float = 300) -> int:
+        """The pid of the actor process at the moment it runs `title` ("ray::Class.method"): the
+        actor's process is found once, then its /proc title is read in a tight loop, fast enough
+        to catch calls of a few milliseconds."""
+        proc = _until(lambda: self.find(title.split(".")[0]), timeout, f"a {title.split('.')[0]} process", self)
+        path, want = f"/proc/{proc.pid}/cmdline", title.encode()
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            try:
+                with open(path, "rb") as f:
+                    if f.read(len(want)) == want:
+                        return proc.pid
+            except FileNotFoundError:   # replaced meanwhile (another test's kill): find the new one
+                return self.catch(title, timeout - (time.time() - t0))
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the driver exited before {title}\n" + self.text()[-4000:])
+            time.sleep(0.0002)
+        raise AssertionError(f"timed out waiting for {title}\n" + self.text()[-4000:])
+
     def wait(self, timeout=600) -> int:
         try:
             return self.proc.wait(timeout)
@@ -108,10 +126,10 @@ def _steps_done(run: Path) -> int:
 
 def _kill_in(driver: Driver, run: Path, title: str, after_step: int) -> int:
     """SIGKILL the process running `title` once `after_step` steps are recorded -> its pid."""
-    _until(lambda: _steps_done(run) >= after_step, 300, f"step {after_step}", driver, poll=0.2)
-    proc = _until(lambda: driver.find(title), 300, f"a process running {title}", driver)
-    os.kill(proc.pid, signal.SIGKILL)
-    return proc.pid
+    _until(lambda: _steps_done(run) >= after_step, 300, f"step {after_step}", driver, poll=0.05)
+    pid = driver.catch(title)
+    os.kill(pid, signal.SIGKILL)
+    return pid
 
 
 def _final(run: Path) -> dict:
@@ -129,7 +147,8 @@ def _check_complete(run: Path, baseline: Path) -> list[dict]:
     assert _final(run)["data"] == _final(baseline)["data"] and _final(run)["kl"] == _final(baseline)["kl"]
     assert [v["step"] for v in read_jsonl(run / "validation.jsonl")] == [0, 2, 4]
     events = read_jsonl(run / "events.jsonl")
-    assert [e["step"] for e in events if e["event"] == "reference_reset"] == [2, 4]
+    resets = lambda evs: [e["step"] for e in evs if e["event"] == "reference_reset"]  # noqa: E731
+    assert resets(events) == resets(read_jsonl(baseline / "events.jsonl")) and resets(events)
     assert events[-1]["event"] == "run_end"
     return events
 
@@ -205,7 +224,7 @@ def test_driver_sigkill_then_resume(tiny_model, tmp_path, baselines, engine):
     d = Driver(_args(tiny_model, tmp_path, extra), tmp_path / "log1.txt")
     _until(lambda: _steps_done(run) >= 2 and (run / "checkpoints" / "step_000002").exists(), 300,
            "the checkpoint of step 2", d, poll=0.1)
-    _until(lambda: d.find("ray::GeneratorActor.generate"), 300, "step 3's generation", d)  # validated, saved
+    d.catch("ray::GeneratorActor.generate")        # step 3's generation (step 2 is validated and saved)
     os.kill(d.proc.pid, signal.SIGKILL)
     d.wait()
     saved = read_state(run / "checkpoints" / "step_000002")
@@ -240,10 +259,10 @@ def test_sigterm_checkpoints_then_resume(tiny_model, tmp_path, baseline, title, 
         extra.append("validation.num_prompts_per_task=64")   # long enough to be caught in the middle
     d = Driver(_args(tiny_model, tmp_path, extra), tmp_path / "log1.txt")
     _until(lambda: _steps_done(run) >= 2 and (_validated(run, 2) or "validation" in phase), 300, "step 2", d, 0.05)
-    proc = _until(lambda: d.find(title), 300, phase, d)
+    d.catch(title)
     os.kill(d.proc.pid, signal.SIGTERM)
     assert d.wait(120) == 0, d.text()[-4000:]
-    assert proc.pid and f"stopped by SIGTERM after step {stopped_at}" in d.text()
+    assert f"stopped by SIGTERM after step {stopped_at}" in d.text()
     assert _validated(run, 2) == ("validation" not in phase)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step_{stopped_at:06d}"]
     pre = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "preempted"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import pyarrow as pa
 
@@ -19,9 +20,9 @@ class GeneratorActor:
         """prompts: one row per prompt with PROMPT_IDS, TASK, ITEM_INDEX, REFERENCE, GROUP_ID
         -> rollouts: G consecutive rows per prompt (ROLLOUT_SCHEMA)."""
         prompt_ids = prompts[B.PROMPT_IDS].to_pylist()
-        # the seed of this shard: the call's and its first group's (shards of one call draw
+        # the seed of this shard: the call's and its first prompt's item (shards of one call draw
         # different noise; the same shard sent again, to a replacement, draws the same)
-        first = int(prompts[B.GROUP_ID][0].as_py()) if prompts.num_rows else 0
+        first = zlib.crc32(f"{prompts[B.TASK][0]}:{prompts[B.ITEM_INDEX][0]}".encode()) if prompts.num_rows else 0
         sp = dataclasses.replace(sp, seed=(sp.seed * 1_000_003 + first) % 2**31)
         samples = self.engine.generate(prompt_ids, sp)
         rep = lambda col: [v for v in prompts[col].to_pylist() for _ in range(sp.n)]  # noqa: E731
