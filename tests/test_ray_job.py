@@ -18,6 +18,7 @@ from prorl_actors.metrics import read_jsonl
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
+N = 40   # steps: ~0.3 s each here, long enough for `ray job stop` (a few seconds) to land in the middle
 
 
 def _free_port() -> int:
@@ -65,7 +66,7 @@ def test_ray_job_submit_stop_and_resuming_resubmit(tiny_model, tmp_path, head):
     from tests.conftest import TEST_OVERRIDES
     address, env = head
     train = ["prorl", "train", "specs/tiny-cpu.yaml", *TEST_OVERRIDES, f"model.path={tiny_model}",
-             f"output_dir={tmp_path}", "name=job", "generator.engine=hf", "num_steps=8", "checkpoint.every_steps=0",
+             f"output_dir={tmp_path}", "name=job", "generator.engine=hf", f"num_steps={N}", "checkpoint.every_steps=0",
              "supervisor.num_prompts_per_step=8", "learner.num_prompts_per_mini_batch=4",
              "generator.num_samples_per_prompt=4", "generator.max_new_tokens=8", "validation.num_prompts_per_task=8",
              "validation.num_samples=4", "validation.ks=[1,2,4]", "validation.every_steps=0"]
@@ -89,7 +90,7 @@ def test_ray_job_submit_stop_and_resuming_resubmit(tiny_model, tmp_path, head):
     pre = [e for e in events if e["event"] == "preempted"]
     assert len(pre) == 1 and pre[0]["checkpoint"], logs[-3000:]
     stopped_at = pre[0]["step"]
-    assert 2 <= stopped_at < 8 and (run / "checkpoints" / f"step_{stopped_at:06d}").is_dir()
+    assert 2 <= stopped_at < N and (run / "checkpoints" / f"step_{stopped_at:06d}").is_dir()
 
     # the same submission again: it resumes, streams its logs, and finishes
     again = _ray(["job", "submit", "--address", address, "--submission-id", "second", "--working-dir", ".", "--",
@@ -97,8 +98,8 @@ def test_ray_job_submit_stop_and_resuming_resubmit(tiny_model, tmp_path, head):
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
     text = again.stdout + again.stderr
     assert f"resuming {run} from" in text and f"at step {stopped_at}" in text
-    assert "step    8/8" in text and "Job 'second' succeeded" in text
+    assert f"step   {N}/{N}" in text and "Job 'second' succeeded" in text
     metrics = read_jsonl(run / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == list(range(1, 9))
+    assert [m["step"] for m in metrics] == list(range(1, N + 1))
     assert metrics[-1]["resumes"] == 1
     assert read_jsonl(run / "events.jsonl")[-1]["event"] == "run_end"
