@@ -78,6 +78,8 @@ def main() -> int:
         max(1, len(list((run / "checkpoints").iterdir())))
     print(f"  checkpoint write (median of {len(ck)})          {statistics.median(e['seconds'] for e in ck):10.3f}"
           f"   ({size / 2**20:.1f} MiB each)")
+    pre = next(e for e in events if e["event"] == "preempted")
+    print(f"  SIGTERM to checkpoint committed (step {pre['step']})     {pre['time'] - t_term:10.2f}")
     print(f"  SIGTERM to exit (driver, incl. Ray shutdown)   {term_s:10.2f}")
     up = [float(x) for x in re.findall(r"actors up in ([0-9.]+)s", d.text() + d2.text())]
     first = float(re.search(r"\[\s*(\d+)s\] step\s+7/8", d2.text()).group(1))

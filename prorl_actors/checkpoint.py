@@ -48,21 +48,24 @@ def _fsync_tree(path: Path) -> None:
     _fsync(path)
 
 
-def save_checkpoint(root: Path, step: int, write_parts: Callable[[Path], None], state: Callable[[], dict],
-                    keep_last: int, tokenizer_from: Path | None = None) -> Path:
-    """write_parts(tmp_dir) writes the actors' parts (policy, optimizer, reference) into tmp_dir;
-    then state() (JSON, it may use what the parts returned) is written. -> the committed directory."""
+def save_checkpoint(root: Path, step: int, save_policy: Callable[[str], str], save_reference: Callable[[str], None],
+                    state: dict, keep_last: int, tokenizer_from: Path | None = None) -> Path:
+    """save_policy(dir) writes the policy and the learner's state and returns the weights'
+    digest; save_reference(dir) writes the reference; `state` (JSON) is written last, with
+    the digest. -> the committed checkpoint directory."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step_*"):     # a save killed half-way
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}"
     tmp.mkdir()
-    write_parts(tmp)
+    digest = save_policy(str(tmp))
+    (tmp / REFERENCE_DIR).mkdir()
+    save_reference(str(tmp / REFERENCE_DIR))
     for name in TOKENIZER_FILES:
         if tokenizer_from is not None and (Path(tokenizer_from) / name).exists():
             shutil.copy2(Path(tokenizer_from) / name, tmp / name)
-    (tmp / STATE_FILE).write_text(json.dumps({**state(), "saved_at": time.time()}, indent=1))
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "weights_sha256": digest, "saved_at": time.time()}, indent=1))
     _fsync_tree(tmp)
     if final.exists():                          # a step saved twice (e.g. after a rollback): replace it
         old = root / f".tmp-old-step_{step:06d}"

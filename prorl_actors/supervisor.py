@@ -614,15 +614,9 @@ class Supervisor:
         """The whole state at the end of this step: the learner's policy and optimizer, the
         reference, the supervisor's state (controllers, sampler, RNG, counters)."""
         t0 = time.perf_counter()
-        digest = {}
-
-        def write_parts(tmp: Path) -> None:
-            digest["sha"] = self.learner.call_one("save", str(tmp), step=self.step)
-            (tmp / REFERENCE_DIR).mkdir()
-            self._reference_call("save", str(tmp / REFERENCE_DIR))
-
-        path = save_checkpoint(self.run_dir / "checkpoints", self.step, write_parts,
-                               lambda: {**self.state_dict(), "weights_sha256": digest["sha"]},
+        path = save_checkpoint(self.run_dir / "checkpoints", self.step,
+                               lambda d: self.learner.call_one("save", d, step=self.step),
+                               lambda d: self._reference_call("save", d), self.state_dict(),
                                self.spec.checkpoint.keep_last, tokenizer_from=self.model_path)
         self.records.event("checkpoint", self.step, path=str(path), seconds=round(time.perf_counter() - t0, 3),
                            complete=self.complete)

@@ -78,7 +78,8 @@ def test_response_logp_matches_unpadded_forward(parts, tiny_model):
 def test_reference_matches_learner_and_resets(parts, tiny_model):
     spec, tok, r = parts
     ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
-    learner = _learner(spec, tiny_model, tok, num_prompts_per_mini_batch=6, lr=1e-2)
+    # a small step (3e-3 overshoots on some samples: the tiny model's responses share most tokens)
+    learner = _learner(spec, tiny_model, tok, num_prompts_per_mini_batch=6, lr=1e-3)
     # the reference's ragged column holds exactly each response's tokens, in order
     t0 = ref.logprobs(B.with_column(r, B.ADV, [0.0] * r.num_rows))
     assert [len(x) for x in t0[B.REF_LOGP].to_pylist()] == [len(x) for x in r[B.RESPONSE_IDS].to_pylist()]
@@ -110,7 +111,8 @@ def test_reference_logprobs_at_a_given_temperature(parts, tiny_model):
 def test_update_moves_probability_towards_positive_advantage(parts, tiny_model):
     spec, tok, r = parts
     ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
-    learner = _learner(spec, tiny_model, tok, num_prompts_per_mini_batch=6, lr=3e-3)
+    # a small step (3e-3 overshoots on some samples: the tiny model's responses share most tokens)
+    learner = _learner(spec, tiny_model, tok, num_prompts_per_mini_batch=6, lr=1e-3)
     adv = [1.5, -0.5, -0.5, -0.5] * 6
     t = _with_adv_ref(r, adv, ref)
     seq = B.to_tensors(t, tok.pad_token_id)
@@ -121,6 +123,7 @@ def test_update_moves_probability_towards_positive_advantage(parts, tiny_model):
         lp1, _ = response_logp(learner.model, seq, 1.2)
     seq_delta = ((lp1 - lp0) * seq.mask).sum(1).view(6, G)                      # (groups, G)
     assert seq_delta[:, 0].mean() > 0 > seq_delta[:, 1:].mean()
+    assert float((torch.tensor(adv).view(6, G) * seq_delta).sum()) > 0          # the surrogate went up
 
 
 def test_non_finite_loss_skips_update_and_counts(parts, tiny_model):
@@ -247,18 +250,13 @@ def test_learner_state_round_trips_through_a_checkpoint(parts, tiny_model, tmp_p
     kw = dict(lr=1e-3, lr_warmup_steps=4, num_prompts_per_mini_batch=3)   # 2 shuffled mini-batches: RNG matters
     a = _learner(spec, tiny_model, tok, **kw)
     a.update(batch, kl_coef=0.01)
-    digest = {}
-
-    def parts_fn(tmp):
-        digest["sha"] = a.save(str(tmp))
-        (tmp / "reference").mkdir()
-        ref.save(str(tmp / "reference"))
-    ckpt = save_checkpoint(tmp_path, 1, parts_fn, lambda: {"step": 1, "weights_sha256": digest["sha"]}, 2, tiny_model)
-    assert verify_checkpoint(ckpt)["step"] == 1
+    ckpt = save_checkpoint(tmp_path, 1, a.save, ref.save, {"step": 1}, 2, tiny_model)
+    saved = verify_checkpoint(ckpt)
+    assert saved["step"] == 1
     # both learners share this process's torch RNG (each has its own process under Ray): every
     # load_state puts back the RNG state of the save, so each update starts from it
     b = _learner(spec, ckpt, tok, **kw)
-    assert b.load_state(str(ckpt)) == digest["sha"]
+    assert b.load_state(str(ckpt)) == saved["weights_sha256"]
     sa = a.update(batch, kl_coef=0.01)
     b.load_state(str(ckpt))
     sb = b.update(batch, kl_coef=0.01)

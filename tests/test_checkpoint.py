@@ -1,6 +1,7 @@
 """Checkpoint files and run records without Ray: atomic saves, rolled-back records, torn lines,
 the `resume` key, spec changes between starts."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +12,15 @@ from prorl_actors.metrics import read_jsonl, roll_back_records
 from prorl_actors.spec import SpecError, load_spec
 
 
+def _write_policy(payload):
+    def save(d):
+        (Path(d) / "part.txt").write_text(payload)
+        return "sha-" + payload
+    return save
+
+
 def _save(root, step, payload="x", keep=2):
-    return save_checkpoint(root, step, lambda tmp: (tmp / "part.txt").write_text(payload),
-                           lambda: {"step": step}, keep)
+    return save_checkpoint(root, step, _write_policy(payload), lambda d: None, {"step": step}, keep)
 
 
 def test_saves_are_listed_only_when_complete_and_the_last_k_kept(tmp_path):
@@ -28,17 +35,17 @@ def test_saves_are_listed_only_when_complete_and_the_last_k_kept(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))               # the next save clears it
     _save(tmp_path, 4, payload="again")                    # the same step saved again (after a rollback)
     assert (tmp_path / "step_000004" / "part.txt").read_text() == "again"
-    assert json.loads((tmp_path / "step_000004" / "supervisor_state.json").read_text())["step"] == 4
+    state = json.loads((tmp_path / "step_000004" / "supervisor_state.json").read_text())
+    assert state["step"] == 4 and state["weights_sha256"] == "sha-again"
 
 
 def test_a_failing_part_leaves_the_previous_checkpoint(tmp_path):
     _save(tmp_path, 1)
 
-    def broken(tmp):
-        (tmp / "part.txt").write_text("half")
+    def broken(d):
         raise OSError("disk full")
     with pytest.raises(OSError):
-        save_checkpoint(tmp_path, 2, broken, lambda: {"step": 2}, 2)
+        save_checkpoint(tmp_path, 2, _write_policy("y"), broken, {"step": 2}, 2)
     assert latest_checkpoint(tmp_path).name == "step_000001"
 
 

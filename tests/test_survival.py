@@ -294,12 +294,7 @@ root, step = Path(sys.argv[1]), int(sys.argv[2])
 print("ready", flush=True)
 while True:
     step += 1
-    digest = {{}}
-    def parts(tmp):
-        digest["sha"] = learner.save(str(tmp))
-        (tmp / "reference").mkdir()
-        ref.save(str(tmp / "reference"))
-    save_checkpoint(root, step, parts, lambda: {{"step": step, "weights_sha256": digest["sha"]}}, 2, Path(m))
+    save_checkpoint(root, step, learner.save, ref.save, {{"step": step}}, 2, Path(m))
 """)
     from prorl_actors.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
     import random

@@ -59,13 +59,7 @@ def test_vllm_loads_a_checkpoint(tiny_model, small_spec, tmp_path, monkeypatch):
         for p in learner.model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     ref = ReferenceActor(str(tiny_model), "float32", small_spec.reference, 1.2, tok.pad_token_id)
-    digest = {}
-
-    def parts(d):
-        digest["sha"] = learner.save(str(d))
-        (d / "reference").mkdir()
-        ref.save(str(d / "reference"))
-    ckpt = save_checkpoint(tmp_path, 7, parts, lambda: {"step": 7, "weights_sha256": digest["sha"]}, 1, tiny_model)
+    ckpt = save_checkpoint(tmp_path, 7, learner.save, ref.save, {"step": 7}, 1, tiny_model)
     assert verify_checkpoint(ckpt)["weights_sha256"] == learner.weights_digest()
     engine = VLLMEngine(str(ckpt), "float32", GeneratorSpec(), 256, seed=0)
     prompt = tok(tok.apply_chat_template(chat_messages("", "1 + 2 ="), tokenize=False, add_generation_prompt=True),
