@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python benchmarks/step_time.py
 	$(BIN)/python benchmarks/sandbox_throughput.py
 	$(BIN)/python benchmarks/verifiers.py
+	$(BIN)/python benchmarks/recovery.py
 
 clean:
 	rm -rf runs .pytest_cache

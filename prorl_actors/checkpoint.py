@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 STATE_FILE = "supervisor_state.json"
+FORMAT = 1          # of the layout and state keys; a checkpoint of another format is not resumed
 REFERENCE_DIR = "reference"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")
@@ -65,7 +66,8 @@ def save_checkpoint(root: Path, step: int, save_policy: Callable[[str], str], sa
     for name in TOKENIZER_FILES:
         if tokenizer_from is not None and (Path(tokenizer_from) / name).exists():
             shutil.copy2(Path(tokenizer_from) / name, tmp / name)
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "weights_sha256": digest, "saved_at": time.time()}, indent=1))
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "format": FORMAT, "weights_sha256": digest, "saved_at": time.time()},
+                                                indent=1))
     _fsync_tree(tmp)
     if final.exists():                          # a step saved twice (e.g. after a rollback): replace it
         old = root / f".tmp-old-step_{step:06d}"
@@ -94,6 +96,15 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def read_state(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / STATE_FILE).read_text())
+
+
+def format_problem(ckpt: Path) -> str | None:
+    """Why this version cannot resume from `ckpt` (None: it can)."""
+    try:
+        got = read_state(ckpt).get("format")
+    except (OSError, ValueError) as e:
+        return f"its state cannot be read ({e})"
+    return None if got == FORMAT else f"it is of checkpoint format {got}, this version reads {FORMAT}"
 
 
 def weights_digest(state_dict: dict) -> str:

@@ -52,18 +52,22 @@ def cmd_validate(args) -> int:
 def _start_from(spec, log):
     """The checkpoint this run continues from (None: a fresh start), after moving an earlier,
     unresumable run's directory aside."""
-    from prorl_actors.checkpoint import latest_checkpoint
+    from prorl_actors.checkpoint import format_problem, latest_checkpoint
     run_dir = spec.run_dir
-    ckpt = None
+    ckpt, why = None, "resume: never"
     if spec.resume == "auto":
-        ckpt = latest_checkpoint(run_dir / "checkpoints")
+        ckpt, why = latest_checkpoint(run_dir / "checkpoints"), "it has no complete checkpoint to resume from"
+        if ckpt is not None and format_problem(ckpt):
+            ckpt, why = None, f"its newest checkpoint cannot be resumed: {format_problem(ckpt)}"
     elif spec.resume != "never":
         ckpt = Path(spec.resume).resolve()
+        if format_problem(ckpt):
+            print(f"prorl: resume={spec.resume}: {format_problem(ckpt)}", file=sys.stderr)
+            sys.exit(2)
     if ckpt is None and run_dir.exists() and any(run_dir.iterdir()):
         # never mix two runs' records
         old = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir.rename(old)
-        why = "resume: never" if spec.resume == "never" else "it has no complete checkpoint to resume from"
         log(f"{run_dir} held an earlier run ({why}): moved it to {old}")
     return ckpt
 
@@ -107,18 +111,18 @@ def cmd_train(args) -> int:
     changes = {}
     if ckpt is not None:
         state = read_state(ckpt)
+        if state.get("complete") and state["step"] >= spec.num_steps:
+            log(f"{run_dir}: the run is complete at step {state['step']} (num_steps {spec.num_steps}): nothing "
+                "to do; raise num_steps to go on, or resume=never to start afresh")
+            if (run_dir / "summary.txt").exists():
+                print("\n" + (run_dir / "summary.txt").read_text(), end="")
+            return 0
         log(f"resuming {run_dir} from {ckpt} (step {state['step']})")
         if (run_dir / "spec.yaml").exists():
             changes = _spec_changes((run_dir / "spec.yaml").read_text(), spec_yaml)
             changes.pop("resume", None)
             for k, (a, b) in changes.items():
                 log(f"spec changed since the last start: {k}: {a!r} -> {b!r}")
-        if state.get("complete") and state["step"] >= spec.num_steps:
-            log(f"the run is complete at step {state['step']} (num_steps {spec.num_steps}): nothing to do; "
-                "raise num_steps to go on, or resume=never to start afresh")
-            if (run_dir / "summary.txt").exists():
-                print("\n" + (run_dir / "summary.txt").read_text(), end="")
-            return 0
     (run_dir / "spec.yaml").write_text(spec_yaml)
     log(f"run {spec.name} -> {run_dir}")
     model_path = resolve_model_path(spec.model, spec.data, log=log)

@@ -215,6 +215,7 @@ class Supervisor:
         weights (it was built from them); its optimizer and RNG, the supervisor's state, the
         generators' weights follow."""
         self.load_state_dict(st)
+        self.complete = self.complete and self.step >= self.spec.num_steps   # num_steps raised: go on
         self._restore_learner(self.learner.actors[0])
         self._broadcast_weights()
         self.history = [m for m in read_jsonl(self.run_dir / "metrics.jsonl") if m["step"] <= self.step]

@@ -102,3 +102,11 @@ def test_spec_changes_between_starts():
     new = "num_steps: 20\nlearner: {lr: 0.001, betas: [0.9, 0.999]}\nresume: auto\n"
     assert _spec_changes(old, new) == {"learner.betas": [[0.9, 0.99], [0.9, 0.999]], "num_steps": [10, 20],
                                        "resume": [None, "auto"]}
+
+
+def test_a_checkpoint_of_another_format_is_not_resumed(tmp_path):
+    from prorl_actors.checkpoint import FORMAT, format_problem
+    ckpt = _save(tmp_path, 1)
+    assert format_problem(ckpt) is None and json.loads((ckpt / "supervisor_state.json").read_text())["format"] == FORMAT
+    (ckpt / "supervisor_state.json").write_text(json.dumps({"step": 1, "kl_coef": 0.001}))   # an older layout
+    assert "format None, this version reads" in format_problem(ckpt)

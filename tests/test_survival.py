@@ -315,3 +315,24 @@ while True:
         assert len(list_checkpoints(root)) <= 2
         step = state["step"]
     assert torn >= 1, "no kill landed inside a save (the test did not test anything)"
+
+
+def test_a_finished_run_says_so_and_raising_num_steps_prolongs_it(tiny_model, tmp_path, baseline):
+    """The same command on a complete run does nothing and says so; with more steps it goes on
+    from the final checkpoint, and the changed key is recorded."""
+    import shutil
+    shutil.copytree(baseline, tmp_path / "run")
+    d = Driver(_args(tiny_model, tmp_path), tmp_path / "log1.txt")
+    assert d.wait() == 0 and "the run is complete at step 4" in d.text()
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == STEPS
+    d2 = Driver(_args(tiny_model, tmp_path, ("num_steps=6",)), tmp_path / "log2.txt")
+    assert d2.wait() == 0, d2.text()[-4000:]
+    assert "spec changed since the last start: num_steps: 4 -> 6" in d2.text()
+    run = tmp_path / "run"
+    assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == list(range(1, 7))
+    assert [v["step"] for v in read_jsonl(run / "validation.jsonl")] == [0, 2, 4, 6]
+    events = read_jsonl(run / "events.jsonl")
+    changed = [e["changes"] for e in events if e["event"] == "spec_changed"]
+    assert len(changed) == 1 and changed[0]["num_steps"] == [4, 6]     # (output_dir too: the copy moved)
+    assert [e["step"] for e in events if e["event"] == "run_resumed"] == [4]
+    assert read_state(run / "checkpoints" / "step_000006")["complete"]
