@@ -79,7 +79,7 @@ class Supervisor:
         self.spec, self.log, self.model_path = spec, log, Path(model_path)
         self.run_dir = spec.run_dir
         self.stop = stop or StopFlag()
-        self.interruptible = True           # False while a learner update runs: it is let finish
+        self.interruptible = False          # a stop interrupts only what run() marks (not a learner update)
         self.tokenizer = load_tokenizer(model_path)
         pad_id = self.tokenizer.pad_token_id
         g, G = spec.generator, spec.group_size
@@ -239,6 +239,7 @@ class Supervisor:
             raise RuntimeError(f"{lost}; {self.rollbacks} rollbacks already, the limit "
                                "(fault_tolerance.max_rollbacks)")
         self.rollbacks += 1
+        self.interruptible = False        # a stop waits until every part is back at the checkpoint
         from_step = self.step
         ckpt = self.restore_from          # the newest checkpoint saved or resumed from (None: the start)
         state = read_state(ckpt) if ckpt else self.initial_state
@@ -575,7 +576,6 @@ class Supervisor:
                      f"  entropy {m['entropy']:.3f}  kl {m['kl']:.2e}  kept {m['kept_groups_frac']:.2f}"
                      f"  rounds {m['gen_rounds']}  clip_hi {m['clip_frac_high']:.3f}  resets {m['reference_resets']}"
                      f"  {m['step_s']:.1f}s  {m['gen_tokens_per_s']:.0f} tok/s")
-        self.interruptible = True
         if self._validation_due():
             self._validate_and_record()
         ce = spec.checkpoint.every_steps
@@ -588,6 +588,7 @@ class Supervisor:
         return bool(ve) and self.step % ve == 0 and self.step != self.spec.num_steps
 
     def _validate_and_record(self) -> None:
+        self.interruptible = True
         val = self.validate()
         self.records.validation.write(val)
         self.resets.observe_validation(val["accuracy"])
@@ -615,6 +616,7 @@ class Supervisor:
         """The whole state at the end of this step: the learner's policy and optimizer, the
         reference, the supervisor's state (controllers, sampler, RNG, counters)."""
         t0 = time.perf_counter()
+        self.interruptible = False        # a save in progress is finished, not abandoned
         path = save_checkpoint(self.run_dir / "checkpoints", self.step,
                                lambda d: self.learner.call_one("save", d, step=self.step),
                                lambda d: self._reference_call("save", d), self.state_dict(),
