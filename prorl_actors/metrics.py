@@ -41,16 +41,19 @@ class JsonlLog:
 
 class RunRecords:
     def __init__(self, run_dir: Path):
-        self.metrics = JsonlLog(run_dir / "metrics.jsonl")
-        self.validation = JsonlLog(run_dir / "validation.jsonl")
-        self.events = JsonlLog(run_dir / "events.jsonl")
+        self.run_dir = run_dir
+        self._open()
+
+    def _open(self) -> None:
+        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl")
+        self.validation = JsonlLog(self.run_dir / "validation.jsonl")
+        self.events = JsonlLog(self.run_dir / "events.jsonl")
 
     def roll_back_to(self, step: int) -> int:
         """roll_back_records on the open files (closed, rewritten, reopened) -> lines moved."""
-        run_dir = self.metrics.path.parent
         self.close()
-        moved = roll_back_records(run_dir, step)
-        self.__init__(run_dir)
+        moved = roll_back_records(self.run_dir, step)
+        self._open()
         return moved
 
     def event(self, kind: str, step: int, **fields) -> None:
