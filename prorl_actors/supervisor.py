@@ -42,7 +42,7 @@ from prorl_actors.actors.reference import ReferenceActor
 from prorl_actors.actors.verifier import VerifierActor
 from prorl_actors.algo import (KLController, ResetPolicy, get_adv_estimator, informative_groups, kl_share,
                                mixture_entropy, overlong_penalty, pass_at_k, scale_for_entropy)
-from prorl_actors.checkpoint import REFERENCE_DIR, latest_checkpoint, read_state, save_checkpoint
+from prorl_actors.checkpoint import REFERENCE_DIR, read_state, save_checkpoint
 from prorl_actors.engines.generation import SamplingSpec
 from prorl_actors.group import ActorGroup, ActorLost, Preempted
 from prorl_actors.metrics import RunRecords, read_jsonl
@@ -108,7 +108,7 @@ class Supervisor:
         resume_state = read_state(resume_from) if resume_from else None
         self.records = RunRecords(self.run_dir)
         if resume_state is not None:   # records of later steps go aside before anything is written
-            self.rolled_back_lines = self.records.roll_back_to(resume_state["step"])
+            rolled_back_lines = self.records.roll_back_to(resume_state["step"])
         # the held-out prompts, tokenized once (rejections are recorded once, at run start)
         self.val_prompts = self._prompt_table(val_items, split="validation", record=resume_state is None)
         if self.val_prompts.num_rows == 0:
@@ -142,7 +142,7 @@ class Supervisor:
                  f"{len(self.verifiers)} verifier, 1 learner, 1 reference")
         self.initial_state = self.state_dict()   # what a rollback with no checkpoint yet returns to
         if resume_state is not None:
-            self._resume(resume_state)
+            self._resume(resume_state, rolled_back_lines)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -210,7 +210,7 @@ class Supervisor:
             except ActorLost as e:
                 self.reference.replace(0, e.cause, step=self.step)
 
-    def _resume(self, st: dict) -> None:
+    def _resume(self, st: dict, rolled_back_lines: int) -> None:
         """Continue the run from the checkpoint in restore_from: the learner already holds its
         weights (it was built from them); its optimizer and RNG, the supervisor's state, the
         generators' weights follow."""
@@ -226,10 +226,10 @@ class Supervisor:
         self.resumes = sum(e["event"] == "run_resumed" for e in events) + 1
         self.records.event("run_resumed", self.step, checkpoint=str(self.restore_from), policy_version=self.version,
                            kl_coef=self.kl.coef, weights_sha256=st["weights_sha256"], data=st["data"]["cursors"],
-                           rolled_back_lines=self.rolled_back_lines)
+                           rolled_back_lines=rolled_back_lines)
         self.log(f"resumed from {self.restore_from} at step {self.step} (policy version {self.version}, "
                  f"KL coefficient {self.kl.coef:.4g}, {self.resets.num_resets} reference resets so far; "
-                 f"{self.rolled_back_lines} record lines of later steps moved to rolled_back.jsonl)")
+                 f"{rolled_back_lines} record lines of later steps moved to rolled_back.jsonl)")
 
     def rollback(self, lost: ActorLost) -> None:
         """The learner died with its optimizer state: every stateful part goes back to the last
@@ -599,18 +599,16 @@ class Supervisor:
         """SIGTERM: a checkpoint of the last complete step (unless nothing was trained yet)."""
         self.interruptible = False
         path = None
-        if self.step > 0 and self.last_checkpoint_step() != self.step:
-            path = self.checkpoint()
-        elif self.step > 0:
-            path = latest_checkpoint(self.run_dir / "checkpoints")
+        if self.step > 0:
+            path = self.restore_from if self.last_checkpoint_step() == self.step else self.checkpoint()
         self.records.event("preempted", self.step, signal=self.stop.signal,
                            checkpoint=str(path) if path else None)
         self.log(f"stopped by {self.stop.signal} after step {self.step}: "
                  + (f"checkpoint {path}; the same command resumes from it" if path else "nothing trained yet"))
 
     def last_checkpoint_step(self) -> int:
-        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
-        return int(ckpt.name.split("_")[1]) if ckpt else 0
+        """The step of the checkpoint the run would restart from (saved or resumed from; 0: none)."""
+        return read_state(self.restore_from)["step"] if self.restore_from else 0
 
     def checkpoint(self) -> Path:
         """The whole state at the end of this step: the learner's policy and optimizer, the
