@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench monitor prometheus clean
 
 setup: $(STAMP)
 
@@ -23,14 +23,27 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/prorl train specs/tiny-cpu.yaml
 
-test: setup
+test: setup prometheus
 	$(BIN)/python -m pytest -q -rs
+
+# Watch runs on this machine: Prometheus on 127.0.0.1:9090 with monitoring/prometheus/.
+monitor: setup prometheus
+	$(BIN)/prorl monitor runs/tiny-cpu
+
+# Debian's prometheus and promtool, for `make monitor` and the monitoring tests (root with apt;
+# elsewhere those tests skip and say why).
+prometheus:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -qq prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }; }; } || \
+	  echo "prometheus not installed (it needs root and apt-get): the monitoring tests will skip"
 
 bench: setup
 	$(BIN)/python benchmarks/step_time.py
 	$(BIN)/python benchmarks/sandbox_throughput.py
 	$(BIN)/python benchmarks/verifiers.py
 	$(BIN)/python benchmarks/recovery.py
+	$(BIN)/python benchmarks/exporter.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,4 +1,4 @@
-"""`prorl train|validate|convert|tasks|make-tiny-model`.
+"""`prorl train|validate|monitor|convert|tasks|make-tiny-model`.
 
 `prorl train SPEC [dotted.key=value ...]` validates the spec first (exit 2 with every
 error, nothing started), then joins the Ray cluster named by `ray.address` or RAY_ADDRESS
@@ -40,7 +40,8 @@ def connect_ray(spec) -> None:
     else:
         # "local": a new embedded Ray even when `ray start` left a cluster (or its address file) here
         ray.init(address="local", num_cpus=spec.ray.num_cpus, namespace=spec.ray.namespace, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=True)
+                 _node_ip_address="127.0.0.1", _metrics_export_port=spec.ray.metrics_export_port or None,
+                 log_to_driver=True)
 
 
 def cmd_validate(args) -> int:
@@ -146,9 +147,14 @@ def cmd_train(args) -> int:
         if not result["preempted"]:
             (run_dir / "summary.txt").write_text(table + "\n")
         print("\n" + table)
-        log(f"curves: {plot_run(run_dir)}")
+        log("plots: " + ", ".join(str(p) for p in plot_run(run_dir)))
     log(f"{'stopped' if result['preempted'] else 'done'}: {run_dir}")
     return 0
+
+
+def cmd_monitor(args) -> int:
+    from prorl_actors.monitor import cmd_monitor as run
+    return run(args)
 
 
 def cmd_make_tiny_model(args) -> int:
@@ -194,6 +200,14 @@ def main(argv=None) -> int:
         sp.add_argument("spec")
         sp.add_argument("overrides", nargs="*", help="dotted.key=value")
         sp.set_defaults(fn=fn)
+    sp = sub.add_parser("monitor", help="start Prometheus on 127.0.0.1 with monitoring/prometheus/prometheus.yml "
+                                        "(it finds every live run; alerts from alerts.yml)")
+    sp.add_argument("run", nargs="?", help="the run directory to link to (<output_dir>/<name>; it need not exist yet): "
+                                                "Prometheus keeps its data beside it, in <output_dir>/.prometheus")
+    sp.add_argument("--port", type=int, default=9090)
+    sp.add_argument("--retention", default="90d", help="how long Prometheus keeps samples")
+    sp.add_argument("--config", default=None, help="another prometheus.yml")
+    sp.set_defaults(fn=cmd_monitor)
     sp = sub.add_parser("make-tiny-model", help="build the embedded tiny base model into OUT")
     sp.add_argument("out")
     sp.add_argument("--spec", default=None, help="take model.tiny and data from this spec")

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 # the keys every metrics.jsonl line has (others are added per task: reward/<task>, ...)
@@ -27,27 +28,35 @@ def _clean(v):
 
 
 class JsonlLog:
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, on_write=None):
+        """on_write(record): called with every record written (as given, NaN included)."""
+        self.path, self.on_write = path, on_write
         path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(path, "a", buffering=1)
 
     def write(self, record: dict) -> None:
         self.f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        if self.on_write is not None:
+            self.on_write(record)
 
     def close(self) -> None:
         self.f.close()
 
 
 class RunRecords:
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path, exporter=None):
+        """exporter: an exporter.Exporter that sees the records as they stand whenever the files
+        are opened (at the start, after a roll-back) and every record written after that."""
+        self.run_dir, self.exporter = run_dir, exporter
         self._open()
 
     def _open(self) -> None:
-        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl")
-        self.validation = JsonlLog(self.run_dir / "validation.jsonl")
-        self.events = JsonlLog(self.run_dir / "events.jsonl")
+        names = ("metrics", "validation", "events")
+        if self.exporter is not None:
+            self.exporter.load(*(read_jsonl(self.run_dir / f"{n}.jsonl") for n in names))
+        self.metrics, self.validation, self.events = (
+            JsonlLog(self.run_dir / f"{n}.jsonl", partial(self.exporter.observe, n) if self.exporter else None)
+            for n in names)
 
     def roll_back_to(self, step: int) -> int:
         """roll_back_records on the open files (closed, rewritten, reopened) -> lines moved."""

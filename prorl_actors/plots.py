@@ -1,51 +1,112 @@
-"""Training curves as one PNG: reward and accuracy per task, held-out validation, entropy,
-KL and its coefficient, with reference resets marked."""
+"""End-of-run pictures, from the run directory's records alone (also for a run read later):
+
+curves.png      training reward per task, held-out accuracy per task, entropy with its target
+                band, KL and its coefficient; reference resets marked on every panel
+throughput.png  tokens per second, time per phase, dynamic sampling, response length
+"""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+from prorl_actors.algo.resets import trigger_of
 from prorl_actors.metrics import read_jsonl
 
+PHASES = ("generate", "verify", "reference", "learn", "sync", "other")
+RESET_COLORS = {"scheduled": "tab:green", "validation": "tab:orange", "kl": "tab:red"}
 
-def plot_run(run_dir: Path) -> Path:
+
+def _series(records: list[dict], key: str) -> list[float]:
+    return [math.nan if r.get(key) is None else float(r[key]) for r in records]
+
+
+def plot_run(run_dir: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     m = read_jsonl(run_dir / "metrics.jsonl")
     v = read_jsonl(run_dir / "validation.jsonl")
-    resets = [e["step"] for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "reference_reset"]
+    resets = [(e["step"], trigger_of(e.get("reason", ""))) for e in read_jsonl(run_dir / "events.jsonl")
+              if e["event"] == "reference_reset"]
     steps = [r["step"] for r in m]
-    series = lambda k: [r.get(k) if r.get(k) is not None else float("nan") for r in m]  # noqa: E731
+
+    def mark_resets(ax):
+        seen = set()
+        for s, why in resets:
+            ax.axvline(s, color=RESET_COLORS.get(why, "tab:gray"), ls=":", lw=1.2,
+                       label=None if why in seen else f"reset ({why})")
+            seen.add(why)
+
+    def finish(fig, ax, name, title):
+        for a in ax.flat:
+            a.set_xlabel("step")
+            if a.get_legend_handles_labels()[0]:
+                a.legend(fontsize=7)
+        fig.suptitle(title)
+        out = run_dir / name
+        fig.savefig(out, dpi=90)
+        plt.close(fig)
+        return out
+
+    # ---------------------------------------------------------------- curves.png
     fig, ax = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     tasks = sorted({k.split("/", 1)[1] for r in m for k in r if k.startswith("reward/")})
     for t in tasks:
-        ax[0, 0].plot(steps, series(f"reward/{t}"), label=f"reward {t}", alpha=0.8)
-    ax[0, 0].plot(steps, series("reward_mean"), color="k", lw=2, label="reward (all)")
-    ax[0, 0].set_title("training reward")
+        ax[0, 0].plot(steps, _series(m, f"reward/{t}"), label=t, alpha=0.8)
+    ax[0, 0].plot(steps, _series(m, "reward_mean"), color="k", lw=2, label="all tasks")
+    ax[0, 0].set_title("training reward per task")
     vt = sorted({k.split("/", 1)[1] for r in v for k in r if k.startswith("accuracy/")})
+    vsteps = [r["step"] for r in v]
     for t in vt:
-        ax[0, 1].plot([r["step"] for r in v], [r[f"accuracy/{t}"] for r in v], marker="o", label=t)
-    ax[0, 1].plot([r["step"] for r in v], [r["accuracy"] for r in v], marker="s", color="k", lw=2, label="all")
-    ax[0, 1].set_title("held-out validation accuracy")
-    ax[1, 0].plot(steps, series("entropy"), color="tab:purple")
-    ax[1, 0].set_title("policy entropy (nats / token)")
-    ax[1, 1].plot(steps, series("kl"), color="tab:red", label="KL to reference")
-    ax[1, 1].set_yscale("log")
-    ax[1, 1].set_ylim(bottom=1e-6)  # right after a reset the KL is 0 up to float noise
-    twin = ax[1, 1].twinx()
-    coefs = series("kl_coef")
-    twin.plot(steps, coefs, color="tab:gray", ls="--", label="KL coefficient")
-    twin.set_ylim(0, 2 * max([c for c in coefs if c == c] or [1.0]) or 1.0)
-    ax[1, 1].set_title("KL to reference (red) and its coefficient (grey)")
+        ax[0, 1].plot(vsteps, _series(v, f"accuracy/{t}"), marker="o", label=t)
+    ax[0, 1].plot(vsteps, _series(v, "accuracy"), marker="s", color="k", lw=2, label="training tasks")
+    ax[0, 1].set_title("held-out accuracy per task")
+    e = ax[1, 0]
+    target, band = _series(m, "entropy_target"), _series(m, "entropy_band")
+    if any(not math.isnan(t) for t in target):
+        e.fill_between(steps, [t - b for t, b in zip(target, band)], [t + b for t, b in zip(target, band)],
+                       color="tab:green", alpha=0.15, step="mid", label="target band")
+        e.plot(steps, target, color="tab:green", lw=1, ls="--", label="target")
+    e.plot(steps, _series(m, "entropy"), color="tab:purple", label="entropy (trained tokens)")
+    if any(not math.isnan(x) for x in _series(m, "entropy_signal")):
+        e.plot(steps, _series(m, "entropy_signal"), color="tab:purple", alpha=0.5, ls="-.", label="controlled signal")
+    e.set_title("policy entropy (nats / token)")
+    k = ax[1, 1]
+    k.plot(steps, _series(m, "kl"), color="tab:red", label="KL to reference")
+    k.set_yscale("log")
+    k.set_ylim(bottom=1e-6)  # right after a reset the KL is 0 up to float noise
+    twin = k.twinx()
+    coefs = _series(m, "kl_coef")
+    twin.plot(steps, coefs, color="tab:gray", ls="--")
+    finite = [c for c in coefs if not math.isnan(c)]
+    twin.set_ylim(0, 2 * max(finite) if finite and max(finite) > 0 else 1.0)
+    twin.set_ylabel("KL coefficient (grey, dashed)")
+    k.set_title("KL to reference (red) and its coefficient (grey)")
     for a in ax.flat:
-        for s in resets:
-            a.axvline(s, color="tab:green", ls=":", lw=1)
-        a.set_xlabel("step")
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=8)
-    fig.suptitle(f"{run_dir.name}  (dotted green: reference resets)")
-    out = run_dir / "curves.png"
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+        mark_resets(a)
+    curves = finish(fig, ax, "curves.png", f"{run_dir.name}: training curves (dotted lines: reference resets)")
+
+    # ---------------------------------------------------------------- throughput.png
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    ax[0, 0].plot(steps, _series(m, "gen_tokens_per_s"), label="generated")
+    ax[0, 0].plot(steps, _series(m, "train_tokens_per_s"), label="trained")
+    ax[0, 0].set_title("tokens per second")
+    phases = [[0.0 if math.isnan(x) else x for x in _series(m, f"time/{p}_s")] for p in PHASES]
+    ax[0, 1].stackplot(steps, phases, labels=PHASES, alpha=0.8)
+    ax[0, 1].set_title("time per phase (s, stacked: the step)")
+    ax[1, 0].plot(steps, _series(m, "kept_groups_frac"), label="groups kept")
+    ax[1, 0].set_ylim(0, 1.05)
+    rounds = ax[1, 0].twinx()
+    rounds.plot(steps, _series(m, "gen_rounds"), color="tab:gray", ls="--")
+    rounds.set_ylabel("generation rounds (grey, dashed)")
+    ax[1, 0].set_title("dynamic sampling")
+    ax[1, 1].plot(steps, _series(m, "response_len_mean"), label="mean response length (tokens)")
+    trunc = ax[1, 1].twinx()
+    trunc.plot(steps, _series(m, "truncated_frac"), color="tab:gray", ls="--")
+    trunc.set_ylabel("truncated share (grey, dashed)")
+    ax[1, 1].set_title("responses")
+    for a in ax.flat:
+        mark_resets(a)
+    throughput = finish(fig, ax, "throughput.png", f"{run_dir.name}: throughput")
+    return [curves, throughput]

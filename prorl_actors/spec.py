@@ -326,8 +326,24 @@ class FaultToleranceSpec:
 
 
 @dataclass
+class PrometheusSpec:
+    """The run's Prometheus exporter (prometheus-client's HTTP server in the driver)."""
+    enabled: bool = opt(True)
+    address: str = opt("127.0.0.1", help="address the exporter listens on (0.0.0.0 for a Prometheus on "
+                                         "another host)")
+    port: int = opt(0, ge=0, le=65535, help="0 = any free port; either way the address is written to "
+                                             "targets_dir, where monitoring/prometheus/prometheus.yml finds it")
+    targets_dir: str = opt("/tmp/prorl/prometheus", help=(
+        "file_sd target files of live runs (<name>-<pid>.prorl.json) and of their Ray nodes' metrics "
+        "(<name>-<pid>.ray.json); removed when the run exits"))
+    linger_s: float = opt(0.0, ge=0, help="keep serving this long after the run completes, so that a scrape "
+                                          "sees the final figures (a stopped run exits at once)")
+
+
+@dataclass
 class MetricsSpec:
     print_every_steps: int = opt(1, ge=1)
+    prometheus: PrometheusSpec = opt(PrometheusSpec())
 
 
 @dataclass
@@ -335,6 +351,8 @@ class RaySpec:
     address: str | None = opt(None, help="null: RAY_ADDRESS if set (ray job submit), else an embedded local Ray")
     num_cpus: int = opt(2, ge=1, help="CPUs of the embedded local Ray")
     namespace: str = opt("prorl")
+    metrics_export_port: int = opt(0, ge=0, le=65535, help="port of the embedded Ray's own Prometheus metrics "
+                                                          "(0 = Ray picks one; the exporter lists it)")
 
 
 @dataclass

@@ -44,6 +44,7 @@ from prorl_actors.algo import (KLController, ResetPolicy, get_adv_estimator, inf
                                mixture_entropy, overlong_penalty, pass_at_k, scale_for_entropy)
 from prorl_actors.checkpoint import REFERENCE_DIR, read_state, save_checkpoint
 from prorl_actors.engines.generation import SamplingSpec
+from prorl_actors.exporter import Exporter
 from prorl_actors.group import ActorGroup, ActorLost, Preempted
 from prorl_actors.metrics import RunRecords, read_jsonl
 from prorl_actors.spec import RunSpec
@@ -106,7 +107,8 @@ class Supervisor:
         self.reference_weights_ref = None   # the weights of the reference's last reset (None: restore_from/base)
         self.rollbacks, self.resumes = 0, 0
         resume_state = read_state(resume_from) if resume_from else None
-        self.records = RunRecords(self.run_dir)
+        self.exporter = self._start_exporter()
+        self.records = RunRecords(self.run_dir, exporter=self.exporter)
         if resume_state is not None:   # records of later steps go aside before anything is written
             rolled_back_lines = self.records.roll_back_to(resume_state["step"])
         # the held-out prompts, tokenized once (rejections are recorded once, at run start)
@@ -166,6 +168,18 @@ class Supervisor:
         name, keys, pos, has_gauss, gauss = st["rng"]["numpy"]
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
         torch.set_rng_state(torch.tensor(st["rng"]["torch"], dtype=torch.uint8))
+
+    def _start_exporter(self) -> Exporter | None:
+        """The Prometheus exporter (metrics.prometheus), listing this Ray cluster's nodes' own metrics."""
+        pspec = self.spec.metrics.prometheus
+        if not pspec.enabled:
+            return None
+        exporter = Exporter(self.spec.name, self.spec.num_steps, pspec,
+                            reset_reasons=self.spec.supervisor.resets.triggers, log=self.log)
+        ray_targets = [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes()
+                       if n["Alive"] and n.get("MetricsExportPort")]
+        self.log(f"metrics: http://{exporter.start(ray_targets)}/metrics (Prometheus targets in {pspec.targets_dir})")
+        return exporter
 
     def _policy_path(self) -> str:
         return str(self.restore_from or self.model_path)
@@ -381,8 +395,11 @@ class Supervisor:
         tasks = np.array(allr[B.TASK].to_pylist())
         n_kept = batch.num_rows // G if batch is not None else 0
         beta_next, bonus_next = self.coefs()
+        entropy_target = self.kl.mode == "entropy-target"
+        trained_tokens = stats.get("trained_tokens", 0)
         m = {
-            "step": self.step, "policy_version": self.version,
+            "step": self.step, "time": time.time(), "policy_version": self.version,
+            "reference_version": self.reference_version,
             "reward_mean": float(rewards.mean()), "accuracy": float((rewards >= 1.0).mean()),
             "entropy": stats.get("entropy", math.nan), "entropy_signal": stats.get("entropy_signal", math.nan),
             "kl": stats.get("kl", math.nan),
@@ -390,7 +407,8 @@ class Supervisor:
             "entropy_coef": stats.get("entropy_coef_used", bonus_next),
             "ref_temperature_scale": stats.get("ref_temperature_scale_used", self.ref_temperature_scale()),
             "kl_share": stats.get("kl_share", math.nan),
-            "entropy_target": self.kl.target if self.kl.mode == "entropy-target" else math.nan,
+            "entropy_target": self.kl.target if entropy_target and self.kl.target is not None else math.nan,
+            "entropy_band": self.kl.band if entropy_target else math.nan,
             **{k: stats.get(k, math.nan) for k in (
                 "pg_loss", "clip_frac_low", "clip_frac_high", "clip_frac", "dual_clip_frac", "approx_kl",
                 "grad_norm", "lr", "optimizer_steps", "sampler_logp_gap")},
@@ -409,7 +427,10 @@ class Supervisor:
             "rollbacks": self.rollbacks, "resumes": self.resumes,
             "last_checkpoint_step": self.last_checkpoint_step(),
             "step_s": step_s,
+            "gen_tokens": int(resp_len.sum()),
             "gen_tokens_per_s": float(resp_len.sum()) / max(timer.s["generate"], 1e-9),
+            "trained_tokens": trained_tokens,
+            "train_tokens_per_s": trained_tokens / timer.s["learn"] if trained_tokens else math.nan,
         }
         errors = allr[B.VERIFY_ERROR].to_numpy(zero_copy_only=False)
         timeouts = allr[B.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False)
@@ -633,6 +654,8 @@ class Supervisor:
             self.log(f"closing verifiers: {type(e).__name__}: {e}")
         for grp in self.groups:
             grp.kill()
+        if self.exporter is not None:   # a stopped driver goes at once; a finished one lets its end be scraped
+            self.exporter.close(linger_s=self.spec.metrics.prometheus.linger_s if self.complete else 0.0)
 
 
 def _np_rng_state() -> list:

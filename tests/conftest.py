@@ -9,6 +9,8 @@ TEST_OVERRIDES = [
     "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",
     "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "model.tiny.sft_steps=150",
     "model.tiny.tokenizer_corpus_items=500",
+    # test runs list themselves apart from real ones (a killed test driver leaves its file behind)
+    "metrics.prometheus.targets_dir=/tmp/prorl-tests/prometheus",
     "data.tasks=[{name: chain_sum, dataset: chain_sum, config: {min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}}]",
 ]
 

@@ -49,6 +49,16 @@ def reset_due(step: int, every_steps: int, last_reset_step: int = 0) -> bool:
 TRIGGERS = ("scheduled", "validation", "kl")
 
 
+def trigger_of(reason: str) -> str:
+    """The trigger a reset's reason names ("KL share of the loss above 0.5" -> "kl"; a reason
+    no trigger gave is returned as it is)."""
+    head = reason.split(";")[0].strip().lower()
+    for t in TRIGGERS:
+        if head.startswith(t):
+            return t
+    return reason
+
+
 def validation_stalled(values: list[float], patience: int, min_delta: float = 0.0) -> bool:
     """The last `patience` evaluations did not beat the best before them by more than
     min_delta (values: the validation metric since the last reset, oldest first)."""

@@ -1,0 +1,331 @@
+"""The run's Prometheus exporter: every per-step figure as `prorl_<role>_<quantity>`.
+
+The run's records (RunRecords) hand the exporter exactly what they write: each step's record,
+each validation, each event. RunFigures folds them as they come: gauges hold the latest value
+(a figure not measured in a step, NaN, keeps the last measured one, except the reward, where
+NaN is the news), counters are totals over the whole run. At a resume or a rollback the figures
+are folded again from the records on disk, so a resumed driver continues its counters and a
+rollback takes them back (Prometheus reads a decrease as a counter reset). Every series has
+the label `run`.
+
+The HTTP server (prometheus-client's) listens on `metrics.prometheus.address:port` (127.0.0.1
+and any free port by default) and the exporter writes a file_sd target file for it, and one
+for the Ray nodes' own metrics, into `targets_dir`, where monitoring/prometheus/prometheus.yml
+looks; they are removed when the run exits (a file left by a killed run points Prometheus at a
+target that is down, which is what the ProrlRunDown alert is for).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import CollectorRegistry
+
+from prorl_actors.algo.resets import trigger_of
+
+ROLES = ("generator", "verifier", "learner", "reference")
+PHASES = ("generate", "verify", "reference", "learn", "sync", "other")
+
+# gauges from the last step record: (metric, record key, help)
+STEP_GAUGES = (
+    ("prorl_supervisor_step", "step", "last completed training step"),
+    ("prorl_supervisor_step_seconds", "step_s", "wall time of the last step"),
+    ("prorl_supervisor_kept_groups_frac", "kept_groups_frac",
+     "share of sampled prompt groups dynamic sampling kept (rewards not all equal)"),
+    ("prorl_supervisor_gen_rounds", "gen_rounds", "generation rounds dynamic sampling needed to fill the batch"),
+    ("prorl_supervisor_trained_groups", "trained_groups", "prompt groups trained on in the last step"),
+    ("prorl_supervisor_entropy_signal", "entropy_signal", "the entropy the controller holds (nats/token)"),
+    ("prorl_supervisor_entropy_target", "entropy_target", "entropy target (entropy-target mode, nats/token)"),
+    ("prorl_supervisor_entropy_band", "entropy_band", "half-width of the entropy band around the target"),
+    ("prorl_supervisor_last_checkpoint_step", "last_checkpoint_step", "step of the newest checkpoint"),
+    ("prorl_learner_entropy", "entropy", "policy entropy on the trained tokens (nats/token)"),
+    ("prorl_learner_kl", "kl", "KL to the reference policy (per token)"),
+    ("prorl_learner_kl_coef", "kl_coef", "KL penalty coefficient beta used in the last update"),
+    ("prorl_learner_entropy_coef", "entropy_coef", "entropy bonus coefficient used in the last update"),
+    ("prorl_learner_pg_loss", "pg_loss", "clipped policy-gradient loss"),
+    ("prorl_learner_clip_frac_low", "clip_frac_low", "share of tokens clipped at 1 - eps_low"),
+    ("prorl_learner_clip_frac_high", "clip_frac_high", "share of tokens clipped at 1 + eps_high"),
+    ("prorl_learner_grad_norm", "grad_norm", "gradient norm before clipping"),
+    ("prorl_learner_lr", "lr", "learning rate"),
+    ("prorl_learner_policy_version", "policy_version", "version of the policy's weights (one per update)"),
+    ("prorl_learner_tokens_per_second", "train_tokens_per_s", "trained tokens per second of the update"),
+    ("prorl_learner_sampler_logp_gap", "sampler_logp_gap",
+     "mean |logp(sampler) - logp(learner)| on the same weights (engine mismatch)"),
+    ("prorl_generator_tokens_per_second", "gen_tokens_per_s", "generated tokens per second of generation"),
+    ("prorl_generator_response_length_tokens", "response_len_mean", "mean response length"),
+    ("prorl_generator_truncated_frac", "truncated_frac", "share of responses cut at max_new_tokens"),
+    ("prorl_verifier_reward_mean", "reward_mean", "mean reward of every rollout of the last step"),
+    ("prorl_verifier_accuracy", "accuracy", "share of rollouts of the last step with reward >= 1"),
+    ("prorl_verifier_answer_format_frac", "answer_format_frac", "share of responses in their task's answer format"),
+    ("prorl_reference_policy_version", "reference_version", "policy version the reference was last reset to"),
+    ("prorl_reference_temperature_scale", "ref_temperature_scale",
+     "the reference's temperature relative to the sampling temperature"),
+)
+NAN_IS_NEWS = {"reward_mean", "accuracy"}    # never "not measured": NaN is exported as NaN
+# gauges per task from the last record that has the task: (metric, key prefix, help)
+STEP_TASK_GAUGES = (
+    ("prorl_verifier_task_reward", "reward/", "mean reward of the task's rollouts in its last step"),
+    ("prorl_verifier_task_accuracy", "accuracy/", "share of the task's rollouts with reward >= 1"),
+    ("prorl_learner_task_entropy", "entropy/", "policy entropy on the task's trained tokens"),
+)
+# counters summed over the step records: (metric, record key, help)
+STEP_COUNTERS = (
+    ("prorl_learner_skipped_updates_total", "skipped_updates", "updates skipped for a non-finite loss or gradient"),
+    ("prorl_learner_optimizer_steps_total", "optimizer_steps", "optimizer steps taken"),
+    ("prorl_learner_trained_tokens_total", "trained_tokens", "response tokens trained on"),
+    ("prorl_generator_tokens_total", "gen_tokens", "response tokens generated for training"),
+)
+STEP_TASK_COUNTERS = (
+    ("prorl_verifier_errors_total", "verify_errors/", "verifier calls that raised (scored 0)"),
+    ("prorl_verifier_timeouts_total", "verify_timeouts/", "verifier calls that timed out (scored 0)"),
+)
+VALIDATION_GAUGES = (
+    ("prorl_supervisor_validation_accuracy", "accuracy", "held-out accuracy over the training tasks"),
+    ("prorl_supervisor_validation_step", "step", "step of the last validation"),
+    ("prorl_supervisor_validation_answer_format_frac", "answer_format_frac",
+     "held-out answers in their task's format"),
+)
+VALIDATION_TASK_GAUGES = (
+    ("prorl_supervisor_validation_task_accuracy", "accuracy/", "held-out accuracy (pass@1 over the samples)"),
+    ("prorl_supervisor_validation_task_solved_frac", "solved_frac/", "held-out prompts solved at least once"),
+)
+PASS_AT_K = ("prorl_supervisor_validation_task_pass_at_k", "held-out pass@k (unbiased estimator)")
+# counters of events: (metric, event kind, label taken from the event (or None), help)
+EVENT_COUNTERS = (
+    ("prorl_supervisor_reference_resets_total", "reference_reset", "reason",
+     "reference resets (reference <- policy), by trigger"),
+    ("prorl_supervisor_actor_restarts_total", "actor_restarted", "role", "actors replaced after dying, by role"),
+    ("prorl_supervisor_rollbacks_total", "rolled_back", None, "rollbacks to a checkpoint after losing the learner"),
+    ("prorl_supervisor_resumes_total", "run_resumed", None, "driver restarts resumed from a checkpoint"),
+    ("prorl_supervisor_checkpoints_total", "checkpoint", None, "checkpoints saved"),
+    ("prorl_supervisor_item_rejects_total", "item_rejected", "split", "malformed dataset rows rejected"),
+)
+
+
+def _catalog() -> dict[str, tuple[str, str, tuple[str, ...]]]:
+    """metric -> (kind, help, labels besides `run`): everything the exporter exposes."""
+    cat = {"prorl_supervisor_num_steps": ("gauge", "training steps the run is set to", ()),
+           "prorl_supervisor_run_complete": ("gauge", "1 once the run has done every step and its last validation", ()),
+           "prorl_supervisor_last_progress_timestamp_seconds": (
+               "gauge", "Unix time of the last step's end (or of the driver's start, if later)", ()),
+           "prorl_supervisor_phase_seconds": ("gauge", "time of each phase in the last step", ("phase",)),
+           PASS_AT_K[0]: ("gauge", PASS_AT_K[1], ("task", "k"))}
+    for table, kind, labels in ((STEP_GAUGES, "gauge", ()), (STEP_TASK_GAUGES, "gauge", ("task",)),
+                                (STEP_COUNTERS, "counter", ()), (STEP_TASK_COUNTERS, "counter", ("task",)),
+                                (VALIDATION_GAUGES, "gauge", ()), (VALIDATION_TASK_GAUGES, "gauge", ("task",))):
+        for name, _key, help in table:
+            cat[name] = (kind, help, labels)
+    for name, _kind, label, help in EVENT_COUNTERS:
+        cat[name] = ("counter", help, (label,) if label else ())
+    return cat
+
+
+CATALOG = _catalog()
+
+
+def metric_names() -> set[str]:
+    """Every metric the exporter exposes (as scraped: counters end in _total)."""
+    return set(CATALOG)
+
+
+def _num(v) -> float:
+    return math.nan if v is None else float(v)
+
+
+class RunFigures:
+    """The run's records folded into what a scrape shows: the last measured value of every
+    gauge, running totals of every counter. Adding a record costs the same at step 10 as at
+    step 10,000 (a scrape never walks the history)."""
+
+    def __init__(self, reset_reasons=(), roles=ROLES):
+        """reset_reasons and roles start their counters at 0, so that the first reset or
+        restart is an increase."""
+        self.gauges: dict[tuple[str, tuple], float] = {}      # (metric, label values) -> value
+        self.counters: dict[tuple[str, tuple], float] = {}
+        initial = {"reason": reset_reasons, "role": roles, "split": ("train", "validation")}
+        for name, key, help in STEP_COUNTERS:
+            self.counters[(name, ())] = 0.0
+        for name, kind, label, help in EVENT_COUNTERS:
+            for v in (initial[label] if label else [None]):
+                self.counters[(name, (v,) if label else ())] = 0.0
+        self.last_step, self.last_step_time = 0, None
+        self.run_end_step = None     # a run prolonged after its end (num_steps raised) is not complete
+
+    @property
+    def complete(self) -> bool:
+        return self.run_end_step is not None and self.run_end_step >= self.last_step
+
+    @classmethod
+    def from_records(cls, steps=(), validations=(), events=(), **kw) -> "RunFigures":
+        f = cls(**kw)
+        for r in steps:
+            f.add("metrics", r)
+        for r in validations:
+            f.add("validation", r)
+        for r in events:
+            f.add("events", r)
+        return f
+
+    def add(self, file: str, r: dict) -> None:
+        """A record of metrics.jsonl, validation.jsonl or events.jsonl (in the order written)."""
+        if file == "metrics":
+            self._step(r)
+        elif file == "validation":
+            self._validation(r)
+        else:
+            self._event(r)
+
+    def _set(self, name, labels, v, news=False):
+        v = _num(v)
+        if not math.isnan(v) or news:   # NaN = not measured: the last measured value stays
+            self.gauges[(name, labels)] = v
+
+    def _per_task(self, r, prefix):
+        """(task, value) of the record's keys `<prefix><task>`."""
+        return [(k[len(prefix):], v) for k, v in r.items() if k.startswith(prefix) and v is not None]
+
+    def _step(self, r):
+        for name, key, help in STEP_GAUGES:
+            self._set(name, (), r.get(key), news=key in NAN_IS_NEWS)
+        for name, prefix, help in STEP_TASK_GAUGES:
+            for task, v in self._per_task(r, prefix):
+                self._set(name, (task,), v)
+        for p in PHASES:
+            self._set("prorl_supervisor_phase_seconds", (p,), r.get(f"time/{p}_s"))
+        for name, key, help in STEP_COUNTERS:
+            self.counters[(name, ())] += 0.0 if r.get(key) is None else float(r[key])
+        for name, prefix, help in STEP_TASK_COUNTERS:
+            for task, v in self._per_task(r, prefix):
+                self.counters[(name, (task,))] = self.counters.get((name, (task,)), 0.0) + float(v)
+        self.last_step, self.last_step_time = r["step"], r.get("time", self.last_step_time)
+
+    def _validation(self, r):
+        for name, key, help in VALIDATION_GAUGES:
+            self._set(name, (), r.get(key))
+        for name, prefix, help in VALIDATION_TASK_GAUGES:
+            for task, v in self._per_task(r, prefix):
+                self._set(name, (task,), v)
+        for key, v in self._per_task(r, "pass@"):   # key: "<k>/<task>"
+            k, task = key.split("/", 1)
+            self._set(PASS_AT_K[0], (task, k), v)
+
+    def _event(self, e):
+        if e["event"] == "run_end":
+            self.run_end_step = e["step"]
+        for name, kind, label, help in EVENT_COUNTERS:
+            if e["event"] == kind:
+                v = str(e.get(label, "")) if label else None
+                key = ((trigger_of(v) if label == "reason" else v),) if label else ()
+                self.counters[(name, key)] = self.counters.get((name, key), 0.0) + 1
+
+
+def families(run: str, num_steps: int, started: float, figures: RunFigures):
+    """The run's figures -> its metric families (what a scrape returns), each series labelled
+    with the run. started: when this driver started (Unix time; progress is counted from it
+    until its first step)."""
+    values = {**figures.gauges, **figures.counters,
+              ("prorl_supervisor_num_steps", ()): float(num_steps),
+              ("prorl_supervisor_run_complete", ()): float(figures.complete),
+              ("prorl_supervisor_last_progress_timestamp_seconds", ()): max(started, figures.last_step_time or started)}
+    by_name: dict[str, list] = {}
+    for (name, lv), v in values.items():
+        by_name.setdefault(name, []).append((lv, v))
+    out = []
+    for name, (kind, help, labels) in CATALOG.items():
+        f = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, help, labels=["run", *labels])
+        for lv, v in sorted(by_name.get(name, [])):
+            f.add_metric([run, *lv], v)
+        out.append(f)
+    return out
+
+
+class _Collector:
+    def __init__(self, exporter: "Exporter"):
+        self.exporter = exporter
+
+    def collect(self):
+        x = self.exporter
+        with x.lock:
+            return families(x.run, x.num_steps, x.started, x.figures)
+
+
+class Exporter:
+    """Serves the run's figures to Prometheus; fed by the run's records, read by scrapes."""
+
+    def __init__(self, run: str, num_steps: int, spec, reset_reasons=(), roles=ROLES, log=print):
+        """spec: metrics.prometheus (PrometheusSpec)."""
+        self.run, self.num_steps, self.spec, self.log = run, num_steps, spec, log
+        self.kw = dict(reset_reasons=tuple(reset_reasons), roles=tuple(roles))
+        self.started = time.time()
+        self.lock = threading.Lock()     # records arrive on the driver's thread, scrapes on the server's
+        self.figures = RunFigures(**self.kw)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
+        self.server = self.thread = None
+        self.target_files: list[Path] = []
+        self.port = None
+
+    # ------------------------------------------------------------------ fed by the run's records
+    def observe(self, file: str, record: dict) -> None:
+        """A record just written to metrics.jsonl, validation.jsonl or events.jsonl."""
+        with self.lock:
+            self.figures.add(file, record)
+
+    def load(self, steps: list[dict], validations: list[dict], events: list[dict]) -> None:
+        """The records as they stand (at the start, after a resume or a rollback)."""
+        figures = RunFigures.from_records(steps, validations, events, **self.kw)
+        with self.lock:
+            self.figures = figures
+
+    # ------------------------------------------------------------------ serving
+    def start(self, ray_targets: list[str] = ()) -> str:
+        """Start the HTTP server and write the target files -> "host:port"."""
+        from prometheus_client import start_http_server
+        try:
+            self.server, self.thread = start_http_server(self.spec.port, self.spec.address, registry=self.registry)
+        except OSError as e:
+            raise RuntimeError(f"metrics.prometheus: cannot listen on {self.spec.address}:{self.spec.port} ({e}); "
+                               "port 0 takes any free port") from e
+        atexit.register(self.close)   # a run that fails to start leaves no target file behind
+        self.port = self.server.server_port
+        host = "127.0.0.1" if self.spec.address in ("0.0.0.0", "::", "") else self.spec.address
+        address = f"{host}:{self.port}"
+        d = Path(self.spec.targets_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        stem = f"{self.run}-{os.getpid()}"
+        if ray_targets:
+            self._write_targets(d / f"{stem}.ray.json", list(ray_targets))
+        self._write_targets(d / f"{stem}.prorl.json", [address])   # last: its presence means both are there
+        return address
+
+    def _write_targets(self, path: Path, targets: list[str]) -> None:
+        tmp = path.with_name(path.name + ".tmp")   # Prometheus reads *.json: never a half-written one
+        tmp.write_text(json.dumps([{"targets": targets, "labels": {}}]))
+        os.replace(tmp, path)
+        self.target_files.append(path)
+
+    def scrape(self) -> str:
+        """What a scrape returns (Prometheus text format 0.0.4)."""
+        from prometheus_client import generate_latest
+        return generate_latest(self.registry).decode()
+
+    def close(self, linger_s: float = 0.0) -> None:
+        """Remove the target files (after serving linger_s more seconds) and stop the server."""
+        if self.server is None:
+            return
+        if linger_s:
+            self.log(f"metrics: serving {linger_s:g}s more for a last scrape")
+            time.sleep(linger_s)
+        for p in self.target_files:
+            p.unlink(missing_ok=True)
+        self.target_files = []
+        server, self.server = self.server, None
+        threading.Thread(target=server.shutdown, daemon=True).start()
+        self.thread.join(timeout=5)
+        server.server_close()
