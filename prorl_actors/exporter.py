@@ -3,20 +3,21 @@
 The run's records (RunRecords) hand the exporter exactly what they write: each step's record,
 each validation, each event. RunFigures folds them as they come: gauges hold the latest value
 (a figure not measured in a step, NaN, keeps the last measured one, except the reward, where
-NaN is the news), counters are totals over the whole run. At a resume or a rollback the figures
-are folded again from the records on disk, so a resumed driver continues its counters and a
-rollback takes them back (Prometheus reads a decrease as a counter reset). Every series has
-the label `run`.
+NaN is the news), counters count everything that happened in the run. At a resume or a
+rollback the figures are folded again from the records on disk: gauges from the records that
+stand, counters also from the steps done again (rolled_back.jsonl), so no counter ever goes
+down (Prometheus would read that as a reset and count the whole total as new). Every series
+has the label `run`.
 
 The HTTP server (prometheus-client's) listens on `metrics.prometheus.address:port` (127.0.0.1
 and any free port by default) and the exporter writes a file_sd target file for it, and one
 for the Ray nodes' own metrics, into `targets_dir`, where monitoring/prometheus/prometheus.yml
-looks; they are removed when the run exits (a file left by a killed run points Prometheus at a
-target that is down, which is what the ProrlRunDown alert is for).
+looks. A run that ends (complete or stopped by a signal) removes them; a driver that crashes
+or is killed leaves them, so Prometheus sees its target down (the ProrlRunDown alert), until
+the run's next start clears the files of its dead drivers.
 """
 from __future__ import annotations
 
-import atexit
 import json
 import math
 import os
@@ -43,7 +44,6 @@ STEP_GAUGES = (
     ("prorl_supervisor_entropy_signal", "entropy_signal", "the entropy the controller holds (nats/token)"),
     ("prorl_supervisor_entropy_target", "entropy_target", "entropy target (entropy-target mode, nats/token)"),
     ("prorl_supervisor_entropy_band", "entropy_band", "half-width of the entropy band around the target"),
-    ("prorl_supervisor_last_checkpoint_step", "last_checkpoint_step", "step of the newest checkpoint"),
     ("prorl_learner_entropy", "entropy", "policy entropy on the trained tokens (nats/token)"),
     ("prorl_learner_kl", "kl", "KL to the reference policy (per token)"),
     ("prorl_learner_kl_coef", "kl_coef", "KL penalty coefficient beta used in the last update"),
@@ -113,7 +113,10 @@ def _catalog() -> dict[str, tuple[str, str, tuple[str, ...]]]:
     cat = {"prorl_supervisor_num_steps": ("gauge", "training steps the run is set to", ()),
            "prorl_supervisor_run_complete": ("gauge", "1 once the run has done every step and its last validation", ()),
            "prorl_supervisor_last_progress_timestamp_seconds": (
-               "gauge", "Unix time of the last step's end (or of the driver's start, if later)", ()),
+               "gauge", "Unix time the run last made progress: a step, a validation or a checkpoint ended, "
+                        "the driver started, resumed or rolled back", ()),
+           "prorl_supervisor_last_checkpoint_step": ("gauge", "step of the newest checkpoint", ()),
+           "prorl_supervisor_exporter_errors_total": ("counter", "records the exporter could not fold (logged)", ()),
            "prorl_supervisor_phase_seconds": ("gauge", "time of each phase in the last step", ("phase",)),
            PASS_AT_K[0]: ("gauge", PASS_AT_K[1], ("task", "k"))}
     for table, kind, labels in ((STEP_GAUGES, "gauge", ()), (STEP_TASK_GAUGES, "gauge", ("task",)),
@@ -154,7 +157,7 @@ class RunFigures:
         for name, kind, label, help in EVENT_COUNTERS:
             for v in (initial[label] if label else [None]):
                 self.counters[(name, (v,) if label else ())] = 0.0
-        self.last_step, self.last_step_time = 0, None
+        self.last_step = 0
         self.run_end_step = None     # a run prolonged after its end (num_steps raised) is not complete
 
     @property
@@ -162,8 +165,14 @@ class RunFigures:
         return self.run_end_step is not None and self.run_end_step >= self.last_step
 
     @classmethod
-    def from_records(cls, steps=(), validations=(), events=(), **kw) -> "RunFigures":
+    def from_records(cls, steps=(), validations=(), events=(), rolled_back=(), **kw) -> "RunFigures":
+        """rolled_back: the lines of rolled_back.jsonl (steps done again), counted, not shown."""
         f = cls(**kw)
+        for r in rolled_back:
+            if r.get("file") == "metrics.jsonl":
+                f._count_step(r)
+            elif r.get("file") == "events.jsonl":
+                f._count_event(r)
         for r in steps:
             f.add("metrics", r)
         for r in validations:
@@ -176,10 +185,15 @@ class RunFigures:
         """A record of metrics.jsonl, validation.jsonl or events.jsonl (in the order written)."""
         if file == "metrics":
             self._step(r)
+            self._count_step(r)
         elif file == "validation":
             self._validation(r)
         else:
             self._event(r)
+            self._count_event(r)
+
+    def _inc(self, name, labels, v):
+        self.counters[(name, labels)] = self.counters.get((name, labels), 0.0) + float(v)
 
     def _set(self, name, labels, v, news=False):
         v = _num(v)
@@ -198,12 +212,15 @@ class RunFigures:
                 self._set(name, (task,), v)
         for p in PHASES:
             self._set("prorl_supervisor_phase_seconds", (p,), r.get(f"time/{p}_s"))
+        self.last_step = r["step"]
+
+    def _count_step(self, r):
         for name, key, help in STEP_COUNTERS:
-            self.counters[(name, ())] += 0.0 if r.get(key) is None else float(r[key])
+            if r.get(key) is not None:
+                self._inc(name, (), r[key])
         for name, prefix, help in STEP_TASK_COUNTERS:
             for task, v in self._per_task(r, prefix):
-                self.counters[(name, (task,))] = self.counters.get((name, (task,)), 0.0) + float(v)
-        self.last_step, self.last_step_time = r["step"], r.get("time", self.last_step_time)
+                self._inc(name, (task,), v)
 
     def _validation(self, r):
         for name, key, help in VALIDATION_GAUGES:
@@ -218,21 +235,24 @@ class RunFigures:
     def _event(self, e):
         if e["event"] == "run_end":
             self.run_end_step = e["step"]
+        elif e["event"] == "checkpoint":
+            self._set("prorl_supervisor_last_checkpoint_step", (), e["step"])
+
+    def _count_event(self, e):
         for name, kind, label, help in EVENT_COUNTERS:
-            if e["event"] == kind:
+            if e.get("event") == kind:
                 v = str(e.get(label, "")) if label else None
-                key = ((trigger_of(v) if label == "reason" else v),) if label else ()
-                self.counters[(name, key)] = self.counters.get((name, key), 0.0) + 1
+                self._inc(name, ((trigger_of(v) if label == "reason" else v),) if label else (), 1)
 
 
-def families(run: str, num_steps: int, started: float, figures: RunFigures):
+def families(run: str, num_steps: int, last_progress: float, figures: RunFigures, errors: int = 0):
     """The run's figures -> its metric families (what a scrape returns), each series labelled
-    with the run. started: when this driver started (Unix time; progress is counted from it
-    until its first step)."""
-    values = {**figures.gauges, **figures.counters,
+    with the run. last_progress: Unix time of the run's last sign of progress; errors: records
+    the exporter could not fold."""
+    values = {**figures.gauges, **figures.counters, ("prorl_supervisor_exporter_errors_total", ()): float(errors),
               ("prorl_supervisor_num_steps", ()): float(num_steps),
               ("prorl_supervisor_run_complete", ()): float(figures.complete),
-              ("prorl_supervisor_last_progress_timestamp_seconds", ()): max(started, figures.last_step_time or started)}
+              ("prorl_supervisor_last_progress_timestamp_seconds", ()): last_progress}
     by_name: dict[str, list] = {}
     for (name, lv), v in values.items():
         by_name.setdefault(name, []).append((lv, v))
@@ -252,7 +272,19 @@ class _Collector:
     def collect(self):
         x = self.exporter
         with x.lock:
-            return families(x.run, x.num_steps, x.started, x.figures)
+            return families(x.run, x.num_steps, x.last_progress, x.figures, x.errors)
+
+
+PROGRESS_EVENTS = ("checkpoint", "run_resumed", "rolled_back", "run_end")
+
+
+def pid_alive(pid: str) -> bool:
+    return pid.isdigit() and Path(f"/proc/{pid}").exists()
+
+
+def target_file_pid(path: Path) -> str:
+    """The pid in a target file's name, `<run>-<pid>.prorl.json` or `<run>-<pid>.ray.json`."""
+    return path.name.split(".", 1)[0].rsplit("-", 1)[-1]
 
 
 class Exporter:
@@ -262,69 +294,94 @@ class Exporter:
         """spec: metrics.prometheus (PrometheusSpec)."""
         self.run, self.num_steps, self.spec, self.log = run, num_steps, spec, log
         self.kw = dict(reset_reasons=tuple(reset_reasons), roles=tuple(roles))
-        self.started = time.time()
+        self.last_progress = time.time()   # the driver's start counts as progress
+        self.errors = 0
         self.lock = threading.Lock()     # records arrive on the driver's thread, scrapes on the server's
         self.figures = RunFigures(**self.kw)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         self.server = self.thread = None
+        self.stem = f"{run}-{os.getpid()}"
         self.target_files: list[Path] = []
+        self.ray_targets: list[str] = []
         self.port = None
 
     # ------------------------------------------------------------------ fed by the run's records
     def observe(self, file: str, record: dict) -> None:
-        """A record just written to metrics.jsonl, validation.jsonl or events.jsonl."""
-        with self.lock:
-            self.figures.add(file, record)
+        """A record just written to metrics.jsonl, validation.jsonl or events.jsonl. One the
+        exporter cannot fold is logged and counted: monitoring never stops a run."""
+        try:
+            with self.lock:
+                self.figures.add(file, record)
+                if file != "events" or record.get("event") in PROGRESS_EVENTS:
+                    self.last_progress = time.time()
+        except Exception as e:  # noqa: BLE001 - a bad record costs its figures, not the run
+            self.errors += 1
+            if self.errors <= 3:
+                self.log(f"metrics: could not export a {file} record ({type(e).__name__}: {e}); counted in "
+                         "prorl_supervisor_exporter_errors_total")
 
-    def load(self, steps: list[dict], validations: list[dict], events: list[dict]) -> None:
-        """The records as they stand (at the start, after a resume or a rollback)."""
-        figures = RunFigures.from_records(steps, validations, events, **self.kw)
+    def load(self, steps: list[dict], validations: list[dict], events: list[dict],
+             rolled_back: list[dict] = ()) -> None:
+        """The records as they stand (at the start, after a resume or a rollback: progress)."""
+        figures = RunFigures.from_records(steps, validations, events, rolled_back, **self.kw)
         with self.lock:
-            self.figures = figures
+            self.figures, self.last_progress = figures, time.time()
 
     # ------------------------------------------------------------------ serving
     def start(self, ray_targets: list[str] = ()) -> str:
-        """Start the HTTP server and write the target files -> "host:port"."""
+        """Clear the target files this run's dead drivers left, start the HTTP server, list it
+        and the Ray nodes' metrics in targets_dir -> "host:port"."""
         from prometheus_client import start_http_server
+        d = Path(self.spec.targets_dir)
+        for old in list(d.glob(f"{self.run}-*.prorl.json")) + list(d.glob(f"{self.run}-*.ray.json")):
+            pid = target_file_pid(old)
+            if old.name.startswith(f"{self.run}-{pid}.") and not pid_alive(pid):
+                old.unlink(missing_ok=True)
         try:
             self.server, self.thread = start_http_server(self.spec.port, self.spec.address, registry=self.registry)
         except OSError as e:
             raise RuntimeError(f"metrics.prometheus: cannot listen on {self.spec.address}:{self.spec.port} ({e}); "
                                "port 0 takes any free port") from e
-        atexit.register(self.close)   # a run that fails to start leaves no target file behind
         self.port = self.server.server_port
         host = "127.0.0.1" if self.spec.address in ("0.0.0.0", "::", "") else self.spec.address
         address = f"{host}:{self.port}"
-        d = Path(self.spec.targets_dir)
         d.mkdir(parents=True, exist_ok=True)
-        stem = f"{self.run}-{os.getpid()}"
-        if ray_targets:
-            self._write_targets(d / f"{stem}.ray.json", list(ray_targets))
-        self._write_targets(d / f"{stem}.prorl.json", [address])   # last: its presence means both are there
+        self.set_ray_targets(ray_targets)
+        self._write_targets(d / f"{self.stem}.prorl.json", [address], {})   # last: its presence means both are there
         return address
 
-    def _write_targets(self, path: Path, targets: list[str]) -> None:
+    def set_ray_targets(self, targets: list[str]) -> None:
+        """The Ray nodes' metrics endpoints (rewritten when nodes come or go), labelled with the run."""
+        if self.server is None or sorted(targets) == self.ray_targets:
+            return
+        self.ray_targets = sorted(targets)
+        self._write_targets(Path(self.spec.targets_dir) / f"{self.stem}.ray.json", self.ray_targets, {"run": self.run})
+
+    def _write_targets(self, path: Path, targets: list[str], labels: dict) -> None:
         tmp = path.with_name(path.name + ".tmp")   # Prometheus reads *.json: never a half-written one
-        tmp.write_text(json.dumps([{"targets": targets, "labels": {}}]))
+        tmp.write_text(json.dumps([{"targets": targets, "labels": labels}]))
         os.replace(tmp, path)
-        self.target_files.append(path)
+        if path not in self.target_files:
+            self.target_files.append(path)
 
     def scrape(self) -> str:
         """What a scrape returns (Prometheus text format 0.0.4)."""
         from prometheus_client import generate_latest
         return generate_latest(self.registry).decode()
 
-    def close(self, linger_s: float = 0.0) -> None:
-        """Remove the target files (after serving linger_s more seconds) and stop the server."""
+    def close(self, linger_s: float = 0.0, forget: bool = True) -> None:
+        """Stop the server after serving linger_s more seconds. forget: remove the target files
+        (a run that ended); False leaves them, so Prometheus sees the target down (a crash)."""
         if self.server is None:
             return
         if linger_s:
             self.log(f"metrics: serving {linger_s:g}s more for a last scrape")
             time.sleep(linger_s)
-        for p in self.target_files:
-            p.unlink(missing_ok=True)
-        self.target_files = []
+        if forget:
+            for p in self.target_files:
+                p.unlink(missing_ok=True)
+            self.target_files = []
         server, self.server = self.server, None
         threading.Thread(target=server.shutdown, daemon=True).start()
         self.thread.join(timeout=5)

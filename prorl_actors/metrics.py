@@ -46,14 +46,16 @@ class JsonlLog:
 class RunRecords:
     def __init__(self, run_dir: Path, exporter=None):
         """exporter: an exporter.Exporter that sees the records as they stand whenever the files
-        are opened (at the start, after a roll-back) and every record written after that."""
+        are opened (at the start, after a roll-back; with the rolled-back lines) and every
+        record written after that."""
         self.run_dir, self.exporter = run_dir, exporter
         self._open()
 
     def _open(self) -> None:
         names = ("metrics", "validation", "events")
         if self.exporter is not None:
-            self.exporter.load(*(read_jsonl(self.run_dir / f"{n}.jsonl") for n in names))
+            self.exporter.load(*(read_jsonl(self.run_dir / f"{n}.jsonl") for n in names),
+                               rolled_back=read_jsonl(self.run_dir / "rolled_back.jsonl"))
         self.metrics, self.validation, self.events = (
             JsonlLog(self.run_dir / f"{n}.jsonl", partial(self.exporter.observe, n) if self.exporter else None)
             for n in names)

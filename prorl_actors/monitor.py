@@ -21,6 +21,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from prorl_actors.exporter import pid_alive, target_file_pid
+
 MONITORING = Path(__file__).resolve().parents[1] / "monitoring"
 TARGETS_DIR = Path("/tmp/prorl/prometheus")   # what prometheus.yml reads (metrics.prometheus.targets_dir)
 
@@ -33,8 +35,7 @@ def live_runs(targets_dir: Path = TARGETS_DIR) -> list[tuple[str, list[str], boo
     """(target file, targets, whether its process is alive) for every run exporter listed."""
     out = []
     for f in sorted(targets_dir.glob("*.prorl.json")):
-        pid = f.name.removesuffix(".prorl.json").rsplit("-", 1)[-1]
-        alive = pid.isdigit() and Path(f"/proc/{pid}").exists()
+        alive = pid_alive(target_file_pid(f))
         try:
             targets = [t for group in json.loads(f.read_text()) for t in group["targets"]]
         except (OSError, ValueError, KeyError, TypeError):
@@ -102,9 +103,9 @@ def cmd_monitor(args) -> int:
             sel = f'{{run="{run_dir.name}"}}'
             links = {"entropy": f"prorl_learner_entropy{sel}", "reward per task": f"prorl_verifier_task_reward{sel}",
                      "KL": f"prorl_learner_kl{sel}"}
-            print(f"  run {run_dir.name}: " + "   ".join(
-                f"{what}: {url}/graph?" + urllib.parse.urlencode({"g0.expr": expr, "g0.range_input": "1h"})
-                for what, expr in links.items()))
+            print(f"  run {run_dir.name}:")
+            for what, expr in links.items():
+                print(f"    {what}: {url}/graph?" + urllib.parse.urlencode({"g0.expr": expr, "g0.range_input": "1h"}))
         print("Ctrl-C stops it.", flush=True)
         proc.wait()
         print(f"prorl monitor: prometheus exited with code {proc.returncode}; its log: {log}", file=sys.stderr)

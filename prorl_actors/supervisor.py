@@ -107,10 +107,15 @@ class Supervisor:
         self.reference_weights_ref = None   # the weights of the reference's last reset (None: restore_from/base)
         self.rollbacks, self.resumes = 0, 0
         resume_state = read_state(resume_from) if resume_from else None
-        self.exporter = self._start_exporter()
+        pspec = spec.metrics.prometheus
+        self.exporter = Exporter(spec.name, spec.num_steps, pspec, reset_reasons=spec.supervisor.resets.triggers,
+                                 log=log) if pspec.enabled else None
         self.records = RunRecords(self.run_dir, exporter=self.exporter)
         if resume_state is not None:   # records of later steps go aside before anything is written
             rolled_back_lines = self.records.roll_back_to(resume_state["step"])
+        if self.exporter is not None:   # serving from here, on the records as they stand
+            address = self.exporter.start(self._ray_metrics_targets())
+            self.log(f"metrics: http://{address}/metrics (Prometheus targets in {pspec.targets_dir})")
         # the held-out prompts, tokenized once (rejections are recorded once, at run start)
         self.val_prompts = self._prompt_table(val_items, split="validation", record=resume_state is None)
         if self.val_prompts.num_rows == 0:
@@ -169,17 +174,11 @@ class Supervisor:
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
         torch.set_rng_state(torch.tensor(st["rng"]["torch"], dtype=torch.uint8))
 
-    def _start_exporter(self) -> Exporter | None:
-        """The Prometheus exporter (metrics.prometheus), listing this Ray cluster's nodes' own metrics."""
-        pspec = self.spec.metrics.prometheus
-        if not pspec.enabled:
-            return None
-        exporter = Exporter(self.spec.name, self.spec.num_steps, pspec,
-                            reset_reasons=self.spec.supervisor.resets.triggers, log=self.log)
-        ray_targets = [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes()
-                       if n["Alive"] and n.get("MetricsExportPort")]
-        self.log(f"metrics: http://{exporter.start(ray_targets)}/metrics (Prometheus targets in {pspec.targets_dir})")
-        return exporter
+    @staticmethod
+    def _ray_metrics_targets() -> list[str]:
+        """host:port of every live Ray node's own metrics."""
+        return [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes()
+                if n["Alive"] and n.get("MetricsExportPort")]
 
     def _policy_path(self) -> str:
         return str(self.restore_from or self.model_path)
@@ -592,6 +591,8 @@ class Supervisor:
             raise
         self.records.metrics.write(m)
         self.history.append(m)
+        if self.exporter is not None:   # nodes that joined or left the cluster
+            self.exporter.set_ray_targets(self._ray_metrics_targets())
         if self.step % spec.metrics.print_every_steps == 0 or self.step == spec.num_steps:
             self.log(f"step {self.step:4d}/{spec.num_steps}  reward {m['reward_mean']:.3f}  acc {m['accuracy']:.3f}"
                      f"  entropy {m['entropy']:.3f}  kl {m['kl']:.2e}  kept {m['kept_groups_frac']:.2f}"
@@ -654,8 +655,11 @@ class Supervisor:
             self.log(f"closing verifiers: {type(e).__name__}: {e}")
         for grp in self.groups:
             grp.kill()
-        if self.exporter is not None:   # a stopped driver goes at once; a finished one lets its end be scraped
-            self.exporter.close(linger_s=self.spec.metrics.prometheus.linger_s if self.complete else 0.0)
+        if self.exporter is not None:
+            # a finished run lets its end be scraped; a stopped one goes at once; a crashed one
+            # leaves its target files, so Prometheus sees it down
+            self.exporter.close(linger_s=self.spec.metrics.prometheus.linger_s if self.complete else 0.0,
+                                forget=self.complete or self.stop.requested)
 
 
 def _np_rng_state() -> list:

@@ -54,12 +54,12 @@ def _step(step, **kw):
     return rec
 
 
-def _scrape(figures=None, started=500.0, steps=(), validations=(), events=(), **kw) -> dict:
+def _scrape(figures=None, steps=(), validations=(), events=(), **kw) -> dict:
     """The families of a run's records -> {(name, labels without run): value} (counters under
     their _total name)."""
     figures = figures or RunFigures.from_records(steps, validations, events, **kw)
     out = {}
-    for fam in families("r", 10, started, figures):
+    for fam in families("r", 10, 500.0, figures):
         for s in fam.samples:
             labels = {k: v for k, v in s.labels.items() if k != "run"}
             assert s.labels["run"] == "r"
@@ -85,9 +85,6 @@ def test_gauges_hold_the_last_measured_value_and_counters_sum_the_run():
     assert m[("prorl_verifier_errors_total", (("task", "math"),))] == 2
     assert m[("prorl_verifier_errors_total", (("task", "code"),))] == 1
     assert m[("prorl_supervisor_phase_seconds", (("phase", "generate"),))] == 1.0
-    assert m[("prorl_supervisor_last_progress_timestamp_seconds", ())] == 1003.0
-    m = _scrape(steps=steps[:1], started=5000.0)   # resumed later: progress counts from the driver's start
-    assert m[("prorl_supervisor_last_progress_timestamp_seconds", ())] == 5000.0
     m = _scrape(steps=[_step(1, entropy=math.nan)])
     assert ("prorl_learner_entropy", ()) not in m                     # never measured: no sample
 
@@ -120,6 +117,9 @@ def test_event_counters_start_at_zero_and_count_resets_by_trigger():
     assert m[("prorl_supervisor_item_rejects_total", (("split", "train"),))] == 1
     assert m[("prorl_supervisor_item_rejects_total", (("split", "validation"),))] == 0
     assert m[("prorl_supervisor_run_complete", ())] == 1
+    assert ("prorl_supervisor_last_checkpoint_step", ()) not in m
+    m = _scrape(events=[{"event": "checkpoint", "step": 5}, {"event": "checkpoint", "step": 10}])
+    assert m[("prorl_supervisor_last_checkpoint_step", ())] == 10 and m[("prorl_supervisor_checkpoints_total", ())] == 2
     # prolonged after its end (num_steps raised, resumed): running again
     m = _scrape(steps=[_step(9), _step(10)], events=events)
     assert m[("prorl_supervisor_run_complete", ())] == 0
@@ -163,7 +163,9 @@ def test_http_server_target_files_and_shutdown(tmp_path):
     prorl_file = tmp_path / "t" / f"r-{os.getpid()}.prorl.json"
     assert json.loads(prorl_file.read_text()) == [{"targets": [address], "labels": {}}]
     ray_file = tmp_path / "t" / f"r-{os.getpid()}.ray.json"
-    assert json.loads(ray_file.read_text())[0]["targets"] == ["127.0.0.1:1234"]
+    assert json.loads(ray_file.read_text()) == [{"targets": ["127.0.0.1:1234"], "labels": {"run": "r"}}]
+    x.set_ray_targets(["127.0.0.1:1234", "127.0.0.2:1234"])          # a node joined
+    assert json.loads(ray_file.read_text())[0]["targets"] == ["127.0.0.1:1234", "127.0.0.2:1234"]
     x.observe("metrics", _step(2))
     body = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
     assert "prorl_supervisor_step{run=\"r\"} 2.0" in body
@@ -171,6 +173,21 @@ def test_http_server_target_files_and_shutdown(tmp_path):
     assert not prorl_file.exists() and not ray_file.exists()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://{address}/metrics", timeout=2)
+
+
+def test_crashed_drivers_leave_their_targets_until_the_run_starts_again(tmp_path):
+    d = tmp_path / "t"
+    d.mkdir()
+    dead = "999999999"   # above pid_max: no such process
+    for name in (f"r-{dead}.prorl.json", f"r-{dead}.ray.json", f"rr-{dead}.prorl.json", f"r-{os.getpid()}.ray.json"):
+        (d / name).write_text("[]")
+    x = Exporter("r", 10, PrometheusSpec(targets_dir=str(d)))
+    x.start()
+    # this run's dead driver's files are gone; another run's, and a live process's, stay
+    assert sorted(p.name for p in d.iterdir()) == sorted([f"rr-{dead}.prorl.json", f"r-{os.getpid()}.ray.json",
+                                                          f"r-{os.getpid()}.prorl.json"])
+    x.close(forget=False)    # a crash: the target stays, and Prometheus sees it down
+    assert (d / f"r-{os.getpid()}.prorl.json").exists()
 
 
 def test_port_in_use_is_a_clear_error(tmp_path):
@@ -195,10 +212,34 @@ def test_records_feed_the_exporter_and_a_rollback_takes_counters_back(tmp_path):
     assert m[("prorl_learner_entropy", ())] == 0.5
     rec.roll_back_to(1)                 # a resume or rollback: the exporter reads the files again
     m = _scrape(x.figures)
-    assert m[("prorl_supervisor_step", ())] == 1 and m[("prorl_learner_optimizer_steps_total", ())] == 2
-    assert m[("prorl_supervisor_reference_resets_total", (("reason", "scheduled"),))] == 0   # its step is undone
-    assert m[("prorl_supervisor_actor_restarts_total", (("role", "verifier"),))] == 1   # life events stay
+    assert m[("prorl_supervisor_step", ())] == 1                              # gauges: the records that stand
+    # counters never go down (Prometheus would count a whole new total): the undone steps count
+    assert m[("prorl_learner_optimizer_steps_total", ())] == 6
+    assert m[("prorl_supervisor_reference_resets_total", (("reason", "scheduled"),))] == 1
+    assert m[("prorl_supervisor_actor_restarts_total", (("role", "verifier"),))] == 1
+    rec.metrics.write(_step(2))                                              # the step done again
+    m = _scrape(x.figures)
+    assert m[("prorl_supervisor_step", ())] == 2 and m[("prorl_learner_optimizer_steps_total", ())] == 8
     rec.close()
+    # a resumed driver (a new process) folds the same totals from the files
+    x2 = Exporter("r", 10, PrometheusSpec(targets_dir=str(tmp_path)), reset_reasons=("scheduled",))
+    RunRecords(tmp_path / "run", exporter=x2).close()
+    assert _scrape(x2.figures) == _scrape(x.figures)
+
+
+def test_progress_and_errors_are_counted_not_fatal(tmp_path):
+    logged = []
+    x = Exporter("r", 10, PrometheusSpec(targets_dir=str(tmp_path)), log=logged.append)
+    t0 = x.last_progress
+    time.sleep(0.01)
+    x.observe("events", {"event": "actor_died", "step": 0, "time": 0})   # not progress
+    assert x.last_progress == t0
+    x.observe("validation", {"step": 0, "accuracy": 0.5})
+    assert x.last_progress > t0
+    x.observe("metrics", {"no": "step"})                                # cannot be folded: counted, logged
+    fams = {f.name: f for f in text_string_to_metric_families(x.scrape())}
+    assert fams["prorl_supervisor_exporter_errors"].samples[0].value == 1
+    assert "could not export a metrics record" in logged[0]
 
 
 def test_prometheus_spec_is_checked():

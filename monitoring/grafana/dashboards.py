@@ -27,9 +27,10 @@ def q(expr: str, legend: str = "") -> dict:
 
 def panel(title: str, targets: list[dict], *, w: int = 12, h: int = 8, unit: str = "short", kind: str = "timeseries",
           description: str = "", right: tuple[str, ...] = (), log: bool = False, stack: bool = False,
-          fill_between: tuple[str, str] | None = None, min_: float | None = None, max_: float | None = None) -> dict:
+          fill_between: tuple[str, str] | None = None, min_: float | None = None, max_: float | None = None,
+          units: dict[str, str] | None = None) -> dict:
     """A panel; right: legends drawn on a right axis; fill_between: (upper, lower) legends whose
-    gap is shaded (the entropy band)."""
+    gap is shaded (the entropy band); units: legend -> unit where it differs from `unit`."""
     custom = {"lineWidth": 2, "fillOpacity": 10 if stack else 0, "showPoints": "auto", "spanNulls": True}
     if log:
         custom["scaleDistribution"] = {"type": "log", "log": 10}
@@ -42,6 +43,8 @@ def panel(title: str, targets: list[dict], *, w: int = 12, h: int = 8, unit: str
         defaults["max"] = max_
     overrides = [{"matcher": {"id": "byName", "options": name},
                   "properties": [{"id": "custom.axisPlacement", "value": "right"}]} for name in right]
+    overrides += [{"matcher": {"id": "byName", "options": name}, "properties": [{"id": "unit", "value": u}]}
+                  for name, u in (units or {}).items()]
     if fill_between:
         upper, lower = fill_between
         overrides += [{"matcher": {"id": "byName", "options": upper},
@@ -131,7 +134,8 @@ def overview() -> dict:
         panel("KL to the reference and its coefficient", [
             q(f"prorl_learner_kl{{{R}}}", "KL"),
             q(f"prorl_learner_kl_coef{{{R}}}", "KL coefficient")], right=("KL coefficient",), log=True,
-            description="KL (per token) of the policy to the reference; it restarts from 0 at each reset."),
+            description="KL (per token) of the policy to the reference (log scale); it drops to ~0 at each "
+                        "reset, which the log axis leaves out."),
         panel("Held-out accuracy per task", [
             q(f"prorl_supervisor_validation_task_accuracy{{{R}}}", "{{task}}"),
             q(f"prorl_supervisor_validation_accuracy{{{R}}}", "training tasks")], unit="percentunit",
@@ -143,11 +147,12 @@ def overview() -> dict:
         panel("Dynamic sampling", [
             q(f"prorl_supervisor_kept_groups_frac{{{R}}}", "groups kept"),
             q(f"prorl_supervisor_gen_rounds{{{R}}}", "generation rounds")], w=8, unit="percentunit",
-            right=("generation rounds",),
+            right=("generation rounds",), units={"generation rounds": "none"},
             description="Groups whose rewards are not all equal, and the rounds needed to fill the batch."),
         panel("Responses", [
             q(f"prorl_generator_response_length_tokens{{{R}}}", "mean length (tokens)"),
-            q(f"prorl_generator_truncated_frac{{{R}}}", "truncated")], w=8, right=("truncated",)),
+            q(f"prorl_generator_truncated_frac{{{R}}}", "truncated")], w=8, right=("truncated",),
+            units={"truncated": "percentunit"}),
         row("Throughput"),
         panel("Tokens per second", [
             q(f"prorl_generator_tokens_per_second{{{R}}}", "generated"),
@@ -178,8 +183,8 @@ def overview() -> dict:
                              "skips its update, a malformed row is left out."),
         panel("Targets up", [
             q('up{job="prorl"}', "exporter {{instance}}"),
-            q('sum(up{job="ray"})', "Ray metrics endpoints up"),
-            q("max(ray_cluster_active_nodes)", "Ray nodes")], w=8,
+            q(f'sum(up{{job="ray", {R}}})', "Ray metrics endpoints up"),
+            q(f"max(ray_cluster_active_nodes{{{R}}})", "Ray nodes")], w=8,
             description="The run's exporter and Ray's own metrics (nodes, actors, object store)."),
     ]
     return dashboard("prorl-overview", "prorl-actors: run overview",
