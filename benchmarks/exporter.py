@@ -9,8 +9,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from prorl_actors.exporter import (PHASES, STEP_COUNTERS, STEP_GAUGES, STEP_TASK_COUNTERS, STEP_TASK_GAUGES,
-                                  Exporter)
+from prorl_actors.exporter import STEP_COUNTERS, STEP_GAUGES, STEP_TASK_COUNTERS, STEP_TASK_GAUGES, Exporter
+from prorl_actors.metrics import RECORD_PHASES
 from prorl_actors.metrics import read_jsonl
 from prorl_actors.spec import PrometheusSpec
 
@@ -22,7 +22,7 @@ def synthetic_step() -> dict:
     rec = {key: 0.5 for table in (STEP_GAUGES, STEP_COUNTERS) for _, key, _ in table}
     rec.update({f"{prefix}{t}": 0.5 for table in (STEP_TASK_GAUGES, STEP_TASK_COUNTERS) for _, prefix, _ in table
                 for t in TASKS})
-    rec.update({f"time/{p}_s": 0.1 for p in PHASES})
+    rec.update({f"time/{p}_s": 0.1 for p in RECORD_PHASES})
     return rec
 
 

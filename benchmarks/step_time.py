@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from prorl_actors.cli import connect_ray  # noqa: E402
 from prorl_actors.spec import load_spec  # noqa: E402
-from prorl_actors.supervisor import PHASES, Supervisor  # noqa: E402
+from prorl_actors.metrics import RECORD_PHASES  # noqa: E402
+from prorl_actors.supervisor import Supervisor  # noqa: E402
 from prorl_actors.tinymodel import resolve_model_path  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def main() -> None:
           f"{spec.group_size} samples per round, {len(rows)} steps after warm-up")
     print(f"{'phase':<12}{'s/step':>10}{'share':>9}")
     total = mean("step_s")
-    for ph in (*PHASES, "other"):
+    for ph in RECORD_PHASES:
         s = mean(f"time/{ph}_s")
         print(f"{ph:<12}{s:10.3f}{100 * s / total:8.1f}%")
     print(f"{'total':<12}{total:10.3f}")

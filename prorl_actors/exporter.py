@@ -29,9 +29,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
 from prorl_actors.algo.resets import trigger_of
+from prorl_actors.metrics import RECORD_PHASES
 
 ROLES = ("generator", "verifier", "learner", "reference")
-PHASES = ("generate", "verify", "reference", "learn", "sync", "other")
 
 # gauges from the last step record: (metric, record key, help)
 STEP_GAUGES = (
@@ -210,7 +210,7 @@ class RunFigures:
         for name, prefix, help in STEP_TASK_GAUGES:
             for task, v in self._per_task(r, prefix):
                 self._set(name, (task,), v)
-        for p in PHASES:
+        for p in RECORD_PHASES:
             self._set("prorl_supervisor_phase_seconds", (p,), r.get(f"time/{p}_s"))
         self.last_step = r["step"]
 

@@ -14,6 +14,10 @@ import time
 from functools import partial
 from pathlib import Path
 
+# the phases of a step, timed in every metrics.jsonl line as time/<phase>_s (with time/other_s)
+PHASES = ("generate", "verify", "reference", "learn", "sync")
+RECORD_PHASES = (*PHASES, "other")
+
 # the keys every metrics.jsonl line has (others are added per task: reward/<task>, ...)
 STEP_KEYS = ("step", "reward_mean", "accuracy", "entropy", "kl", "kl_coef", "clip_frac_low",
              "clip_frac_high", "kept_groups_frac", "gen_rounds", "response_len_mean", "truncated_frac",

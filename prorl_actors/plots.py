@@ -10,9 +10,8 @@ import math
 from pathlib import Path
 
 from prorl_actors.algo.resets import trigger_of
-from prorl_actors.metrics import read_jsonl
+from prorl_actors.metrics import RECORD_PHASES, read_jsonl
 
-PHASES = ("generate", "verify", "reference", "learn", "sync", "other")
 RESET_COLORS = {"scheduled": "tab:green", "validation": "tab:orange", "kl": "tab:red"}
 
 
@@ -92,8 +91,8 @@ def plot_run(run_dir: Path) -> list[Path]:
     ax[0, 0].plot(steps, _series(m, "gen_tokens_per_s"), label="generated")
     ax[0, 0].plot(steps, _series(m, "train_tokens_per_s"), label="trained")
     ax[0, 0].set_title("tokens per second")
-    phases = [[0.0 if math.isnan(x) else x for x in _series(m, f"time/{p}_s")] for p in PHASES]
-    ax[0, 1].stackplot(steps, phases, labels=PHASES, alpha=0.8)
+    phases = [[0.0 if math.isnan(x) else x for x in _series(m, f"time/{p}_s")] for p in RECORD_PHASES]
+    ax[0, 1].stackplot(steps, phases, labels=RECORD_PHASES, alpha=0.8)
     ax[0, 1].set_title("time per phase (s, stacked: the step)")
     ax[1, 0].plot(steps, _series(m, "kept_groups_frac"), label="groups kept")
     ax[1, 0].set_ylim(0, 1.05)

@@ -46,13 +46,10 @@ from prorl_actors.checkpoint import REFERENCE_DIR, read_state, save_checkpoint
 from prorl_actors.engines.generation import SamplingSpec
 from prorl_actors.exporter import Exporter
 from prorl_actors.group import ActorGroup, ActorLost, Preempted
-from prorl_actors.metrics import RunRecords, read_jsonl
+from prorl_actors.metrics import PHASES, RunRecords, read_jsonl
 from prorl_actors.spec import RunSpec
 from prorl_actors.tasks import Item, TaskMixture, validation_items
 from prorl_actors.tinymodel import load_tokenizer
-
-PHASES = ("generate", "verify", "reference", "learn", "sync")
-
 
 class PhaseTimer:
     def __init__(self):
