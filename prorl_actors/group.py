@@ -147,25 +147,51 @@ class ActorGroup:
         """Roles with state kept once (learner, reference) use actor 0."""
         return self._call(method, args, [0], step)[0]
 
-    def map_table(self, method: str, table: pa.Table, *args, rows_per_unit: int = 1,
+    def map_table(self, method: str, table: pa.Table, *args, rows_per_unit: int = 1, num_chunks: int | None = None,
                   step: int | None = None) -> pa.Table:
-        """Split `table` into contiguous shards of whole units (e.g. groups of G rows), one per
-        actor, call `method(shard, *args)` on each and concatenate the results in order. A shard
-        whose actor dies is sent again, to its replacement."""
+        """Split `table` into `num_chunks` contiguous chunks of whole units (e.g. groups of G
+        rows; default: one chunk per actor), call `method(chunk, *args)` and concatenate the
+        results in chunk order. Each actor works on one chunk at a time and takes the next one
+        when it is done, so a faster actor takes more (load balancing); which actor ran a chunk
+        does not change its result. A chunk whose actor dies goes to its replacement."""
         units = table.num_rows // rows_per_unit
-        bounds = np.linspace(0, units, len(self.actors) + 1).round().astype(int) * rows_per_unit
-        shards = {r: table.slice(lo, hi - lo) for r, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo}
-        results, todo = {}, sorted(shards)
-        while todo:
-            done, dead = self._gather({r: (r, getattr(self.actors[r], method).remote(shards[r], *args))
-                                       for r in todo})
-            results.update(done)
-            for r, cause in dead.items():
-                self._lost(r, cause, step)
-                self.on_event("work_redispatched", role=self.role, rank=r, method=method,
-                              rows=shards[r].num_rows, step=step)
-            todo = sorted(dead)
-        return pa.concat_tables([results[r] for r in sorted(shards)])
+        n = max(1, min(num_chunks or len(self.actors), units))
+        bounds = np.linspace(0, units, n + 1).round().astype(int) * rows_per_unit
+        chunks = [table.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        queue, results = list(range(len(chunks))), {}
+        running: dict = {}                                  # ref -> (rank, chunk, started)
+        idle = list(range(len(self.actors)))
+        while queue or running:
+            while queue and idle:
+                rank, c = idle.pop(0), queue.pop(0)
+                ref = getattr(self.actors[rank], method).remote(chunks[c], *args)
+                running[ref] = (rank, c, time.monotonic())
+            if self.should_stop():
+                raise Preempted(f"{self.role}: stop requested")
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
+            dead = {}
+            for ref in ready:
+                rank, c, _ = running.pop(ref)
+                try:
+                    results[c] = ray.get(ref)
+                    idle.append(rank)
+                except RayActorError as e:
+                    if getattr(e, "actor_init_failed", False):   # its constructor raised: not a death
+                        raise
+                    dead[rank] = (c, _cause(e))
+            if self.call_timeout_s:
+                for ref, (rank, c, t0) in list(running.items()):
+                    if time.monotonic() - t0 > self.call_timeout_s:   # hung: killed, replaced like a dead one
+                        ray.kill(self.actors[rank], no_restart=True)
+                        running.pop(ref)
+                        dead[rank] = (c, f"no answer in {self.call_timeout_s:g} s (killed)")
+            for rank, (c, cause) in sorted(dead.items()):
+                self._lost(rank, cause, step)
+                self.on_event("work_redispatched", role=self.role, rank=rank, method=method,
+                              rows=chunks[c].num_rows, step=step)
+                queue.insert(0, c)
+                idle.insert(0, rank)
+        return pa.concat_tables([results[c] for c in range(len(chunks))])
 
     def ping(self, timeout_s: float = 60.0) -> list[str]:
         return ray.get([a.ping.remote() for a in self.actors], timeout=timeout_s)

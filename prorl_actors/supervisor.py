@@ -291,7 +291,9 @@ class Supervisor:
     def _rollouts(self, prompts: pa.Table, sp: SamplingSpec, timer: PhaseTimer) -> pa.Table:
         """Generate and verify."""
         with timer("generate"):
-            rollouts = self.generators.map_table("generate", prompts, sp, step=self.step)
+            g = self.spec.generator
+            chunks = 1 if g.num_actors == 1 else g.num_actors * g.chunks_per_actor   # spread by load
+            rollouts = self.generators.map_table("generate", prompts, sp, num_chunks=chunks, step=self.step)
         with timer("verify"):
             rollouts = self.verifiers.map_table("verify", rollouts, rows_per_unit=sp.n, step=self.step)
         return rollouts

@@ -40,11 +40,11 @@ class Worker:
     def pid(self):
         return os.getpid()
 
-    def work(self, table, delay=0.0):
+    def work(self, table, delay=0.0, slow_tag=None):
         if self.hang_once and not os.path.exists(self.hang_once):
             open(self.hang_once, "w").close()
             time.sleep(3600)
-        time.sleep(delay)
+        time.sleep(delay + (1.0 if self.tag == slow_tag else 0.0))
         return table.append_column("by", pa.array([f"{self.tag}:{self.weights}"] * table.num_rows))
 
     def set_weights(self, w):
@@ -77,6 +77,16 @@ def test_dead_actor_is_replaced_brought_up_to_date_and_its_shard_resent(local_ra
     assert events[0][1]["role"] == "Worker" and events[0][1]["rank"] == 1 and events[0][1]["step"] == 3
     assert "ActorDiedError" in events[0][1]["cause"] and events[2][1]["rows"] == 5
     assert grp.restarts == 1
+    grp.kill()
+
+
+def test_chunks_go_to_whichever_actor_is_free(local_ray):
+    grp = _group(2, [])
+    out = grp.map_table("work", pa.table({"x": list(range(12))}), 0.0, "w1", num_chunks=6)
+    assert out["x"].to_pylist() == list(range(12))                 # chunk order, whoever ran them
+    by = out["by"].to_pylist()
+    # w1 takes 1 s per chunk: w0 does the five other chunks meanwhile
+    assert by[2:4] == ["w1:None"] * 2 and by.count("w0:None") == 10
     grp.kill()
 
 
