@@ -21,6 +21,7 @@ import ray
 from ray.exceptions import RayActorError
 
 POLL_S = 0.2
+PEER_GRACE_S = 30.0   # how long an error in one rank waits for a peer's death to explain it
 
 
 class ActorLost(RuntimeError):
@@ -44,10 +45,12 @@ class ActorGroup:
                  env: dict[str, str] | None = None, args: tuple | Callable[[int], tuple] = (),
                  name: str | None = None, stateless: bool = True, max_restarts: int = 20,
                  call_timeout_s: float = 0.0, on_restart: Callable | None = None,
-                 on_event: Callable | None = None, should_stop: Callable[[], bool] = lambda: False):
+                 on_event: Callable | None = None, should_stop: Callable[[], bool] = lambda: False,
+                 placement: Callable[[int], dict] | None = None):
         """`args` are the constructor's, or a function of the actor's rank giving them (evaluated
         at every start, so a replacement can be built from state that has moved on);
-        on_restart(actor) brings a fresh replacement up to date; on_event(kind, **fields) records."""
+        on_restart(actor) brings a fresh replacement up to date; on_event(kind, **fields) records;
+        placement(rank) -> extra actor options (a placement group's bundle: placement.py)."""
         self.role = name or cls.__name__
         self.stateless, self.max_restarts, self.call_timeout_s = stateless, max_restarts, call_timeout_s
         self.on_restart, self.on_event, self.should_stop = on_restart, on_event or (lambda *a, **k: None), should_stop
@@ -56,11 +59,12 @@ class ActorGroup:
         if env:
             self._opts["runtime_env"] = {"env_vars": env}
         self._args_for = args if callable(args) else (lambda rank: args)
+        self._placement = placement or (lambda rank: {})
         self.restarts = 0
         self.actors = [self._spawn(rank) for rank in range(num_actors)]
 
     def _spawn(self, rank: int):
-        return self._remote.options(**self._opts).remote(*self._args_for(rank))
+        return self._remote.options(**self._opts, **self._placement(rank)).remote(*self._args_for(rank))
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -70,7 +74,7 @@ class ActorGroup:
         """calls: key -> (rank, ObjectRef). Wait for all -> ({key: result}, {key: cause of death}).
         An exception raised by the method itself (a bug, bad input) is re-raised: retrying it
         would fail the same way."""
-        done, dead = {}, {}
+        done, dead, errors = {}, {}, {}
         waiting = {ref: key for key, (_, ref) in calls.items()}
         t0 = time.monotonic()
         while waiting:
@@ -85,6 +89,16 @@ class ActorGroup:
                     if getattr(e, "actor_init_failed", False):   # its constructor raised: not a death
                         raise
                     dead[key] = _cause(e)
+                except Exception as e:
+                    if self.stateless or len(calls) == 1:
+                        raise
+                    # ranks in a collective: a peer's death reaches the others as an error of
+                    # their own ("connection closed by peer"), often before Ray reports the death
+                    errors.setdefault(key, (e, time.monotonic()))
+            if dead and not self.stateless:   # the others may wait on the dead one in a collective
+                return done, dead
+            if errors and (not waiting or time.monotonic() - min(t for _, t in errors.values()) > PEER_GRACE_S):
+                raise next(iter(errors.values()))[0]     # no death behind it: a bug
             if waiting and self.call_timeout_s and time.monotonic() - t0 > self.call_timeout_s:
                 for ref, key in waiting.items():   # hung: kill it; the group replaces it like a dead one
                     ray.kill(self.actors[calls[key][0]], no_restart=True)
@@ -101,12 +115,7 @@ class ActorGroup:
             self.restarts += 1
             t0 = time.monotonic()
             try:
-                ray.kill(self.actors[rank], no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-            self.actors[rank] = self._spawn(rank)
-            try:
-                ray.get(self.actors[rank].ping.remote(), timeout=max(600.0, self.call_timeout_s))
+                self._respawn(rank)
                 if self.on_restart is not None:
                     self.on_restart(self.actors[rank])
             except RayActorError as e:     # the replacement died too: count it and try again
@@ -117,6 +126,15 @@ class ActorGroup:
             self.on_event("actor_restarted", role=self.role, rank=rank, cause=cause, step=step,
                           restart_s=round(time.monotonic() - t0, 3), restarts=self.restarts)
             return
+
+    def _respawn(self, rank: int) -> None:
+        """A new actor at `rank`, answering."""
+        try:
+            ray.kill(self.actors[rank], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.actors[rank] = self._spawn(rank)
+        ray.get(self.actors[rank].ping.remote(), timeout=max(600.0, self.call_timeout_s))
 
     def _lost(self, rank: int, cause: str, step: int | None):
         """A death: a stateless role replaces the actor (the caller re-sends its work); a
@@ -202,6 +220,49 @@ class ActorGroup:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+
+
+class LearnerGroup(ActorGroup):
+    """The learner's data-parallel ranks, one stateful unit: every call goes to every rank (they
+    meet in collectives) and answers rank 0's result. The ranks rendezvous at a fresh
+    tcp://host:port on the node of rank 0's bundle at every start; the constructor gets
+    (*args, rank, world_size, dist_url). A rank's death loses the group's optimizer state
+    (ActorLost); `replace` then builds every rank again and `on_restart` restores them."""
+
+    def __init__(self, cls, num_actors: int, **kw):
+        self.dist_url: str | None = None
+        self._world = num_actors
+        self._rendezvous_placement = kw.get("placement") or (lambda rank: {})
+        self.dist_url = self._rendezvous()
+        super().__init__(cls, num_actors, stateless=False, **kw)
+
+    def _rendezvous(self) -> str:
+        """A free port on the node where rank 0 will run."""
+        return ray.get(_free_address.options(**self._rendezvous_placement(0)).remote())
+
+    def _spawn(self, rank: int):
+        return self._remote.options(**self._opts, **self._placement(rank)).remote(
+            *self._args_for(rank), rank, self._world, self.dist_url)
+
+    def _respawn(self, rank: int) -> None:
+        self.kill()
+        self.dist_url = self._rendezvous()
+        self.actors = [self._spawn(r) for r in range(self._world)]
+        ray.get([a.ping.remote() for a in self.actors], timeout=max(600.0, self.call_timeout_s))
+
+    def call_one(self, method: str, *args, step: int | None = None):
+        """Every rank is called; rank 0's answer."""
+        return self.call_all(method, *args, step=step)[0]
+
+
+@ray.remote(num_cpus=0)
+def _free_address() -> str:
+    import socket
+
+    from prorl_actors.engines.weight_sync import node_ip
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return f"tcp://{node_ip()}:{s.getsockname()[1]}"
 
 
 def _cause(e: Exception) -> str:

@@ -109,10 +109,30 @@ class VerifierSpec:
 
 
 @dataclass
+class DeepSpeedSpec:
+    """Learner engine deepspeed: ZeRO data parallelism over learner.num_actors ranks (gloo on CPU,
+    NCCL on GPUs). The optimizer is torch's AdamW (learner.lr, betas, ...) unless offloaded."""
+    zero_stage: int = opt(2, ge=0, le=3, help=(
+        "0: plain data parallel; 1: optimizer state partitioned over the ranks; 2: + gradients; 3: + "
+        "parameters (gathered layer by layer in forward and backward; the largest models)"))
+    bf16: bool = opt(False, help="bf16 weights, activations and gradients; fp32 master weights and Adam state in "
+                                 "the ZeRO optimizer (learner.autocast_bf16 is the torch engine's switch)")
+    offload_optimizer: bool = opt(False, help=(
+        "ZeRO-Offload: Adam state and step on the CPU (zero_stage >= 1). Uses DeepSpeed's CPU Adam, which "
+        "compiles a C++ op on first use (~3.5 min, cached in ~/.cache/torch_extensions)"))
+    offload_params: bool = opt(False, help="zero_stage 3: parameters live on the CPU between uses")
+
+
+@dataclass
 class LearnerSpec:
-    engine: Literal["torch"] = opt("torch")
-    num_cpus: float = opt(0.5, ge=0)
-    num_gpus: float = opt(0.0, ge=0)
+    engine: Literal["torch", "deepspeed"] = opt("torch", help=(
+        "torch: one process, plain AdamW; deepspeed: num_actors data-parallel ranks with ZeRO (see deepspeed)"))
+    num_actors: int = opt(1, ge=1, help=(
+        "data-parallel ranks (engine deepspeed), placed with a Ray placement group (placement.strategy); every "
+        "mini-batch is cut across them, the loss and update are the one-process ones"))
+    num_cpus: float = opt(0.5, ge=0, help="per rank")
+    num_gpus: float = opt(0.0, ge=0, help="per rank")
+    deepspeed: DeepSpeedSpec = opt(DeepSpeedSpec())
     num_threads: int = opt(2, ge=1, help="torch intra-op threads in the learner process")
     lr: float = opt(1e-6, gt=0)
     lr_warmup_steps: int = opt(0, ge=0, help="linear warm-up over this many optimizer steps, restarted "
@@ -130,6 +150,7 @@ class LearnerSpec:
 
 @dataclass
 class ReferenceSpec:
+    num_actors: int = opt(1, ge=1, help="reference actors; each scores a share of the batch (all hold the same weights)")
     num_cpus: float = opt(0.25, ge=0)
     num_gpus: float = opt(0.0, ge=0)
     micro_batch_size: int = opt(128, ge=1)
@@ -330,6 +351,36 @@ class FaultToleranceSpec:
 
 
 @dataclass
+class WeightSyncSpec:
+    """How the learner's new weights reach the generators after every update (each rollout row
+    records the policy version it was sampled with)."""
+    method: Literal["object_store", "broadcast"] = opt("object_store", help=(
+        "object_store: rank 0 puts the weights in Ray's object store and every generator reads them (the CPU "
+        "default; any placement). broadcast: one torch.distributed broadcast from learner rank 0 to every "
+        "generator worker, NCCL when learner and generators have GPUs, gloo on CPUs: no copy through the "
+        "object store, the GPU path of a cluster. Reference resets (rare) and replaced generators always take "
+        "the object store"))
+    bucket_mb: float = opt(256.0, gt=0, help="broadcast: tensors are sent flattened in buckets of this size")
+    timeout_s: float = opt(300.0, gt=0, help="broadcast: a member that does not answer within this is lost; the "
+                                             "group is formed again and the weights sent again")
+
+
+@dataclass
+class PlacementSpec:
+    """Where the roles run on a Ray cluster. The learner's ranks get one placement-group bundle each
+    (their num_cpus / num_gpus plus those of the roles colocated with them)."""
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = opt("PACK", help=(
+        "Ray's placement-group strategy for the learner's bundles: PACK fills a node first (NCCL inside a "
+        "node), SPREAD puts ranks on different nodes, STRICT_* fail rather than deviate"))
+    colocate: list[Literal["generator", "reference"]] = opt([], help=(
+        "roles whose actor i runs in learner rank i's bundle: on its node and, with fractional num_gpus "
+        "summing to at most 1, on its GPU (verl's colocated layout; vLLM's gpu_memory_utilization must leave "
+        "room). Needs the role's num_actors <= learner.num_actors. [] = every role placed on its own"))
+    ready_timeout_s: float = opt(600.0, gt=0, help="a placement group not placed within this fails the run "
+                                                   "(the cluster lacks the resources the spec asks for)")
+
+
+@dataclass
 class PrometheusSpec:
     """The run's Prometheus exporter (prometheus-client's HTTP server in the driver)."""
     enabled: bool = opt(True)
@@ -379,6 +430,8 @@ class RunSpec:
                                    "if there is one; never: start afresh (an earlier run's directory is moved "
                                    "aside); or the path of a checkpoint directory (step_NNNNNN) to start from")
     fault_tolerance: FaultToleranceSpec = opt(FaultToleranceSpec())
+    weight_sync: WeightSyncSpec = opt(WeightSyncSpec())
+    placement: PlacementSpec = opt(PlacementSpec())
     metrics: MetricsSpec = opt(MetricsSpec())
     ray: RaySpec = opt(RaySpec())
 
@@ -452,10 +505,48 @@ class RunSpec:
         if self.resume not in ("auto", "never") and not (Path(self.resume) / "supervisor_state.json").is_file():
             errs.append(("resume", self.resume, "auto, never, or a checkpoint directory (one holding "
                                                 "supervisor_state.json)"))
+        errs += self._scale_checks()
         if self.model.tiny.hidden_size % self.model.tiny.num_heads:
             errs.append(("model.tiny.num_heads", self.model.tiny.num_heads, "a divisor of model.tiny.hidden_size"))
         if self.model.tiny.num_heads % self.model.tiny.num_kv_heads:
             errs.append(("model.tiny.num_kv_heads", self.model.tiny.num_kv_heads, "a divisor of model.tiny.num_heads"))
+        return errs
+
+    def _scale_checks(self) -> list[tuple[str, Any, str]]:
+        """Engines, ranks, placement and weight sync."""
+        errs, ln, ds, g = [], self.learner, self.learner.deepspeed, self.generator
+        if ln.num_actors > 1 and ln.engine != "deepspeed":
+            errs.append(("learner.num_actors", ln.num_actors, "1 with learner.engine torch (data parallel ranks "
+                                                              "need engine deepspeed)"))
+        if ln.engine == "deepspeed":
+            if ln.autocast_bf16:
+                errs.append(("learner.autocast_bf16", True, "false with engine deepspeed (learner.deepspeed.bf16)"))
+            if ds.offload_optimizer and ds.zero_stage == 0:
+                errs.append(("learner.deepspeed.offload_optimizer", True, "only with zero_stage >= 1"))
+            if ds.offload_params and ds.zero_stage != 3:
+                errs.append(("learner.deepspeed.offload_params", True, "only with zero_stage 3"))
+        tp = g.vllm.tensor_parallel_size
+        if tp > 1 and (g.engine != "vllm" or g.num_gpus != tp):
+            errs.append(("generator.vllm.tensor_parallel_size", tp, f"1, or engine vllm with generator.num_gpus = "
+                                                                    f"{tp} (one GPU per tensor-parallel worker)"))
+        roles = {"learner": ln, "generator": g, "reference": self.reference}
+        for role, r in roles.items():
+            if r.num_gpus > 1 and r.num_gpus != int(r.num_gpus):
+                errs.append((f"{role}.num_gpus", r.num_gpus, "a fraction below 1 or a whole number (Ray's rule)"))
+        pl = self.placement
+        if len(set(pl.colocate)) != len(pl.colocate):
+            errs.append(("placement.colocate", pl.colocate, "each role once"))
+        for role in pl.colocate:
+            if roles[role].num_actors > ln.num_actors:
+                errs.append((f"{role}.num_actors", roles[role].num_actors,
+                             f"at most learner.num_actors ({ln.num_actors}) with {role} in placement.colocate"))
+        gpus = ln.num_gpus + sum(roles[r].num_gpus for r in pl.colocate)
+        if gpus > 1 and gpus != int(gpus):
+            errs.append(("placement.colocate", pl.colocate, f"roles whose num_gpus with the learner's sum to at most "
+                                                            f"1 or to a whole number (got {gpus:g} per bundle)"))
+        if self.weight_sync.method == "broadcast" and (ln.num_gpus > 0) != (g.num_gpus > 0):
+            errs.append(("weight_sync.method", "broadcast", "object_store when only one of learner and generator "
+                                                            "has GPUs (one broadcast runs on NCCL or on gloo)"))
         return errs
 
     def _task_checks(self) -> list[tuple[str, Any, str]]:

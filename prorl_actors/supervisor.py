@@ -45,9 +45,11 @@ from prorl_actors.algo import (KLController, ResetPolicy, get_adv_estimator, inf
 from prorl_actors.checkpoint import REFERENCE_DIR, read_state, save_checkpoint
 from prorl_actors.engines.generation import SamplingSpec
 from prorl_actors.exporter import Exporter
-from prorl_actors.group import ActorGroup, ActorLost, Preempted
+from prorl_actors.group import ActorGroup, ActorLost, LearnerGroup, Preempted
 from prorl_actors.metrics import PHASES, RunRecords, read_jsonl
+from prorl_actors.placement import Placement
 from prorl_actors.spec import RunSpec
+from prorl_actors.sync import WeightSync
 from prorl_actors.tasks import Item, TaskMixture, validation_items
 from prorl_actors.tinymodel import load_tokenizer
 
@@ -100,7 +102,6 @@ class Supervisor:
         self.history: list[dict] = []
         # where the stateful actors come from: a checkpoint, else the base model
         self.restore_from = Path(resume_from) if resume_from else None
-        self.weights_ref = None             # the policy's current weights (object store), for replacements
         self.reference_weights_ref = None   # the weights of the reference's last reset (None: restore_from/base)
         self.rollbacks, self.resumes = 0, 0
         resume_state = read_state(resume_from) if resume_from else None
@@ -125,25 +126,35 @@ class Supervisor:
         common = dict(max_restarts=ft.max_actor_restarts, call_timeout_s=ft.call_timeout_s,
                       on_event=self._actor_event, should_stop=lambda: self.stop.requested and self.interruptible)
         t0 = time.time()
+        ln = spec.learner
+        self.placement = Placement(spec)   # the learner's bundles, and the roles colocated in them
         self.generators = ActorGroup(GeneratorActor, g.num_actors, num_cpus=g.num_cpus, num_gpus=g.num_gpus,
                                      env=gen_env, args=lambda rank: (path, spec.model.dtype, g, spec.seed + rank),
-                                     name="generator", on_restart=self._sync_generator, **common)
+                                     name="generator", on_restart=lambda actor: self.sync.on_generator_restart(actor),
+                                     placement=self.placement.options("generator"), **common)
         self.verifiers = ActorGroup(VerifierActor, spec.verifier.num_actors, num_cpus=spec.verifier.num_cpus,
                                     args=(spec.data, spec.verifier, spec.validation.tasks), name="verifier", **common)
-        self.learner = ActorGroup(LearnerActor, 1, num_cpus=spec.learner.num_cpus, num_gpus=spec.learner.num_gpus,
-                                  args=lambda rank: (self._policy_path(), spec.learner, spec.algorithm, g.temperature,
-                                                     G, g.max_new_tokens, pad_id, spec.seed),
-                                  name="learner", stateless=False, on_restart=self._restore_learner, **common)
-        self.reference = ActorGroup(ReferenceActor, 1, num_cpus=spec.reference.num_cpus,
+        self.learner = LearnerGroup(LearnerActor, ln.num_actors, num_cpus=ln.num_cpus, num_gpus=ln.num_gpus,
+                                    args=lambda rank: (self._policy_path(), ln, spec.algorithm, g.temperature,
+                                                       G, g.max_new_tokens, pad_id, spec.seed),
+                                    name="learner", on_restart=lambda actor: self._restore_learner(),
+                                    placement=self.placement.options("learner"), **common)
+        self.reference = ActorGroup(ReferenceActor, spec.reference.num_actors, num_cpus=spec.reference.num_cpus,
                                     num_gpus=spec.reference.num_gpus,
                                     args=lambda rank: (self._reference_path(), spec.model.dtype, spec.reference,
                                                        g.temperature * spec.reference.temperature_scale, pad_id),
-                                    name="reference", stateless=False, on_restart=self._restore_reference, **common)
+                                    name="reference", stateless=False, on_restart=self._restore_reference,
+                                    placement=self.placement.options("reference"), **common)
         self.groups = (self.generators, self.verifiers, self.learner, self.reference)
         for grp in self.groups:
             grp.ping(timeout_s=600)
+        self.sync = WeightSync(spec.weight_sync, self.learner, self.generators,
+                               workers_per_generator=g.vllm.tensor_parallel_size if g.engine == "vllm" else 1,
+                               backend="nccl" if ln.num_gpus > 0 else "gloo", log=log)
         self.log(f"actors up in {time.time() - t0:.1f}s: {len(self.generators)} generator ({g.engine}), "
-                 f"{len(self.verifiers)} verifier, 1 learner, 1 reference")
+                 f"{len(self.verifiers)} verifier, {len(self.learner)} learner ({ln.engine}"
+                 + (f", ZeRO-{ln.deepspeed.zero_stage}" if ln.engine == "deepspeed" else "")
+                 + f"), {len(self.reference)} reference; weights by {spec.weight_sync.method}")
         self.initial_state = self.state_dict()   # what a rollback with no checkpoint yet returns to
         if resume_state is not None:
             self._resume(resume_state, rolled_back_lines)
@@ -183,12 +194,12 @@ class Supervisor:
     def _reference_path(self) -> str:
         return str(self.restore_from / REFERENCE_DIR if self.restore_from else self.model_path)
 
-    def _restore_learner(self, actor) -> None:
-        """A learner built from a checkpoint's weights gets its optimizer, schedule and RNG; the
+    def _restore_learner(self) -> None:
+        """Learner ranks built from a checkpoint's weights get its optimizer, schedule and RNG; the
         weights must be the ones the checkpoint recorded."""
         if self.restore_from is None:
             return
-        digest = ray.get(actor.load_state.remote(str(self.restore_from)))
+        digest = self.learner.call_one("load_state", str(self.restore_from), step=self.step)
         expected = read_state(self.restore_from)["weights_sha256"]
         if digest != expected:
             raise RuntimeError(f"{self.restore_from}: the learner's weights after loading differ from the "
@@ -198,27 +209,27 @@ class Supervisor:
         if self.reference_weights_ref is not None:
             ray.get(actor.reset_to.remote(self.reference_weights_ref, self.reference_version))
 
-    def _sync_generator(self, actor) -> None:
-        if self.weights_ref is not None:
-            ray.get(actor.set_weights.remote(self.weights_ref, self.version))
-
     def _actor_event(self, kind: str, step: int | None = None, **fields) -> None:
         self.records.event(kind, self.step if step is None else step, **fields)
         self.log(f"step {self.step}: {kind.replace('_', ' ')}: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
 
-    def _broadcast_weights(self) -> None:
-        """The learner's weights -> the object store (kept for replacements) -> every generator."""
-        self.weights_ref = ray.put(self.learner.call_one("get_weights", step=self.step))
-        self.generators.call_all("set_weights", self.weights_ref, self.version, step=self.step)
+    def _broadcast_weights(self) -> dict:
+        """The learner's weights, as version self.version, to every generator -> sync figures."""
+        return self.sync.push(self.version, step=self.step)
 
     def _reference_call(self, method: str, *args):
-        """A reference call; a dead reference is rebuilt (from a checkpoint's reference or the
-        weights of its last reset) and the call repeated."""
+        """A reference call: logprobs spread over the reference actors, a reset or load to every
+        one, anything else to actor 0. A dead reference is rebuilt (from a checkpoint's reference
+        or the weights of its last reset) and the call repeated."""
         while True:
             try:
+                if method == "logprobs":
+                    return self.reference.map_table(method, *args, rows_per_unit=self.spec.group_size, step=self.step)
+                if method in ("reset_to", "load"):
+                    return self.reference.call_all(method, *args, step=self.step)[0]
                 return self.reference.call_one(method, *args, step=self.step)
             except ActorLost as e:
-                self.reference.replace(0, e.cause, step=self.step)
+                self.reference.replace(e.rank, e.cause, step=self.step)
 
     def _resume(self, st: dict, rolled_back_lines: int) -> None:
         """Continue the run from the checkpoint in restore_from: the learner already holds its
@@ -226,7 +237,7 @@ class Supervisor:
         generators' weights follow."""
         self.load_state_dict(st)
         self.complete = self.complete and self.step >= self.spec.num_steps   # num_steps raised: go on
-        self._restore_learner(self.learner.actors[0])
+        self._restore_learner()
         self._broadcast_weights()
         self.history = [m for m in read_jsonl(self.run_dir / "metrics.jsonl") if m["step"] <= self.step]
         events = read_jsonl(self.run_dir / "events.jsonl")
@@ -294,6 +305,10 @@ class Supervisor:
             g = self.spec.generator
             chunks = 1 if g.num_actors == 1 else g.num_actors * g.chunks_per_actor   # spread by load
             rollouts = self.generators.map_table("generate", prompts, sp, num_chunks=chunks, step=self.step)
+            stale = pc.sum(pc.not_equal(rollouts[B.POLICY_VERSION], self.version)).as_py() or 0
+            if stale:   # a generator that missed a sync: the learner's ratios would be off-policy
+                raise RuntimeError(f"step {self.step}: {stale} rollouts sampled from another policy version than "
+                                   f"{self.version} ({sorted(set(rollouts[B.POLICY_VERSION].to_pylist()))})")
         with timer("verify"):
             rollouts = self.verifiers.map_table("verify", rollouts, rows_per_unit=sp.n, step=self.step)
         return rollouts
@@ -367,7 +382,7 @@ class Supervisor:
         elif stats:
             with timer("sync"):
                 self.version += 1
-                self._broadcast_weights()
+                stats.update(self._broadcast_weights())
             # the controller sets the coefficient of the next step from this step's entropy and KL
             self.kl.update(stats["entropy_signal"], stats.get("kl", math.nan))
             self.resets.observe_step(stats.get("kl", math.nan), stats["entropy_signal"])
@@ -429,6 +444,8 @@ class Supervisor:
             "gen_tokens_per_s": float(resp_len.sum()) / max(timer.s["generate"], 1e-9),
             "trained_tokens": trained_tokens,
             "train_tokens_per_s": trained_tokens / timer.s["learn"] if trained_tokens else math.nan,
+            "sync_mb": stats.get("sync_mb", math.nan),
+            "sync_mb_per_s": stats["sync_mb"] / stats["sync_s"] if stats.get("sync_s") else math.nan,
         }
         errors = allr[B.VERIFY_ERROR].to_numpy(zero_copy_only=False)
         timeouts = allr[B.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False)
@@ -490,7 +507,7 @@ class Supervisor:
             rows = batch.take(np.linspace(0, batch.num_rows - 1, min(batch.num_rows, 128)).round().astype(np.int64))
             T, scale_before = self.spec.generator.temperature, self.ref_temperature_scale()
             ref_entropy = self._reference_call("entropy", rows, T * scale_before)
-        self.reference_weights_ref, self.reference_version = self.weights_ref, self.version
+        self.reference_weights_ref, self.reference_version = self.sync.weights_ref(), self.version
         self._reference_call("reset_to", self.reference_weights_ref, self.version)
         if rs.reset_optimizer:
             self.learner.call_one("reset_optimizer", step=self.step)
@@ -654,6 +671,7 @@ class Supervisor:
             self.log(f"closing verifiers: {type(e).__name__}: {e}")
         for grp in self.groups:
             grp.kill()
+        self.placement.remove()
         if self.exporter is not None:
             # a finished run lets its end be scraped; a stopped one goes at once; a crashed one
             # leaves its target files, so Prometheus sees it down

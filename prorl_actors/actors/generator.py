@@ -35,7 +35,20 @@ class GeneratorActor:
             policy_version=[self.version] * len(flat))
 
     def set_weights(self, state_dict, version: int) -> int:
+        """Weights from the object store -> the version now held."""
         self.engine.load_weights(state_dict)
+        self.version = version
+        return version
+
+    def join_sync_group(self, host: str, port: int, rank_base: int, world_size: int, backend: str,
+                        timeout_s: float) -> bool:
+        """Join the weight-broadcast group (its worker i as rank rank_base + i)."""
+        self.engine.join_sync_group(host, port, rank_base, world_size, backend, timeout_s)
+        return True
+
+    def receive_weights(self, meta, bucket_bytes: int, version: int) -> int:
+        """Weights broadcast by learner rank 0 -> the version now held."""
+        self.engine.receive_weights(meta, bucket_bytes)
         self.version = version
         return version
 

@@ -26,7 +26,7 @@ class Sample:
 @dataclass
 class SamplingSpec:
     n: int
-    temperature: float
+    temperature: float          # 0 = greedy (evaluation and tests)
     top_p: float
     max_new_tokens: int
     seed: int
@@ -38,6 +38,13 @@ class GenerationEngine(Protocol):
         ...
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
+
+    def join_sync_group(self, host: str, port: int, rank_base: int, world_size: int, backend: str,
+                        timeout_s: float) -> None: ...
+
+    def receive_weights(self, meta, bucket_bytes: int) -> None:
+        """The weights learner rank 0 broadcasts (engines/weight_sync.py)."""
+        ...
 
 
 class HFEngine:
@@ -72,8 +79,9 @@ class HFEngine:
                 attn[i, P - len(p):] = 1
             # an explicit config: nothing inherited from the model's generation_config (a
             # repetition penalty there would sample from another distribution than the learner's)
-            cfg = GenerationConfig(do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=0,
-                                   max_new_tokens=sp.max_new_tokens, pad_token_id=pad,
+            sampling = dict(do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=0) \
+                if sp.temperature > 0 else dict(do_sample=False)     # temperature 0: greedy
+            cfg = GenerationConfig(**sampling, max_new_tokens=sp.max_new_tokens, pad_token_id=pad,
                                    eos_token_id=sorted(self.eos), return_dict_in_generate=True,
                                    output_scores=True)
             gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
@@ -92,6 +100,14 @@ class HFEngine:
     def load_weights(self, state_dict):
         from prorl_actors.engines.torch_policy import load_policy_weights
         load_policy_weights(self.model, state_dict)
+
+    def join_sync_group(self, host, port, rank_base, world_size, backend, timeout_s):
+        from prorl_actors.engines import weight_sync as ws
+        self._pg = ws.join_group(host, port, rank_base, world_size, backend, timeout_s)
+
+    def receive_weights(self, meta, bucket_bytes):
+        from prorl_actors.engines import weight_sync as ws
+        self.load_weights(ws.broadcast_weights(self._pg, meta, None, self.device, bucket_bytes))
 
 
 class VLLMEngine:
@@ -139,6 +155,13 @@ class VLLMEngine:
         from safetensors.torch import save
         blob = save(state_dict)
         self.llm.collective_rpc("prorl_load_weights", args=(blob,))
+        self.llm.reset_prefix_cache()
+
+    def join_sync_group(self, host, port, rank_base, world_size, backend, timeout_s):
+        self.llm.collective_rpc("prorl_join_sync_group", args=(host, port, rank_base, world_size, backend, timeout_s))
+
+    def receive_weights(self, meta, bucket_bytes):
+        self.llm.collective_rpc("prorl_receive_weights", args=(meta, bucket_bytes))
         self.llm.reset_prefix_cache()
 
 

