@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python benchmarks/verifiers.py
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/exporter.py
+	$(BIN)/python benchmarks/scale.py
 
 clean:
 	rm -rf runs .pytest_cache

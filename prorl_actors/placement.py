@@ -38,6 +38,13 @@ def learner_bundles(spec: RunSpec) -> list[dict[str, float]]:
     return bundles
 
 
+def gpus_needed(spec: RunSpec) -> float:
+    """GPUs the spec's actors ask for in all (colocated roles count once, inside the bundles)."""
+    res = role_resources(spec)
+    alone = sum(n * g for role, (n, _, g) in res.items() if role != "learner" and role not in spec.placement.colocate)
+    return sum(b.get("GPU", 0.0) for b in learner_bundles(spec)) + alone
+
+
 class Placement:
     """The learner's placement group and each role's actor options."""
 

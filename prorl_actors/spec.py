@@ -146,6 +146,9 @@ class LearnerSpec:
     num_epochs: int = opt(1, ge=1, help="passes over each rollout batch")
     micro_batch_size: int = opt(64, ge=1, help="sequences per forward/backward (memory only)")
     autocast_bf16: bool = opt(False, help="bf16 autocast for forward/backward")
+    gradient_checkpointing: bool = opt(False, help=(
+        "recompute each layer's activations in backward instead of keeping them (HF gradient checkpointing): "
+        "long responses of a large model fit in memory for about a third more compute"))
 
 
 @dataclass
@@ -544,6 +547,10 @@ class RunSpec:
         if gpus > 1 and gpus != int(gpus):
             errs.append(("placement.colocate", pl.colocate, f"roles whose num_gpus with the learner's sum to at most "
                                                             f"1 or to a whole number (got {gpus:g} per bundle)"))
+        if self.weight_sync.method == "broadcast" and "generator" in pl.colocate and 0 < ln.num_gpus + g.num_gpus <= 1:
+            errs.append(("weight_sync.method", "broadcast", "object_store with the generators colocated on the "
+                                                            "learner's GPU (NCCL cannot broadcast between two "
+                                                            "processes on one GPU)"))
         if self.weight_sync.method == "broadcast" and (ln.num_gpus > 0) != (g.num_gpus > 0):
             errs.append(("weight_sync.method", "broadcast", "object_store when only one of learner and generator "
                                                             "has GPUs (one broadcast runs on NCCL or on gloo)"))

@@ -128,6 +128,7 @@ class Supervisor:
         t0 = time.time()
         ln = spec.learner
         self.placement = Placement(spec)   # the learner's bundles, and the roles colocated in them
+        self.sync: WeightSync | None = None   # once the groups are up
         self.generators = ActorGroup(GeneratorActor, g.num_actors, num_cpus=g.num_cpus, num_gpus=g.num_gpus,
                                      env=gen_env, args=lambda rank: (path, spec.model.dtype, g, spec.seed + rank),
                                      name="generator", on_restart=lambda actor: self.sync.on_generator_restart(actor),
@@ -197,6 +198,8 @@ class Supervisor:
     def _restore_learner(self) -> None:
         """Learner ranks built from a checkpoint's weights get its optimizer, schedule and RNG; the
         weights must be the ones the checkpoint recorded."""
+        if self.sync is not None:   # new learner processes: not in the weight-broadcast group
+            self.sync.on_learner_restart()
         if self.restore_from is None:
             return
         digest = self.learner.call_one("load_state", str(self.restore_from), step=self.step)

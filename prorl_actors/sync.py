@@ -1,7 +1,9 @@
 """WeightSync: the learner's weights, versioned, to every generator, by weight_sync.method.
 
-- object_store: learner rank 0's weights are put in Ray's object store once and every
-  generator reads them (zero-copy on its node). The CPU default.
+- object_store: learner rank 0's weights are fetched by the driver and put in Ray's object
+  store once, and every generator reads them. The driver owns them, so they outlive a dead
+  learner (a rebuilt reference may need them); the price is the detour through the driver:
+  about 10 ms/MB here against 2.5 ms/MB for broadcast (benchmarks/scale.py). The CPU default.
 - broadcast: one torch.distributed broadcast from learner rank 0 to every generator worker
   (rank 1 + i * tensor_parallel_size + tp rank), NCCL between GPUs, gloo between CPUs, over a
   group of its own formed on first use. A member lost during a broadcast breaks the group:
@@ -66,6 +68,10 @@ class WeightSync:
         if self._pushing or self.version == 0:
             return
         ray.get(actor.set_weights.remote(self.weights_ref(), self.version))
+
+    def on_learner_restart(self) -> None:
+        """New learner processes: the broadcast group is formed again at the next push."""
+        self._group_ok = False
 
     # ------------------------------------------------------------------ broadcast
     def _form_group(self, step) -> None:

@@ -182,6 +182,22 @@ def test_gradient_does_not_depend_on_micro_batch_size(parts, tiny_model, agg):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
 
+def test_gradient_checkpointing_gives_the_same_gradient(parts, tiny_model):
+    """learner.gradient_checkpointing trades compute for memory: the gradient is the same."""
+    spec, tok, r = parts
+    ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
+    t = _with_adv_ref(r, [1.5, -0.5, -0.5, -0.5, 0.3, -0.1, -0.1, -0.1] * 3, ref)
+    grads = []
+    for ckpt in (False, True):
+        learner = _learner(spec, tiny_model, tok, num_prompts_per_mini_batch=6, max_grad_norm=1e9,
+                           gradient_checkpointing=ckpt)
+        assert learner.model.is_gradient_checkpointing == ckpt
+        learner.update(t, kl_coef=0.05)
+        grads.append(_grads(learner))
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+
+
 def _grads(learner):
     return torch.cat([p.grad.flatten() for p in learner.model.parameters() if p.grad is not None])
 

@@ -108,3 +108,56 @@ def test_cli_bad_spec_exit_2_and_nothing_started(tmp_path):
         assert r.returncode == 2, r.stderr
         assert "learner.lr: got -1" in r.stderr and "supervisor.kl.coeff" in r.stderr
     assert not out.exists()  # train stopped before creating anything (no run dir, no Ray)
+
+
+def test_scale_out_specs_describe_their_clusters():
+    """prorl-1.5b: four 8-GPU nodes; the 1-node variant: eight GPUs; both DeepSpeed, NCCL broadcast."""
+    from prorl_actors.placement import gpus_needed, learner_bundles
+    big, one = load_spec("specs/prorl-1.5b.yaml"), load_spec("specs/prorl-1.5b-1node.yaml")
+    assert gpus_needed(big) == 32 and gpus_needed(one) == 8
+    for s in (big, one):
+        assert s.learner.engine == "deepspeed" and s.learner.deepspeed.bf16 and s.weight_sync.method == "broadcast"
+        assert learner_bundles(s) == [{"CPU": 8.0, "GPU": 1.0}] * s.learner.num_actors
+    colocated = load_spec("specs/prorl-1.5b-1node.yaml", [
+        "learner.num_actors=8", "learner.num_gpus=0.5", "generator.num_actors=8", "generator.num_gpus=0.4",
+        "reference.num_actors=8", "reference.num_gpus=0.1", "placement.colocate=[generator,reference]",
+        "weight_sync.method=object_store"])
+    assert gpus_needed(colocated) == pytest.approx(8)
+    assert learner_bundles(colocated)[0] == {"CPU": 16.0, "GPU": pytest.approx(1.0)}
+
+
+def test_bundles_hold_the_colocated_actor_of_the_same_index():
+    from prorl_actors.placement import learner_bundles
+    s = build_spec({"learner": {"engine": "deepspeed", "num_actors": 3, "num_cpus": 1, "num_gpus": 0},
+                    "generator": {"num_actors": 2, "num_cpus": 0.5}, "reference": {"num_cpus": 0.25},
+                    "placement": {"colocate": ["generator", "reference"]}})
+    assert learner_bundles(s) == [{"CPU": 1.75}, {"CPU": 1.5}, {"CPU": 1.0}]
+
+
+@pytest.mark.parametrize("overrides,path,allowed", [
+    ({"learner": {"num_actors": 2}}, "learner.num_actors", "engine deepspeed"),
+    ({"learner": {"engine": "deepspeed", "autocast_bf16": True}}, "learner.autocast_bf16", "learner.deepspeed.bf16"),
+    ({"learner": {"engine": "deepspeed", "deepspeed": {"zero_stage": 2, "offload_params": True}}},
+     "learner.deepspeed.offload_params", "zero_stage 3"),
+    ({"learner": {"engine": "deepspeed", "deepspeed": {"zero_stage": 0, "offload_optimizer": True}}},
+     "learner.deepspeed.offload_optimizer", "zero_stage >= 1"),
+    ({"learner": {"engine": "deepspeed", "deepspeed": {"zero_stage": 4}}}, "learner.deepspeed.zero_stage", "<= 3"),
+    ({"generator": {"vllm": {"tensor_parallel_size": 2}, "num_gpus": 1}}, "generator.vllm.tensor_parallel_size",
+     "generator.num_gpus = 2"),
+    ({"learner": {"num_gpus": 1.5}}, "learner.num_gpus", "whole number"),
+    ({"placement": {"colocate": ["generator"]}, "generator": {"num_actors": 2}}, "generator.num_actors",
+     "at most learner.num_actors (1)"),
+    ({"placement": {"colocate": ["generator", "generator"]}}, "placement.colocate", "each role once"),
+    ({"placement": {"colocate": ["generator"]}, "learner": {"num_gpus": 0.75}, "generator": {"num_gpus": 0.5}},
+     "placement.colocate", "sum to at most 1"),
+    ({"placement": {"colocate": ["verifier"]}}, "placement.colocate[0]", "'generator', 'reference'"),
+    ({"weight_sync": {"method": "broadcast"}, "learner": {"num_gpus": 1}}, "weight_sync.method",
+     "only one of learner and generator has GPUs"),
+    ({"weight_sync": {"method": "broadcast"}, "learner": {"num_gpus": 0.5}, "generator": {"num_gpus": 0.5},
+      "placement": {"colocate": ["generator"]}}, "weight_sync.method", "NCCL cannot broadcast"),
+])
+def test_scale_out_rules(overrides, path, allowed):
+    with pytest.raises(SpecError) as e:
+        build_spec(overrides)
+    hits = [a for p, _, a in e.value.errors if p == path]
+    assert hits and allowed in hits[0], e.value.errors

@@ -55,6 +55,9 @@ class LearnerActor:
         # lr-sized AdamW updates away; compute in bf16 with learner.autocast_bf16 (torch) or
         # learner.deepspeed.bf16 (fp32 master weights inside the ZeRO optimizer)
         self.model = load_causal_lm(model_path, "float32").to(self.device).train()
+        if spec.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.config.use_cache = False
         self.engine = make_train_engine(self.model, spec)
         self.spec, self.algo = spec, algo
         self.temperature, self.G, self.pad_id = temperature, group_size, pad_id

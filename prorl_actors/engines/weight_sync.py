@@ -46,7 +46,10 @@ def join_group(store_or_host, port: int, rank: int, world_size: int, backend: st
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, world_size, opts)
-    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timeout
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=node_ip())]   # this node's address, as Ray's
+    return dist.ProcessGroupGloo(store, rank, world_size, opts)
 
 
 def _buckets(meta: Meta, bucket_bytes: int) -> list[list[int]]:
