@@ -122,7 +122,7 @@ def verify_checkpoint(ckpt: Path) -> dict:
     digest the learner recorded -> its state. Raises if anything is missing or differs."""
     from transformers import AutoModelForCausalLM
     state = read_state(ckpt)
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype="auto")   # bf16 as saved by a bf16 learner
     if weights_digest(model.state_dict()) != state["weights_sha256"]:
         raise ValueError(f"{ckpt}: the policy's weights do not match the digest recorded at save time")
     AutoModelForCausalLM.from_pretrained(Path(ckpt) / REFERENCE_DIR)

@@ -123,6 +123,9 @@ class ActorGroup:
                     raise RuntimeError(f"{self.role}[{rank}]: no replacement can start: {e}") from e
                 cause = f"replacement died while starting: {_cause(e)}"
                 continue
+            except ActorLost as e:         # a rank of the replacement died while it was brought up to date
+                cause = f"replacement died while starting: {e.cause}"
+                continue
             self.on_event("actor_restarted", role=self.role, rank=rank, cause=cause, step=step,
                           restart_s=round(time.monotonic() - t0, 3), restarts=self.restarts)
             return
@@ -148,6 +151,8 @@ class ActorGroup:
     def _call(self, method: str, args: tuple, ranks: list[int], step: int | None) -> dict:
         """The same call on the actors at `ranks` -> {rank: result} (a replacement gets it again)."""
         results, todo = {}, list(ranks)
+        if len(ranks) > 1:   # a batch sent to every rank is stored once, not once per call
+            args = tuple(ray.put(a) if isinstance(a, pa.Table) else a for a in args)
         while todo:
             done, dead = self._gather({r: (r, getattr(self.actors[r], method).remote(*args)) for r in todo})
             results.update(done)

