@@ -29,3 +29,15 @@ def tiny_model(small_spec, tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "tiny"
     build_tiny_model(small_spec.model.tiny, small_spec.data, out, log=lambda *_: None)
     return out
+
+
+def prompt_table(tok, items):
+    """Task items -> the prompt table a generator takes (chat template applied, one group each)."""
+    import pyarrow as pa
+
+    from prorl_actors import batch as B
+    return pa.table({
+        B.PROMPT_IDS: pa.array([tok(tok.apply_chat_template(it.messages, tokenize=False, add_generation_prompt=True),
+                                    add_special_tokens=False)["input_ids"] for it in items], pa.list_(pa.int32())),
+        B.TASK: [it.task for it in items], B.ITEM_INDEX: pa.array([it.index for it in items], pa.int64()),
+        B.REFERENCE: [it.reference for it in items], B.GROUP_ID: pa.array(range(len(items)), pa.int64())})

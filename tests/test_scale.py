@@ -23,6 +23,7 @@ from prorl_actors.spec import build_spec
 from prorl_actors.sync import WeightSync
 from prorl_actors.tasks import validation_items
 from prorl_actors.tinymodel import load_tokenizer
+from tests.conftest import prompt_table
 
 pytestmark = pytest.mark.integration
 G = 4
@@ -55,11 +56,7 @@ def batch(small_spec, tiny_model):
     spec = _spec(small_spec, generator__engine="hf")
     tok = load_tokenizer(tiny_model)
     items = validation_items(spec.data, 6)
-    prompts = pa.table({
-        B.PROMPT_IDS: pa.array([tok(tok.apply_chat_template(it.messages, tokenize=False, add_generation_prompt=True),
-                                    add_special_tokens=False)["input_ids"] for it in items], pa.list_(pa.int32())),
-        B.TASK: [it.task for it in items], B.ITEM_INDEX: pa.array([it.index for it in items], pa.int64()),
-        B.REFERENCE: [it.reference for it in items], B.GROUP_ID: pa.array(range(len(items)), pa.int64())})
+    prompts = prompt_table(tok, items)
     gen = GeneratorActor(str(tiny_model), "float32", spec.generator, 0)
     r = gen.generate(prompts, SamplingSpec(n=G, temperature=1.2, top_p=1.0, max_new_tokens=12, seed=0))
     r = B.with_column(r, B.ADV, [1.5, -0.5, -0.5, -0.5, 0.3, -0.1, -0.1, -0.1] * 3)
