@@ -235,15 +235,14 @@ class LearnerGroup(ActorGroup):
     (ActorLost); `replace` then builds every rank again and `on_restart` restores them."""
 
     def __init__(self, cls, num_actors: int, **kw):
-        self.dist_url: str | None = None
         self._world = num_actors
-        self._rendezvous_placement = kw.get("placement") or (lambda rank: {})
-        self.dist_url = self._rendezvous()
+        self.dist_url = self._rendezvous(kw.get("placement") or (lambda rank: {}))
         super().__init__(cls, num_actors, stateless=False, **kw)
 
-    def _rendezvous(self) -> str:
-        """A free port on the node where rank 0 will run."""
-        return ray.get(_free_address.options(**self._rendezvous_placement(0)).remote())
+    @staticmethod
+    def _rendezvous(placement: Callable[[int], dict]) -> str:
+        """A free port on the node where rank 0 will run (its placement)."""
+        return ray.get(_free_address.options(**placement(0)).remote())
 
     def _spawn(self, rank: int):
         return self._remote.options(**self._opts, **self._placement(rank)).remote(
@@ -251,7 +250,7 @@ class LearnerGroup(ActorGroup):
 
     def _respawn(self, rank: int) -> None:
         self.kill()
-        self.dist_url = self._rendezvous()
+        self.dist_url = self._rendezvous(self._placement)
         self.actors = [self._spawn(r) for r in range(self._world)]
         ray.get([a.ping.remote() for a in self.actors], timeout=max(600.0, self.call_timeout_s))
 

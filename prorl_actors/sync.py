@@ -39,7 +39,6 @@ class WeightSync:
         self._meta = None
         self._group_ok = False
         self._pushing = False
-        self.num_group_formations = 0
 
     def weights_ref(self):
         """The current version's weights in the object store (put once per version)."""
@@ -81,7 +80,9 @@ class WeightSync:
         world = 1 + len(self.generators) * tp
         t = self.spec.timeout_s
         opened: dict = {}
-        self._wait({("learner", 0): self.learner.actors[0].open_sync_group.remote(world, t)}, step, opened)
+        failed = self._wait({("learner", 0): self.learner.actors[0].open_sync_group.remote(world, t)}, step, opened)
+        if failed:
+            raise _Retry(f"opening the broadcast group: {failed}")
         host, port = opened[("learner", 0)]
         refs = {("learner", 0): self.learner.actors[0].join_sync_group.remote(world, t)}
         for i, g in enumerate(self.generators.actors):
@@ -90,7 +91,6 @@ class WeightSync:
         if failed:
             raise _Retry(f"forming the broadcast group: {failed}")
         self._group_ok = True
-        self.num_group_formations += 1
 
     def _broadcast(self, version: int, step) -> list[int]:
         bucket = int(self.spec.bucket_mb * 2**20)

@@ -171,10 +171,7 @@ class LearnerActor:
                 grad_norms.append(grad_norm)
                 for k, v in mb_sums.items():
                     sums[k] += v
-                for t, (e_sum, n_tok) in mb_task.items():
-                    acc = task_ent.setdefault(t, [0.0, 0.0])
-                    acc[0] += e_sum
-                    acc[1] += n_tok
+                _add_tasks(task_ent, mb_task)
         sums, task_ent = self._all_ranks(sums, task_ent)
         self.num_skipped_updates += skipped
         self.num_optimizer_steps += steps
@@ -219,10 +216,7 @@ class LearnerActor:
         for part_sums, part_tasks in parts:
             for k, v in part_sums.items():
                 total[k] += v
-            for t, (e_sum, n_tok) in part_tasks.items():
-                acc = tasks.setdefault(t, [0.0, 0.0])
-                acc[0] += e_sum
-                acc[1] += n_tok
+            _add_tasks(tasks, part_tasks)
         return total, tasks
 
     def _old_logp(self, seq) -> torch.Tensor:
@@ -232,19 +226,16 @@ class LearnerActor:
         if self.world_size == 1:
             return batched_logp(model, seq, self.temperature, s.micro_batch_size, s.autocast_bf16, self.device)
         import torch.distributed as dist
-        rows = torch.arange(seq.mask.shape[0])
-        out = torch.zeros_like(seq.mask)
-        mine = torch.zeros_like(seq.mask)
+        mine = torch.zeros_like(seq.mask)                                        # (B, T)
         with torch.no_grad():
-            for idx, weight in self._my_micro_batches(rows):
+            for idx, weight in self._my_micro_batches(torch.arange(seq.mask.shape[0])):
                 logp, _ = response_logp(model, seq.rows(idx).to(self.device), self.temperature,
                                         autocast_bf16=s.autocast_bf16)
                 if weight:
                     mine[idx, :logp.shape[1]] = logp.float().cpu()
         mine = mine.to(self.device)
         dist.all_reduce(mine)          # each row is scored by exactly one rank; the others add zeros
-        out[:] = mine.cpu()
-        return out
+        return mine.cpu()
 
     def get_weights(self) -> dict[str, torch.Tensor] | None:
         """The policy's weights under checkpoint names, on the CPU (rank 0; None on the others). A
@@ -269,14 +260,12 @@ class LearnerActor:
         sd = self.engine.full_state_dict()
         return ws.weights_meta(sd) if sd is not None else None
 
-    def push_weights(self, meta: ws.Meta, bucket_bytes: int) -> float:
+    def push_weights(self, meta: ws.Meta, bucket_bytes: int) -> None:
         """Broadcast the current weights to the group (rank 0 sends; under ZeRO-3 every rank takes
-        part in gathering them) -> MB sent."""
+        part in gathering them)."""
         sd = self.engine.full_state_dict()
-        if sd is None:
-            return 0.0
-        ws.broadcast_weights(self._sync_pg, meta, sd, self.device, bucket_bytes)
-        return sum(v.numel() * v.element_size() for v in sd.values()) / 2**20
+        if sd is not None:
+            ws.broadcast_weights(self._sync_pg, meta, sd, self.device, bucket_bytes)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str) -> str | None:
@@ -327,6 +316,14 @@ class LearnerActor:
 
     def ping(self) -> str:
         return "ok"
+
+
+def _add_tasks(into: dict[str, list[float]], more: dict[str, list[float]]) -> None:
+    """task -> [entropy sum, tokens]: `more` added into `into`."""
+    for t, (e_sum, n_tok) in more.items():
+        acc = into.setdefault(t, [0.0, 0.0])
+        acc[0] += e_sum
+        acc[1] += n_tok
 
 
 def _fit(x: torch.Tensor, width: int) -> torch.Tensor:

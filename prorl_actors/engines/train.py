@@ -9,6 +9,7 @@ one rank's micro-batch skips the update on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Protocol
@@ -96,7 +97,7 @@ def init_process_group(dist_url: str, rank: int, world_size: int, backend: str) 
 
 
 class DeepSpeedEngine:
-    """ZeRO (stage 0-3) over the ranks of the default process group.
+    """ZeRO (stage 1-3) over the ranks of the default process group.
 
     Gradient accumulation is ours: every micro-batch's backward accumulates locally (the
     accumulation boundary is set on the last one, where ZeRO reduces), then one step. DeepSpeed
@@ -167,7 +168,7 @@ class DeepSpeedEngine:
         model = self.module.module
         params = list(model.parameters())
         gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.spec.deepspeed.zero_stage == 3 \
-            else _null()
+            else contextlib.nullcontext()
         with gather:
             if dist.get_rank() != 0:
                 return None
@@ -183,14 +184,6 @@ class DeepSpeedEngine:
         self.module.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
                                     load_lr_scheduler_states=True)
         self.sched = self.module.lr_scheduler
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def make_train_engine(model: torch.nn.Module, spec: LearnerSpec) -> TrainEngine:

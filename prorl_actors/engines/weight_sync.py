@@ -10,6 +10,7 @@ given beforehand.
 from __future__ import annotations
 
 import datetime
+import math
 import socket
 
 import torch
@@ -56,7 +57,7 @@ def _buckets(meta: Meta, bucket_bytes: int) -> list[list[int]]:
     """Consecutive tensors of one dtype, at most bucket_bytes each (a larger tensor is alone)."""
     out, cur, size, dtype = [], [], 0, None
     for i, (_, shape, dt) in enumerate(meta):
-        nbytes = numel(shape) * getattr(torch, dt).itemsize
+        nbytes = math.prod(shape) * getattr(torch, dt).itemsize
         if cur and (dt != dtype or size + nbytes > bucket_bytes):
             out.append(cur)
             cur, size = [], 0
@@ -67,15 +68,8 @@ def _buckets(meta: Meta, bucket_bytes: int) -> list[list[int]]:
     return out
 
 
-def numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def meta_mb(meta: Meta) -> float:
-    return sum(numel(shape) * getattr(torch, dt).itemsize for _, shape, dt in meta) / 2**20
+    return sum(math.prod(shape) * getattr(torch, dt).itemsize for _, shape, dt in meta) / 2**20
 
 
 def broadcast_weights(pg, meta: Meta, state_dict: dict[str, torch.Tensor] | None, device: torch.device,
@@ -86,7 +80,7 @@ def broadcast_weights(pg, meta: Meta, state_dict: dict[str, torch.Tensor] | None
     opts.rootRank = 0
     for bucket in _buckets(meta, bucket_bytes):
         dtype = getattr(torch, meta[bucket[0]][2])
-        sizes = [numel(meta[i][1]) for i in bucket]
+        sizes = [math.prod(meta[i][1]) for i in bucket]
         if state_dict is not None:
             flat = torch.cat([state_dict[meta[i][0]].reshape(-1).to(device=device, dtype=dtype) for i in bucket])
         else:
