@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
+# train, then the boundary report: the trained model against its base, pass@k up to k = 64
 demo: setup
 	$(BIN)/prorl train specs/tiny-cpu.yaml
+	$(BIN)/prorl eval --model runs/tiny-cpu --base
 
 test: setup prometheus
 	$(BIN)/python -m pytest -q -rs

@@ -94,6 +94,25 @@ def make_rollouts(*, prompt_ids, response_ids, sample_logp, response_text, task,
     return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in ROLLOUT_SCHEMA})
 
 
+PROMPT_COLUMNS = (PROMPT_IDS, TASK, ITEM_INDEX, REFERENCE, GROUP_ID)
+
+
+def make_prompts(items, tokenizer, max_prompt_tokens: int, first_group_id: int) -> tuple[pa.Table, list]:
+    """Task items (tasks.Item) -> (prompt table: one row per prompt, group ids counted from
+    `first_group_id`; [(item, why)] for each prompt longer than `max_prompt_tokens`)."""
+    rows, rejected = {c: [] for c in PROMPT_COLUMNS}, []
+    for it in items:
+        text = tokenizer.apply_chat_template(it.messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_tokens:
+            rejected.append((it, f"{len(ids)} tokens > {max_prompt_tokens}"))
+            continue
+        for c, v in zip(PROMPT_COLUMNS, (ids, it.task, it.index, it.reference, first_group_id + len(rows[GROUP_ID]))):
+            rows[c].append(v)
+    types = {f.name: f.type for f in ROLLOUT_SCHEMA}
+    return pa.table({c: pa.array(rows[c], types[c]) for c in PROMPT_COLUMNS}), rejected
+
+
 def with_column(table: pa.Table, name: str, values) -> pa.Table:
     """Add (or replace) one of the downstream columns with its declared type."""
     arr = values if isinstance(values, pa.Array) else pa.array(values, type=ADDED_COLUMNS[name])

@@ -28,7 +28,7 @@ STATE_FILE = "supervisor_state.json"
 FORMAT = 1          # of the layout and state keys; a checkpoint of another format is not resumed
 REFERENCE_DIR = "reference"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja")
+                   "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
 def _fsync(path: Path) -> None:

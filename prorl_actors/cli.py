@@ -1,4 +1,4 @@
-"""`prorl train|validate|monitor|convert|tasks|make-tiny-model`.
+"""`prorl train|validate|eval|monitor|convert|tasks|make-tiny-model`.
 
 `prorl train SPEC [dotted.key=value ...]` validates the spec first (exit 2 with every
 error, nothing started), then joins the Ray cluster named by `ray.address` or RAY_ADDRESS
@@ -6,6 +6,10 @@ error, nothing started), then joins the Ray cluster named by `ray.address` or RA
 auto` (the default) a run directory that holds a checkpoint is continued from its newest
 one. SIGTERM (what `ray job stop` sends) or Ctrl-C checkpoints the last complete step and
 exits 0; a second Ctrl-C stops at once.
+
+`prorl eval --model RUN_DIR|CHECKPOINT|MODEL_DIR [--base [DIR]]` samples the run's held-out
+prompts many times, scores them with the task verifiers and writes pass@k per task; with
+--base, the boundary report against the base model (evaluate.py).
 """
 from __future__ import annotations
 
@@ -152,6 +156,59 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _eval_paths(args) -> tuple[Path, Path, Path | None]:
+    """--model (a run directory: its newest checkpoint; a checkpoint; an HF model directory) ->
+    (the model's directory, the spec file: --spec, else the run's spec.yaml, the run directory)."""
+    from prorl_actors.checkpoint import STATE_FILE, latest_checkpoint
+    p, run_dir = Path(args.model).resolve(), None
+    if (p / "spec.yaml").is_file() and (p / "checkpoints").is_dir():
+        run_dir, p = p, latest_checkpoint(p / "checkpoints")
+        if p is None:
+            sys.exit(f"prorl eval: {args.model} has no complete checkpoint")
+    elif (p / STATE_FILE).is_file() and (p.parent.parent / "spec.yaml").is_file():
+        run_dir = p.parent.parent
+    if not (p / "config.json").is_file():
+        sys.exit(f"prorl eval: {args.model} is neither a run directory, a checkpoint nor a model directory "
+                 "(config.json)")
+    spec = args.spec or (run_dir / "spec.yaml" if run_dir else None)
+    if spec is None:
+        sys.exit(f"prorl eval: {args.model} is not in a run directory: give the run spec with --spec")
+    return p, Path(spec), run_dir
+
+
+def cmd_eval(args) -> int:
+    from prorl_actors.evaluate import run_eval
+    from prorl_actors.tinymodel import resolve_model_path
+    model, args.spec, run_dir = _eval_paths(args)
+    flags = {"n": "evaluation.num_samples", "num_prompts": "evaluation.num_prompts_per_task"}
+    args.overrides = [f"{key}={getattr(args, a)}" for a, key in flags.items() if getattr(args, a) is not None] + \
+        [f"evaluation.{key}=[{getattr(args, key)}]" for key in ("ks", "tasks") if getattr(args, key) is not None] + \
+        args.overrides
+    spec = _load(args)
+    t0 = time.time()
+    log = lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
+    base = None
+    if args.base is not None:   # --base alone: the base model of the run spec (built if missing)
+        base = Path(args.base).resolve() if args.base else resolve_model_path(spec.model, spec.data, log=log)
+        if not (base / "config.json").is_file():
+            sys.exit(f"prorl eval: --base {base} is not a model directory (config.json)")
+    out = Path(args.out) if args.out else (run_dir or spec.run_dir) / "eval" / model.name
+    connect_ray(spec)
+    import ray
+    try:
+        report = run_eval(spec, model, base, out, log=log)
+    finally:
+        ray.shutdown()
+    if base is not None:
+        print("\n" + (out / "boundary.md").read_text())
+    else:
+        for task, r in report["tasks"].items():
+            print(f"{task}: " + ", ".join(f"pass@{k} {v:.3f}" for k, v in r["pass@k"].items()) +
+                  f", solved {r['solved_frac']:.3f}")
+    log(f"done: {', '.join(sorted(p.name for p in out.iterdir()))} in {out}")
+    return 0
+
+
 def cmd_monitor(args) -> int:
     from prorl_actors.monitor import cmd_monitor as run
     return run(args)
@@ -200,6 +257,24 @@ def main(argv=None) -> int:
         sp.add_argument("spec")
         sp.add_argument("overrides", nargs="*", help="dotted.key=value")
         sp.set_defaults(fn=fn)
+    sp = sub.add_parser("eval", help="pass@k of a trained model on the run's held-out prompts; with --base, the "
+                                     "boundary report against the base model (JSON, Markdown, PNG)")
+    sp.add_argument("--model", required=True, help="a run directory (its newest checkpoint), a checkpoint "
+                                                   "(step_NNNNNN) or an HF model directory")
+    sp.add_argument("--base", nargs="?", const="", default=None,
+                    help="the base model to compare with; --base alone (or --base= when overrides follow): the run "
+                         "spec's (model.path, or the embedded tiny model)")
+    sp.add_argument("--spec", default=None, help="the run spec (default: the run directory's spec.yaml)")
+    sp.add_argument("--tasks", default=None, help="comma-separated task names (evaluation.tasks; default: all of "
+                                                  "data.tasks and validation.tasks)")
+    sp.add_argument("--n", type=int, default=None, help="samples per prompt (evaluation.num_samples)")
+    sp.add_argument("--k", dest="ks", default=None, help="comma-separated k (evaluation.ks; default: 1, 2, 4, "
+                                                         "... up to n)")
+    sp.add_argument("--num-prompts", type=int, default=None, help="prompts per task "
+                                                                  "(evaluation.num_prompts_per_task)")
+    sp.add_argument("--out", default=None, help="output directory (default: <run dir>/eval/<model dir name>)")
+    sp.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. validation.temperature=1.0")
+    sp.set_defaults(fn=cmd_eval)
     sp = sub.add_parser("monitor", help="start Prometheus on 127.0.0.1 with monitoring/prometheus/prometheus.yml "
                                         "(it finds every live run; alerts from alerts.yml)")
     sp.add_argument("run", nargs="?", help="the run directory to link to (<output_dir>/<name>; it need not exist yet): "

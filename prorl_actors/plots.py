@@ -3,6 +3,8 @@
 curves.png      training reward per task, held-out accuracy per task, entropy with its target
                 band, KL and its coefficient; reference resets marked on every panel
 throughput.png  tokens per second, time per phase, dynamic sampling, response length
+
+and, for `prorl eval`, passk.png: pass@k against log-scaled k per task, one line per model.
 """
 from __future__ import annotations
 
@@ -109,3 +111,39 @@ def plot_run(run_dir: Path) -> list[Path]:
         mark_resets(a)
     throughput = finish(fig, ax, "throughput.png", f"{run_dir.name}: throughput")
     return [curves, throughput]
+
+
+def plot_passk(curves: dict[str, dict[str, dict]], ks: list[int], out: Path, title: str) -> Path:
+    """curves: {model label: {task: {"pass@k": {k: mean}, "pass@k_se": {k: se}, "held_out": bool}}}
+    -> one panel per task, pass@k with a band of one standard error, k on a log2 axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t, c in next(iter(curves.values())).items() if "pass@k" in c]   # tasks with prompts
+    cols = min(len(tasks), 3)
+    rows = math.ceil(len(tasks) / cols)
+    fig, ax = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), constrained_layout=True, squeeze=False)
+    colors = {"base": "tab:gray", "model": "tab:blue"}
+    for a, task in zip(ax.flat, tasks):
+        for label, per_task in curves.items():
+            c = per_task[task]
+            mean = [c["pass@k"][str(k)] for k in ks]
+            se = [c["pass@k_se"][str(k)] for k in ks]
+            a.plot(ks, mean, marker="o", ms=3, color=colors.get(label), label=label)
+            a.fill_between(ks, [m - e for m, e in zip(mean, se)], [m + e for m, e in zip(mean, se)],
+                           color=colors.get(label), alpha=0.15)
+        a.set_xscale("log", base=2)
+        a.set_xticks(ks, [str(k) for k in ks], fontsize=7)
+        a.set_ylim(-0.02, 1.02)
+        a.set_xlabel("k")
+        a.set_ylabel("pass@k")
+        a.set_title(f"{task} ({'held out' if c['held_out'] else 'trained'})", fontsize=9)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7, loc="lower right")
+    for a in list(ax.flat)[len(tasks):]:
+        a.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

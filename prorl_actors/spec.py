@@ -336,6 +336,34 @@ class ValidationSpec:
 
 
 @dataclass
+class EvaluationSpec:
+    """`prorl eval`: pass@k of a model, and of a base model beside it, on the held-out prompts
+    of data.tasks and validation.tasks (the same prompts as validation, each sampled many more
+    times), at validation.temperature and validation.top_p."""
+    num_samples: int = opt(64, ge=1, help="n: responses per prompt; pass@k is estimated for k up to n "
+                                          "(unbiased: Chen et al. 2021), so n well above the largest k of interest")
+    ks: list[int] = opt([], help="the k reported besides 1 and num_samples (always reported; the verdict on the "
+                                 "boundary is read at num_samples); [] = 1, 2, 4, ... and num_samples")
+    num_prompts_per_task: int | None = opt(None, ge=1, help="null: validation.num_prompts_per_task")
+    tasks: list[str] = opt([], help="names from data.tasks and validation.tasks; [] = all of them")
+    novelty_ngram: int = opt(4, ge=1, help="n-gram length of the novelty figure: the share of the n-grams "
+                                           "(words and symbols) of the model's correct responses that appear in "
+                                           "none of the base model's responses to the same prompt")
+    margin: float = opt(0.02, ge=0, le=1, help="a pass@k difference within this is reported as no change")
+    z: float = opt(2.0, ge=0, help="a pass@k difference within this many paired standard errors (over prompts) "
+                                   "is reported as no change: with few prompts, a handful solved by one model "
+                                   "alone is noise; 0 = the margin alone")
+
+    @property
+    def reported_ks(self) -> list[int]:
+        """The k of the reports: 1, `ks` (or the powers of two below num_samples) and num_samples."""
+        if self.ks:
+            return sorted(set(self.ks) | {1, self.num_samples})
+        return sorted({2 ** i for i in range(self.num_samples.bit_length()) if 2 ** i <= self.num_samples}
+                      | {self.num_samples})
+
+
+@dataclass
 class CheckpointSpec:
     every_steps: int = opt(10, ge=0, help="a checkpoint after every N steps (and at the end, and on SIGTERM); "
                                           "0 = only at the end and on SIGTERM")
@@ -429,6 +457,7 @@ class RunSpec:
     supervisor: SupervisorSpec = opt(SupervisorSpec())
     data: DataSpec = opt(DataSpec())
     validation: ValidationSpec = opt(ValidationSpec())
+    evaluation: EvaluationSpec = opt(EvaluationSpec())
     checkpoint: CheckpointSpec = opt(CheckpointSpec())
     resume: str = opt("auto", help="auto: continue from the newest complete checkpoint of this run's directory "
                                    "if there is one; never: start afresh (an earlier run's directory is moved "
@@ -460,6 +489,15 @@ class RunSpec:
                 errs.append((f"validation.ks[{i}]", k,
                              f"1..validation.num_samples ({self.validation.num_samples})"))
         errs += self._task_checks()
+        ev = self.evaluation
+        for i, k in enumerate(ev.ks):
+            if not 1 <= k <= ev.num_samples:
+                errs.append((f"evaluation.ks[{i}]", k, f"1..evaluation.num_samples ({ev.num_samples})"))
+        names = [t.name for t in self.data.tasks] + [t.name for t in self.validation.tasks]
+        for i, name in enumerate(ev.tasks):
+            if name not in names:
+                errs.append((f"evaluation.tasks[{i}]", name, f"one of {', '.join(names)} (data.tasks and "
+                                                             "validation.tasks)"))
         if self.supervisor.dynamic_sampling.enabled and self.generator.num_samples_per_prompt < 2:
             errs.append(("generator.num_samples_per_prompt", self.generator.num_samples_per_prompt,
                          "at least 2 with supervisor.dynamic_sampling.enabled (a group of one is never informative)"))

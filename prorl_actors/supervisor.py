@@ -36,12 +36,12 @@ import ray
 import torch
 
 from prorl_actors import batch as B
-from prorl_actors.actors.generator import GeneratorActor
+from prorl_actors.actors.generator import GENERATOR_ENV, GeneratorActor
 from prorl_actors.actors.learner import LearnerActor
 from prorl_actors.actors.reference import ReferenceActor
 from prorl_actors.actors.verifier import VerifierActor
 from prorl_actors.algo import (KLController, ResetPolicy, get_adv_estimator, informative_groups, kl_share,
-                               mixture_entropy, overlong_penalty, pass_at_k, scale_for_entropy)
+                               mixture_entropy, overlong_penalty, pass_at_k_mean, scale_for_entropy)
 from prorl_actors.checkpoint import REFERENCE_DIR, read_state, save_checkpoint
 from prorl_actors.engines.generation import SamplingSpec
 from prorl_actors.exporter import Exporter
@@ -119,8 +119,6 @@ class Supervisor:
         if self.val_prompts.num_rows == 0:
             raise ValueError("no usable validation prompt (see events.jsonl: item_rejected / prompt_rejected)")
 
-        # the vLLM engine sets its own VLLM_* variables before importing vllm
-        gen_env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         path = str(model_path)
         ft = spec.fault_tolerance
         common = dict(max_restarts=ft.max_actor_restarts, call_timeout_s=ft.call_timeout_s,
@@ -130,7 +128,7 @@ class Supervisor:
         self.placement = Placement(spec)   # the learner's bundles, and the roles colocated in them
         self.sync: WeightSync | None = None   # once the groups are up
         self.generators = ActorGroup(GeneratorActor, g.num_actors, num_cpus=g.num_cpus, num_gpus=g.num_gpus,
-                                     env=gen_env, args=lambda rank: (path, spec.model.dtype, g, spec.seed + rank),
+                                     env=GENERATOR_ENV, args=lambda rank: (path, spec.model.dtype, g, spec.seed + rank),
                                      name="generator", on_restart=lambda actor: self.sync.on_generator_restart(actor),
                                      placement=self.placement.options("generator"), **common)
         self.verifiers = ActorGroup(VerifierActor, spec.verifier.num_actors, num_cpus=spec.verifier.num_cpus,
@@ -281,26 +279,12 @@ class Supervisor:
 
     # ------------------------------------------------------------------ prompts
     def _prompt_table(self, items: list[Item], split: str = "train", record: bool = True) -> pa.Table:
-        rows = {B.PROMPT_IDS: [], B.TASK: [], B.ITEM_INDEX: [], B.REFERENCE: [], B.GROUP_ID: []}
-        for it in items:
-            text = self.tokenizer.apply_chat_template(it.messages, tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) > self.max_prompt_tokens:
-                if record:
-                    self.records.event("prompt_rejected", self.step, split=split, task=it.task, item_index=it.index,
-                                       reason=f"{len(ids)} tokens > {self.max_prompt_tokens}")
-                continue
-            rows[B.PROMPT_IDS].append(ids)
-            rows[B.TASK].append(it.task)
-            rows[B.ITEM_INDEX].append(it.index)
-            rows[B.REFERENCE].append(it.reference)
-            rows[B.GROUP_ID].append(self.next_group_id)
-            self.next_group_id += 1
-        return pa.table({
-            B.PROMPT_IDS: pa.array(rows[B.PROMPT_IDS], pa.list_(pa.int32())),
-            B.TASK: pa.array(rows[B.TASK], pa.string()), B.ITEM_INDEX: pa.array(rows[B.ITEM_INDEX], pa.int64()),
-            B.REFERENCE: pa.array(rows[B.REFERENCE], pa.string()),
-            B.GROUP_ID: pa.array(rows[B.GROUP_ID], pa.int64())})
+        table, rejected = B.make_prompts(items, self.tokenizer, self.max_prompt_tokens, self.next_group_id)
+        self.next_group_id += table.num_rows
+        for it, why in rejected if record else ():
+            self.records.event("prompt_rejected", self.step, split=split, task=it.task, item_index=it.index,
+                               reason=why)
+        return table
 
     def _rollouts(self, prompts: pa.Table, sp: SamplingSpec, timer: PhaseTimer) -> pa.Table:
         """Generate and verify."""
@@ -554,7 +538,7 @@ class Supervisor:
             out[f"format_frac/{t}"] = float(formatted[tasks == t].mean())
             out[f"solved_frac/{t}"] = float((c > 0).mean())
             for k in v.ks:
-                out[f"pass@{k}/{t}"] = float(np.mean([pass_at_k(v.num_samples, int(ci), k) for ci in c]))
+                out[f"pass@{k}/{t}"] = pass_at_k_mean(c.tolist(), v.num_samples, k)[0]
         return out
 
     # ------------------------------------------------------------------ the run

@@ -1,12 +1,13 @@
 """Tests for prorl_actors.algo against hand-computed values."""
 
-import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
+
+from tests.conftest import brute_pass_at_k
 
 from prorl_actors.algo import (
     AGG_MODES,
@@ -19,7 +20,12 @@ from prorl_actors.algo import (
     informative_groups,
     kl_penalty,
     masked_mean,
+    boundary_verdict,
+    ngrams,
+    novel_ngrams,
     pass_at_k,
+    pass_at_k_diff,
+    pass_at_k_mean,
     policy_loss,
     reset_due,
 )
@@ -321,17 +327,11 @@ def test_entropy_two_point():
 # ---------------------------------------------------------------- pass@k
 
 
-def _brute_pass_at_k(n, c, k):
-    items = [1] * c + [0] * (n - c)
-    subsets = list(itertools.combinations(range(n), k))
-    return sum(any(items[i] for i in s) for s in subsets) / len(subsets)
-
-
 def test_pass_at_k_brute_force():
     for n in range(1, 8):
         for c in range(0, n + 1):
             for k in range(1, n + 1):
-                assert pass_at_k(n, c, k) == pytest.approx(_brute_pass_at_k(n, c, k), abs=1e-12)
+                assert pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k([1] * c + [0] * (n - c), k), abs=1e-12)
 
 
 def test_pass_at_k_literals_and_types():
@@ -344,6 +344,53 @@ def test_pass_at_k_literals_and_types():
     for args in [(5, 6, 1), (5, -1, 1), (5, 2, 0), (5, 2, 6)]:
         with pytest.raises(ValueError):
             pass_at_k(*args)
+
+
+def test_pass_at_k_mean_brute_force_over_prompts():
+    # each prompt's samples as a 0/1 list: pass@k over prompts = the chance that a random k-subset of a
+    # random prompt's samples holds a correct one, enumerated; the standard error by hand
+    prompts = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 0]]
+    for k in range(1, 6):
+        per = [brute_pass_at_k(p, k) for p in prompts]
+        mean, se = pass_at_k_mean([sum(p) for p in prompts], 5, k)
+        assert mean == pytest.approx(np.mean(per), abs=1e-12)
+        assert se == pytest.approx(np.std(per, ddof=1) / 2, abs=1e-12)   # sqrt(4 prompts) = 2
+    assert pass_at_k_mean([3], 8, 2) == (pytest.approx(1 - 10 / 28), 0.0)   # one prompt: no spread
+    with pytest.raises(ValueError):
+        pass_at_k_mean([], 8, 2)
+
+
+def test_pass_at_k_diff_is_paired():
+    # the same prompts, each one a little easier for the model: the per-prompt differences (pass@2 with n = 4)
+    base, model = [0, 1, 2, 4], [1, 2, 3, 4]
+    d = [pass_at_k(4, a, 2) - pass_at_k(4, b, 2) for a, b in zip(model, base)]   # 1/2, 1/3, 1/6, 0
+    mean, se = pass_at_k_diff(model, base, 4, 2)
+    assert mean == pytest.approx(0.25) and se == pytest.approx(np.std(d, ddof=1) / 2)
+    # far below the unpaired error, which carries the spread of difficulty over prompts
+    assert se < 0.5 * math.hypot(pass_at_k_mean(model, 4, 2)[1], pass_at_k_mean(base, 4, 2)[1])
+    with pytest.raises(ValueError):
+        pass_at_k_diff([1, 2], [1], 4, 2)
+
+
+def test_boundary_verdicts():
+    assert boundary_verdict((0.0, 0.0), (0.10, 0.01), 0.02, 2.0, 48) == "expands"     # the largest k decides first
+    assert boundary_verdict((0.30, 0.01), (-0.05, 0.01), 0.02, 2.0, 48) == "shrinks"  # better pass@1, narrower boundary
+    assert boundary_verdict((0.30, 0.01), (0.01, 0.0), 0.02, 2.0, 48) == "sharpens"
+    assert boundary_verdict((-0.10, 0.01), (0.0, 0.0), 0.02, 2.0, 48) == "dulls"
+    assert boundary_verdict((0.02, 0.0), (-0.02, 0.0), 0.02, 2.0, 48) == "unchanged"  # within the margin, both ends
+    # 0.06 is past the margin but within 2 standard errors of 0.035: noise, not a narrower boundary
+    assert boundary_verdict((0.40, 0.05), (-0.06, 0.035), 0.02, 2.0, 48) == "sharpens"
+    assert boundary_verdict((0.40, 0.05), (-0.06, 0.035), 0.02, 1.0, 48) == "shrinks"
+    assert boundary_verdict((0.40, 0.0), (0.5, 0.0), 0.02, 2.0, 1) == "too few prompts"   # no spread to judge by
+
+
+def test_novel_ngrams_by_hand():
+    assert ngrams("\\boxed{12}", 2) == {("\\", "boxed"), ("boxed", "{"), ("{", "12"), ("12", "}")}
+    assert ngrams("a b", 3) == set()
+    # 3-grams of "x y z w": xyz, yzw; the base said "x y z" somewhere: 1 of 2 novel. "a a a a" has one
+    # distinct 3-gram (a a a), novel; "q" has none and does not count
+    assert novel_ngrams(["x y z w", "a a a a", "q"], ["u x y z", "v"], 3) == (2, 3)
+    assert novel_ngrams(["x y z"], [], 3) == (1, 1)
 
 
 # ---------------------------------------------------------------- resets

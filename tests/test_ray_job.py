@@ -1,7 +1,8 @@
 """The cluster path of the README, end to end: `ray start --head` on 127.0.0.1, `ray job submit
 --working-dir . -- prorl train ...`, `ray job stop` (SIGTERM: a checkpoint, status STOPPED),
-and a re-submit that resumes and finishes. The head node runs in its own process group, which
-the test kills at the end (nothing else on the machine is touched)."""
+a re-submit that resumes and finishes, and `prorl eval` of the result. The head node runs in
+its own process group, which the test kills at the end (nothing else on the machine is
+touched)."""
 import json
 import os
 import signal
@@ -103,3 +104,11 @@ def test_ray_job_submit_stop_and_resuming_resubmit(tiny_model, tmp_path, head):
     assert [m["step"] for m in metrics] == list(range(1, N + 1))
     assert metrics[-1]["resumes"] == 1
     assert read_jsonl(run / "events.jsonl")[-1]["event"] == "run_end"
+
+    # the finished run's boundary report, submitted the same way (the spec from the run directory)
+    ev = _ray(["job", "submit", "--address", address, "--submission-id", "eval", "--working-dir", ".", "--",
+               "prorl", "eval", "--model", str(run), "--base", "--n", "4", "--num-prompts", "4"], env)
+    assert ev.returncode == 0, ev.stdout[-4000:] + ev.stderr[-2000:]
+    assert "# Boundary report" in ev.stdout + ev.stderr and "Job 'eval' succeeded" in ev.stdout + ev.stderr
+    report = json.loads((run / "eval" / f"step_{N:06d}" / "boundary.json").read_text())
+    assert report["base"] == str(tiny_model) and report["tasks"]["chain_sum"]["num_prompts"] == 4

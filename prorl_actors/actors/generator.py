@@ -10,6 +10,9 @@ from prorl_actors import batch as B
 from prorl_actors.engines.generation import SamplingSpec, make_engine
 from prorl_actors.spec import GeneratorSpec
 
+# the actor's process environment (the vLLM engine sets its own VLLM_* variables before importing vllm)
+GENERATOR_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
 
 class GeneratorActor:
     def __init__(self, model_path: str, dtype: str, spec: GeneratorSpec, seed: int):

@@ -1,5 +1,5 @@
 """Pure-torch RL math for ProRL: advantages, policy loss, KL, entropy, dynamic sampling,
-pass@k, the KL-coefficient controller, overlong handling and the reference-reset policy.
+pass@k and the boundary verdict, n-gram novelty, the KL-coefficient controller, overlong handling and the reference-reset policy.
 No Ray, no I/O."""
 
 from prorl_actors.algo.advantages import ADV_ESTIMATORS, get_adv_estimator, group_advantages
@@ -16,18 +16,21 @@ from prorl_actors.algo.losses import (
     policy_loss,
 )
 from prorl_actors.algo.overlong import mask_truncated, overlong_penalty
-from prorl_actors.algo.passk import pass_at_k
+from prorl_actors.algo.novelty import ngrams, novel_ngrams
+from prorl_actors.algo.passk import VERDICTS, boundary_verdict, pass_at_k, pass_at_k_diff, pass_at_k_mean
 from prorl_actors.algo.resets import ResetPolicy, kl_share, reset_due, validation_dropped, validation_stalled
 from prorl_actors.algo.sampling import informative_groups
 
 __all__ = [
     "ADV_ESTIMATORS",
+    "VERDICTS",
     "KLController",
     "ResetPolicy",
     "AGG_MODES",
     "KL_KINDS",
     "LOG_RATIO_CLAMP",
     "aggregate_loss",
+    "boundary_verdict",
     "entropy_from_logits",
     "get_adv_estimator",
     "get_aggregator",
@@ -43,7 +46,11 @@ __all__ = [
     "masked_mean",
     "masked_sum",
     "mixture_entropy",
+    "ngrams",
+    "novel_ngrams",
     "pass_at_k",
+    "pass_at_k_diff",
+    "pass_at_k_mean",
     "policy_loss",
     "reset_due",
     "scale_for_entropy",
