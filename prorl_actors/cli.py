@@ -191,7 +191,9 @@ def cmd_eval(args) -> int:
     if args.base is not None:   # --base alone: the base model of the run spec (built if missing)
         base = Path(args.base).resolve() if args.base else resolve_model_path(spec.model, spec.data, log=log)
         if not (base / "config.json").is_file():
-            sys.exit(f"prorl eval: --base {base} is not a model directory (config.json)")
+            hint = (f"; to use the run's base model with the override {args.base}, write --base= {args.base}"
+                    if "=" in args.base and not base.exists() else "")
+            sys.exit(f"prorl eval: --base {base} is not a model directory (config.json){hint}")
     out = Path(args.out) if args.out else (run_dir or spec.run_dir) / "eval" / model.name
     connect_ray(spec)
     import ray

@@ -226,3 +226,5 @@ def test_eval_refuses_bad_input(tiny_model, tmp_path):
     assert r.returncode == 2
     assert "evaluation.ks[1]: got 16; allowed: 1..evaluation.num_samples (8)" in r.stderr
     assert "evaluation.tasks[0]: got 'nope'" in r.stderr
+    r = _eval("--model", str(tiny_model), "--spec", "specs/tiny-cpu.yaml", "--base", "evaluation.z=0")
+    assert r.returncode != 0 and "write --base= evaluation.z=0" in r.stderr
