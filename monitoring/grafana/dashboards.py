@@ -101,8 +101,11 @@ def variables(*extra: dict) -> dict:
         *extra]}
 
 
+# $__rate_interval (at least 4 scrapes), not $__interval: zoomed in, $__interval falls to the
+# scrape interval, a window that holds one sample and so never sees the counter change; a missed
+# scrape would lose the reset the same way. A reset shows as a region of about 20 s.
 RESETS = {"name": "reference resets", "datasource": DS, "enable": True, "iconColor": "green",
-          "expr": f"changes(prorl_supervisor_reference_resets_total{{{R}}}[$__interval]) > 0",
+          "expr": f"changes(prorl_supervisor_reference_resets_total{{{R}}}[$__rate_interval]) > 0",
           "titleFormat": "reference reset ({{reason}})", "tagKeys": "reason", "textFormat": "",
           "useValueForTime": False, "step": "$__interval"}
 BUILTIN = {"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"}, "enable": True, "hide": True,
