@@ -424,11 +424,12 @@ def test_real_prometheus_scrapes_a_training_and_every_query_returns_data(tiny_mo
             for rule in g["rules"]:
                 if not prom.range(_with_bool(rule["expr"]), t0, t1):
                     empty.append(f"alert {rule['alert']}: {_with_bool(rule['expr'])}")
-        # on failure, when Prometheus saw the reset counter (seconds after t0): a run that did all its
-        # resets between two scrapes leaves the annotation nothing to mark
-        seen = [(r["metric"].get("reason"), [(round(float(t) - t0), v) for t, v in r["values"]]) for r in prom.get(
-            "/api/v1/query", query=f'prorl_supervisor_reference_resets_total{{run="{name}"}}[10m]', time=t1)["result"]]
-        assert not empty, "queries without data:\n" + "\n".join(empty) + f"\nreset counter samples: {seen}"
+        # on failure (only then is the message built), when Prometheus saw the reset counter, in seconds
+        # after t0: a run that did all its resets between two scrapes leaves the annotation nothing to mark
+        resets_seen = f'prorl_supervisor_reference_resets_total{{run="{name}"}}[10m]'
+        assert not empty, "queries without data:\n" + "\n".join(empty) + "\nreset counter samples: " + str(
+            [[(round(float(t) - t0), v) for t, v in r["values"]]
+             for r in prom.get("/api/v1/query", query=resets_seen, time=t1)["result"]])
         # the server loaded the rules and evaluates them without errors
         loaded = [r for g in prom.get("/api/v1/rules")["groups"] for r in g["rules"]]
         assert len(loaded) == 9 and all(r["health"] == "ok" for r in loaded), loaded
