@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test bench monitor prometheus clean
+.PHONY: setup demo test bench bench-trl monitor prometheus clean
 
 setup: $(STAMP)
 
@@ -42,11 +42,16 @@ prometheus:
 
 bench: setup
 	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/learner.py
 	$(BIN)/python benchmarks/sandbox_throughput.py
 	$(BIN)/python benchmarks/verifiers.py
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/exporter.py
 	$(BIN)/python benchmarks/scale.py
+
+# prorl against TRL's GRPOTrainer on the same config; TRL gets a virtual environment of its own (.venv-trl)
+bench-trl: setup
+	$(BIN)/python benchmarks/vs_trl.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -9,6 +9,8 @@ tensors for the learner and the reference.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -166,45 +168,257 @@ class SeqTensors:
     response: torch.Tensor        # (B, T) long, response tokens (0 where masked)
     resp_pos: torch.Tensor        # (B, T) long
     mask: torch.Tensor            # (B, T) float, 1 on real response tokens
+    prompt_len: torch.Tensor | None = None   # (B,) long
 
     def rows(self, idx: torch.Tensor, width: int | None = None) -> "SeqTensors":
         """A sub-batch, trimmed to its own longest sequence; with `width`, its token axis is
         exactly `width` (zero-padded, mask 0) whatever the lengths."""
         L = int(self.attention_mask[idx].sum(1).max())
         T = max(int(self.mask[idx].sum(1).max()), 1)
+        plen = self.prompt_len[idx] if self.prompt_len is not None else None
         sub = SeqTensors(self.input_ids[idx, :L], self.attention_mask[idx, :L], self.response[idx, :T],
-                         self.resp_pos[idx, :T], self.mask[idx, :T])
+                         self.resp_pos[idx, :T], self.mask[idx, :T], plen)
         if width is None:
             return sub
         if width < T:
             raise ValueError(f"responses of {T} tokens do not fit width {width}")
         pad = lambda x: torch.nn.functional.pad(x, (0, width - T))  # noqa: E731
-        return SeqTensors(sub.input_ids, sub.attention_mask, pad(sub.response), pad(sub.resp_pos), pad(sub.mask))
+        return SeqTensors(sub.input_ids, sub.attention_mask, pad(sub.response), pad(sub.resp_pos), pad(sub.mask), plen)
 
     def to(self, device: torch.device) -> "SeqTensors":
-        return SeqTensors(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.response,
-                                                    self.resp_pos, self.mask)))
+        return SeqTensors(*(t.to(device) if t is not None else None for t in (
+            self.input_ids, self.attention_mask, self.response, self.resp_pos, self.mask, self.prompt_len)))
+
+
+@dataclass
+class SharedPrompts:
+    """Rows laid out so that each prompt goes through the model once for all of its responses
+    (the G samples of a GRPO group share their prompt): a prompt pass over the distinct prompts,
+    whose keys and values every response row then attends to. Response token 0 is predicted by
+    its prompt's last position, token t > 0 by response position t - 1, so a row's last token is
+    never an input. Scores the same tokens as the `SeqTensors` of the same rows, in the same
+    row-major order; for prompts of ~50 tokens and responses of ~10, G = 8 runs about a fifth
+    of the positions."""
+    prompt_ids: torch.Tensor      # (g, P) long, right-padded
+    prompt_mask: torch.Tensor     # (g, P) long
+    prompt_len: torch.Tensor      # (g,) long
+    resp_in: torch.Tensor         # (b, R) long: each row's response tokens but its last, right-padded
+    resp_in_mask: torch.Tensor    # (b, R) long
+    group: torch.Tensor           # (b,) long: the prompt of each row
+    response: torch.Tensor        # (b, T) long: the tokens scored
+    mask: torch.Tensor            # (b, T) float
+
+    def to(self, device: torch.device) -> "SharedPrompts":
+        return SharedPrompts(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+
+def share_prompts(seq: SeqTensors, units: list[np.ndarray]) -> SharedPrompts:
+    """The rows of `units` (arrays of row indices; the rows of one unit share their prompt) in
+    the shared-prompt layout, rows in the order of the units."""
+    rows = torch.from_numpy(np.concatenate(units))                                  # (b,)
+    first = torch.from_numpy(np.array([u[0] for u in units], dtype=np.int64))      # (g,)
+    plen = seq.prompt_len[first]                                                    # (g,)
+    P = int(plen.max())
+    pmask = (torch.arange(P) < plen[:, None]).long()                                # (g, P)
+    prompt_ids = seq.input_ids[first, :P] * pmask
+    rlen = seq.mask[rows].sum(1).long()                                             # (b,)
+    T = max(int(rlen.max()), 1)
+    R = max(T - 1, 0)
+    rmask = (torch.arange(R) < (rlen - 1)[:, None]).long()                          # (b, R)
+    group = torch.from_numpy(np.repeat(np.arange(len(units)), [len(u) for u in units]))
+    return SharedPrompts(prompt_ids, pmask, plen, seq.response[rows, :R] * rmask, rmask, group,
+                         seq.response[rows, :T], seq.mask[rows, :T])
 
 
 def to_tensors(table: pa.Table, pad_id: int) -> SeqTensors:
+    """The batch as right-padded [prompt | response | pad] rows (no Python loop over rows)."""
     p_vals, p_off = _lists(table[PROMPT_IDS])
     r_vals, r_off = _lists(table[RESPONSE_IDS])
-    p_len, r_len = np.diff(p_off), np.diff(r_off)
-    B, L, T = len(p_len), int((p_len + r_len).max(initial=1)), int(r_len.max(initial=1))
-    T = max(T, 1)
+    p_len, r_len = np.diff(p_off), np.diff(r_off)                                   # (B,), (B,)
+    B, L, T = len(p_len), int((p_len + r_len).max(initial=1)), max(int(r_len.max(initial=1)), 1)
+    rows_p = np.repeat(np.arange(B), p_len)                                         # (sum p_len,)
+    cols_p = np.arange(len(p_vals)) - np.repeat(p_off[:-1], p_len)                  # position in the prompt
+    rows_r = np.repeat(np.arange(B), r_len)                                         # (sum r_len,)
+    cols_r = np.arange(len(r_vals)) - np.repeat(r_off[:-1], r_len)                  # position in the response
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, L), dtype=torch.long)
+    input_ids[rows_p, cols_p] = torch.from_numpy(p_vals.astype(np.int64))
+    input_ids[rows_r, cols_r + p_len[rows_r]] = torch.from_numpy(r_vals.astype(np.int64))
+    attn = (torch.arange(L) < torch.from_numpy(p_len + r_len)[:, None]).long()      # (B, L)
+    mask = (torch.arange(T) < torch.from_numpy(r_len)[:, None])                     # (B, T) bool
     response = torch.zeros((B, T), dtype=torch.long)
-    resp_pos = torch.zeros((B, T), dtype=torch.long)
-    mask = torch.zeros((B, T))
-    for i in range(B):
-        p = p_vals[p_off[i]:p_off[i + 1]]
-        r = r_vals[r_off[i]:r_off[i + 1]]
-        n_p, n_r = len(p), len(r)
-        input_ids[i, :n_p] = torch.from_numpy(p.astype(np.int64))
-        input_ids[i, n_p:n_p + n_r] = torch.from_numpy(r.astype(np.int64))
-        attn[i, :n_p + n_r] = 1
-        response[i, :n_r] = torch.from_numpy(r.astype(np.int64))
-        resp_pos[i, :n_r] = torch.arange(n_p - 1, n_p - 1 + n_r)
-        mask[i, :n_r] = 1.0
-    return SeqTensors(input_ids, attn, response, resp_pos, mask)
+    response[rows_r, cols_r] = torch.from_numpy(r_vals.astype(np.int64))
+    resp_pos = (torch.from_numpy(p_len - 1)[:, None] + torch.arange(T)) * mask      # (B, T)
+    return SeqTensors(input_ids, attn, response, resp_pos.long(), mask.float(), torch.from_numpy(p_len.astype(np.int64)))
+
+
+def lengths(table: pa.Table) -> np.ndarray:
+    """(B,) prompt + response tokens of each row: the positions a forward pass runs over."""
+    return (pc.list_value_length(table[PROMPT_IDS]).to_numpy() +
+            pc.list_value_length(table[RESPONSE_IDS]).to_numpy()).astype(np.int64)
+
+
+def group_bounds(table: pa.Table) -> np.ndarray:
+    """(groups + 1,) row offsets of the groups: runs of consecutive rows sharing GROUP_ID (G rows
+    each as generated; fewer where rows were left out, e.g. truncated ones under overlong mask)."""
+    gid = table[GROUP_ID].to_numpy()
+    starts = np.flatnonzero(np.diff(gid)) + 1
+    return np.concatenate([[0], starts, [len(gid)]]).astype(np.int64) if len(gid) else np.zeros(1, np.int64)
+
+
+# ------------------------------------------------------------------ micro-batches
+# A micro-batch is a list of units: arrays of row indices whose rows share one prompt pass (the
+# rows of one group, or a fragment of them, with prompts shared; else one row each). What a pass
+# costs is the positions it computes, padding included:
+#   rows alone:      rows x longest (prompt + response)
+#   prompts shared:  prompts x longest prompt + rows x (longest response - 1)
+
+def prompt_units(group_ids: np.ndarray, rows: np.ndarray, share: bool) -> list[np.ndarray]:
+    """`rows` (global indices, in order) -> units: runs of consecutive rows of one group when
+    prompts are shared, else one row each."""
+    if not share:
+        return [rows[i:i + 1] for i in range(len(rows))]
+    cuts = np.flatnonzero(np.diff(group_ids[rows])) + 1
+    return [u for u in np.split(rows, cuts) if len(u)]
+
+
+class _Pass:
+    """Positions of a growing micro-batch, padding included (see above)."""
+
+    def __init__(self, share: bool):
+        self.share, self.units, self.rows, self.max_p, self.max_r, self.max_l = share, 0, 0, 0, 0, 0
+
+    def cost_with(self, p: int, r: np.ndarray) -> int:
+        units, rows = self.units + 1, self.rows + len(r)
+        if self.share:
+            return units * max(self.max_p, p) + rows * max(self.max_r, int(r.max()) - 1, 0)
+        return rows * max(self.max_l, p + int(r.max()))
+
+    def add(self, p: int, r: np.ndarray) -> None:
+        self.units, self.rows = self.units + 1, self.rows + len(r)
+        self.max_p, self.max_r = max(self.max_p, p), max(self.max_r, int(r.max()) - 1)
+        self.max_l = max(self.max_l, p + int(r.max()))
+
+
+def pass_positions(units: list[np.ndarray], prompt_len: np.ndarray, resp_len: np.ndarray,
+                   share: bool) -> tuple[int, int]:
+    """-> (positions a pass over `units` computes, padding included; positions of real tokens)."""
+    if not units:
+        return 0, 0
+    pas = _Pass(share)
+    for u in units:
+        pas.add(int(prompt_len[u[0]]), resp_len[u])
+    if share:
+        real = sum(int(prompt_len[u[0]]) + int(np.maximum(resp_len[u] - 1, 0).sum()) for u in units)
+        return pas.units * pas.max_p + pas.rows * max(pas.max_r, 0), real
+    rows = np.concatenate(units)
+    return pas.rows * pas.max_l, int((prompt_len[rows] + resp_len[rows]).sum())
+
+
+def _unit_size(u: np.ndarray, prompt_len: np.ndarray, resp_len: np.ndarray, share: bool) -> int:
+    """Real positions of a unit (what a rank's share is balanced on)."""
+    return int(prompt_len[u[0]]) * (1 if share else len(u)) + int(resp_len[u].sum())
+
+
+def _fit_units(units: list[np.ndarray], prompt_len, resp_len, max_tokens: int, share: bool) -> list[np.ndarray]:
+    """Units whose rows alone exceed the budget cut into fragments that fit (each fragment runs
+    the prompt once); a single row longer than the budget stays whole (it cannot be cut)."""
+    out = []
+    for u in units:
+        start = 0
+        while start < len(u):
+            pas, end = _Pass(share), start
+            while end < len(u) and (end == start or pas.cost_with(int(prompt_len[u[0]]), resp_len[u[start:end + 1]])
+                                    <= max_tokens):
+                end += 1
+            out.append(u[start:end])
+            start = end
+    return out
+
+
+PASS_OVERHEAD = 64   # positions one more pass costs beside its own (launches, Python): a little padding is cheaper
+
+
+def token_budget_micro_batches(units: list[np.ndarray], prompt_len: np.ndarray, resp_len: np.ndarray,
+                               max_tokens: int, share: bool) -> list[list[np.ndarray]]:
+    """Units -> micro-batches of at most `max_tokens` positions each (padding included): the units
+    sorted by size, longest first, then cut into consecutive runs so that the positions computed
+    (padding included) plus PASS_OVERHEAD per pass are the fewest (dynamic programming over the
+    cut points; a unit longer than the budget goes alone)."""
+    units = _fit_units(units, prompt_len, resp_len, max_tokens, share)
+    if not units:
+        return []
+    P = np.array([int(prompt_len[u[0]]) for u in units])                          # (U,)
+    R = np.array([int(resp_len[u].max()) for u in units])                         # (U,) longest response
+    n_rows = np.array([len(u) for u in units])
+    order = np.lexsort((-R, -P)) if share else np.argsort(-(P + R), kind="stable")
+    P, R, n_rows = P[order], R[order], n_rows[order]
+    rows_before = np.concatenate([[0], np.cumsum(n_rows)])                        # (U + 1,)
+    U = len(units)
+    best = np.full(U + 1, np.inf)
+    best[0] = 0.0
+    cut = np.zeros(U + 1, dtype=np.int64)
+    for j in range(1, U + 1):                 # the best plan of units[:j]; its last pass is units[i:j]
+        i = np.arange(j - 1, -1, -1)                                              # candidates, nearest first
+        if share:   # prompts sorted longest first: the longest prompt of units[i:j] is unit i's
+            max_r = np.maximum.accumulate(np.maximum(R[i] - 1, 0))
+            cost = (j - i) * P[i] + (rows_before[j] - rows_before[i]) * max_r
+        else:       # rows sorted longest first
+            cost = (j - i) * (P[i] + R[i])
+        fits = cost <= max_tokens
+        fits[0] = True                                                            # one unit always fits
+        ok = np.flatnonzero(fits)
+        ok = ok[:np.argmin(fits) if not fits.all() else len(fits)]               # the budget is monotone in i
+        total = best[i[ok]] + cost[ok] + PASS_OVERHEAD
+        k = int(np.argmin(total))
+        best[j], cut[j] = total[k], i[ok][k]
+    passes, j = [], U
+    while j > 0:
+        passes.append([units[order[k]] for k in range(cut[j], j)])
+        j = cut[j]
+    return passes[::-1]
+
+
+def token_balanced_shares(sizes: list[int], num_shares: int) -> list[list[int]]:
+    """Items of the given sizes -> `num_shares` shares (item indices, ascending) with loads as
+    equal as can be: the largest item first, each to the share with the smallest load so far (LPT)."""
+    loads, shares = [0] * num_shares, [[] for _ in range(num_shares)]
+    for i in sorted(range(len(sizes)), key=lambda k: -sizes[k]):
+        k = min(range(num_shares), key=lambda j: (loads[j], len(shares[j])))
+        loads[k] += sizes[i]
+        shares[k].append(i)
+    return [sorted(sh) for sh in shares]
+
+
+def plan_micro_batches(rows: np.ndarray, group_ids: np.ndarray, prompt_len: np.ndarray, resp_len: np.ndarray,
+                       world_size: int, max_tokens: int | None, max_rows: int,
+                       share: bool) -> list[list[list[np.ndarray]]]:
+    """One mini-batch's `rows` (global indices) -> for each rank, its micro-batches, each a list of
+    units (see above): every row on exactly one rank, once; the same number of micro-batches on
+    every rank (ZeRO-3 gathers parameters in each pass); an empty micro-batch is a pass with
+    weight 0 for a rank left with fewer rows than passes.
+
+    max_tokens None: the rows in order, cut into world_size x n pieces of at most `max_rows`
+    rows (rank r takes pieces r*n .. r*n+n-1). Otherwise the units are shared out with equal
+    token loads and each rank cuts its share by `token_budget_micro_batches`."""
+    if max_tokens is None:
+        n = max(1, math.ceil(len(rows) / (world_size * max_rows)))
+        pieces = np.array_split(rows, world_size * n)
+        plans = [[prompt_units(group_ids, p, share) for p in pieces[r * n:(r + 1) * n]] for r in range(world_size)]
+    else:
+        units = _fit_units(prompt_units(group_ids, rows, share), prompt_len, resp_len, max_tokens, share)
+        sizes = [_unit_size(u, prompt_len, resp_len, share) for u in units]
+        plans = [token_budget_micro_batches([units[i] for i in sh], prompt_len, resp_len, max_tokens, share)
+                 for sh in token_balanced_shares(sizes, world_size)]
+    passes = max(1, max(len(p) for p in plans))
+    for plan in plans:     # fewer passes than another rank: split its largest micro-batch
+        plan[:] = [m for m in plan if m]
+        while len(plan) < passes:
+            big = max(range(len(plan)), key=lambda k: sum(len(u) for u in plan[k]), default=None)
+            if big is None or sum(len(u) for u in plan[big]) < 2:
+                plan.append([])
+                continue
+            m = plan.pop(big)
+            if len(m) == 1:     # one unit of several rows: two fragments
+                m = [m[0][:len(m[0]) // 2], m[0][len(m[0]) // 2:]]
+            plan[big:big] = [m[:len(m) // 2], m[len(m) // 2:]]
+    return plans

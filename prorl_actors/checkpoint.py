@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 
 STATE_FILE = "supervisor_state.json"
-FORMAT = 1          # of the layout and state keys; a checkpoint of another format is not resumed
+FORMAT = 2          # of the layout and state keys; a checkpoint of another format is not resumed
+# 2: DeepSpeed partitions of the learner's TokenScorer (the LM under `lm.`); the dynamic-sampling keep rate
 REFERENCE_DIR = "reference"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")

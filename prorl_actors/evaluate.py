@@ -42,7 +42,7 @@ from prorl_actors import batch as B
 from prorl_actors.actors.generator import GENERATOR_ENV, GeneratorActor
 from prorl_actors.actors.verifier import VerifierActor
 from prorl_actors.algo import VERDICTS, boundary_verdict, novel_ngrams, pass_at_k_diff, pass_at_k_mean
-from prorl_actors.engines.generation import SamplingSpec
+from prorl_actors.engines.generation import SamplingSpec, generation_chunks
 from prorl_actors.group import ActorGroup
 from prorl_actors.plots import plot_passk
 from prorl_actors.spec import RunSpec
@@ -114,11 +114,12 @@ class Evaluator:
         try:
             gens.ping(timeout_s=600)
             self.log(f"{label}: {len(gens)} generator ({g.engine}) up in {time.time() - t0:.0f}s: {model_path}")
-            chunks = 1 if g.num_actors == 1 else g.num_actors * g.chunks_per_actor
+            fill = g.vllm.max_num_seqs if g.engine == "vllm" else g.hf_batch_size
             out = []
             for task in dict.fromkeys(prompts[B.TASK].to_pylist()):   # in order
                 t1 = time.time()
                 rows = prompts.filter(pc.equal(prompts[B.TASK], task))
+                chunks = generation_chunks(rows.num_rows, sp.n, g.num_actors, g.chunks_per_actor, fill)
                 rollouts = gens.map_table("generate", rows, sp, num_chunks=chunks)
                 rollouts = self.verifiers.map_table("verify", rollouts, rows_per_unit=sp.n)
                 tokens = pc.sum(pc.list_value_length(rollouts[B.RESPONSE_IDS])).as_py() or 0

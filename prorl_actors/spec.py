@@ -75,7 +75,9 @@ class GeneratorSpec:
     chunks_per_actor: int = opt(2, ge=1, help=(
         "with several generator actors, each call's prompts are cut into num_actors x this chunks, each "
         "handed to whichever actor is free (a slow or busy actor takes fewer); more chunks balance better "
-        "but give the engine smaller batches. One actor takes a call's prompts in one piece"))
+        "but give the engine smaller batches, so fewer are cut when a chunk would hold fewer sequences than "
+        "the engine runs at once (vllm.max_num_seqs, hf_batch_size), down to one per actor. One actor takes "
+        "a call's prompts in one piece"))
     num_cpus: float = opt(0.5, ge=0)
     num_gpus: float = opt(0.0, ge=0)
     num_samples_per_prompt: int = opt(16, ge=1, help="n samples per prompt = the GRPO group size G")
@@ -113,9 +115,12 @@ class DeepSpeedSpec:
     """Learner engine deepspeed: ZeRO data parallelism over learner.num_actors ranks (gloo on CPU,
     NCCL on GPUs). The optimizer is torch's AdamW (learner.lr, betas, ...) unless offloaded."""
     zero_stage: int = opt(2, ge=1, le=3, help=(
-        "1: optimizer state partitioned over the ranks; 2: + gradients; 3: + parameters (gathered layer by "
-        "layer in forward and backward; the largest models). Stage 0 is not offered: DeepSpeed would apply "
-        "a step whose gradients are not finite"))
+        "1: optimizer state partitioned over the ranks, gradients reduced once per mini-batch (at the "
+        "accumulation boundary): the fastest for models whose weights and gradients fit on every rank; 2: + "
+        "gradients partitioned, reduce-scattered after every micro-batch's backward (fewer, larger "
+        "micro-batches: learner.max_tokens_per_micro_batch); 3: + parameters (gathered layer by layer in "
+        "forward and backward; the largest models). Stage 0 is not offered: DeepSpeed would apply a step "
+        "whose gradients are not finite"))
     bf16: bool = opt(False, help="bf16 weights, activations and gradients; fp32 master weights and Adam state in "
                                  "the ZeRO optimizer (learner.autocast_bf16 is the torch engine's switch)")
     offload_optimizer: bool = opt(False, help=(
@@ -143,9 +148,25 @@ class LearnerSpec:
     betas: list[float] = opt([0.9, 0.999])
     adam_eps: float = opt(1e-8, gt=0)
     max_grad_norm: float = opt(1.0, gt=0)
-    num_prompts_per_mini_batch: int = opt(64, ge=1, help="one optimizer step per mini-batch")
+    num_prompts_per_mini_batch: int = opt(64, ge=1, help=(
+        "one optimizer step per mini-batch of this many groups; a batch of n groups is cut into "
+        "ceil(n / this) mini-batches of equal size (within one group), never a ragged last one"))
     num_epochs: int = opt(1, ge=1, help="passes over each rollout batch")
-    micro_batch_size: int = opt(64, ge=1, help="sequences per forward/backward (memory only)")
+    micro_batch_size: int = opt(64, ge=1, help="sequences per forward/backward when max_tokens_per_micro_batch "
+                                               "is null (memory only: the gradient does not depend on it)")
+    max_tokens_per_micro_batch: int | None = opt(None, ge=1, help=(
+        "micro-batches bounded by tokens instead of rows (verl's dynamic batch size): rows sorted by length "
+        "and cut so that rows x longest row (prompt + response, padding included) stays within this; "
+        "data-parallel ranks get equal token loads. Memory only: the gradient is the same. null = "
+        "micro_batch_size rows per pass"))
+    max_logits_mib: float = opt(1024.0, gt=0, help=(
+        "the LM head runs on response positions only, in chunks whose float32 logits (positions x vocabulary) "
+        "take at most this many MiB; with more than one chunk each is recomputed in backward"))
+    share_prompts: bool = opt(False, help=(
+        "run each prompt once for all the responses of its group (their keys and values shared, gradients "
+        "included) instead of once per response: G times fewer prompt positions, the same log-probs within "
+        "float rounding. The larger the prompt next to the responses, the larger the saving (5x on the demo); "
+        "not with gradient_checkpointing (HF drops the cache there)"))
     autocast_bf16: bool = opt(False, help="bf16 autocast for forward/backward")
     gradient_checkpointing: bool = opt(False, help=(
         "recompute each layer's activations in backward instead of keeping them (HF gradient checkpointing): "
@@ -157,7 +178,12 @@ class ReferenceSpec:
     num_actors: int = opt(1, ge=1, help="reference actors; each scores a share of the batch (all hold the same weights)")
     num_cpus: float = opt(0.25, ge=0)
     num_gpus: float = opt(0.0, ge=0)
-    micro_batch_size: int = opt(128, ge=1)
+    micro_batch_size: int = opt(128, ge=1, help="sequences per forward pass when max_tokens_per_micro_batch is null")
+    max_tokens_per_micro_batch: int | None = opt(None, ge=1, help=(
+        "forward passes bounded by tokens instead of rows: rows sorted by length, rows x longest row within "
+        "this (see learner.max_tokens_per_micro_batch)"))
+    max_logits_mib: float = opt(1024.0, gt=0, help="float32 logits of the LM head alive at once (see learner)")
+    share_prompts: bool = opt(False, help="each prompt run once for its group's responses (see learner)")
     num_threads: int = opt(2, ge=1, help="torch intra-op threads in the reference process")
     temperature_scale: float = opt(1.0, gt=0, help=(
         "the reference's logprobs are taken at generator.temperature x this. 1 = the paper's KL. > 1 "
@@ -184,15 +210,28 @@ class AlgorithmSpec:
                       "seq-mean-token-sum-norm"] = opt(
         "token-mean", help="token-mean (DAPO) weights every token equally; seq-mean biases towards short answers")
     kl_estimator: Literal["k1", "k2", "k3"] = opt("k3")
+    k3_cap: float | None = opt(10.0, gt=0, help=(
+        "k3's per-token value is cut to at most this (verl: 10), so that a few tokens the reference finds far "
+        "likelier cannot dominate the KL term; the share of capped tokens is reported (kl_capped_frac). null = "
+        "no cap"))
     entropy_coef: float = opt(0.0, ge=0, help="entropy bonus: loss -= entropy_coef * entropy (0 = none, the paper's)")
     overlong: OverlongSpec = opt(OverlongSpec())
 
 
 @dataclass
 class DynamicSamplingSpec:
+    """DAPO's dynamic sampling: only groups with different rewards are trained on; every round
+    asks for as many prompts as the measured keep rate says it takes to fill the batch."""
     enabled: bool = opt(True, help="DAPO: drop groups whose rewards are all equal and sample more")
     max_rounds: int = opt(4, ge=1, help="generation rounds per step before training on what it has")
-    oversample: float = opt(1.0, ge=1.0, help="ask for this many times the missing prompts per extra round")
+    fill_confidence: float = opt(0.9, ge=0.5, lt=1, help=(
+        "each round asks for enough prompts that the missing groups are all kept with this probability, at "
+        "the running keep rate (binomial); the groups beyond the batch are not trained on (counted as "
+        "surplus_groups). Higher: fewer rounds, more surplus"))
+    keep_rate_decay: float = opt(0.5, ge=0, lt=1, help=(
+        "the running keep rate is kept groups / generated groups, older rounds weighted by this per round "
+        "(0 = the last round alone); 1.0 before the first round"))
+    max_oversample: float = opt(4.0, ge=1, help="a round asks for at most this many times the missing prompts")
 
 
 @dataclass
@@ -560,6 +599,9 @@ class RunSpec:
         if ln.num_actors > 1 and ln.engine != "deepspeed":
             errs.append(("learner.num_actors", ln.num_actors, "1 with learner.engine torch (data parallel ranks "
                                                               "need engine deepspeed)"))
+        if ln.share_prompts and ln.gradient_checkpointing:
+            errs.append(("learner.share_prompts", True, "false with learner.gradient_checkpointing (transformers "
+                                                        "drops the key/value cache of checkpointed layers)"))
         if ln.engine == "deepspeed":
             if ln.autocast_bf16:
                 errs.append(("learner.autocast_bf16", True, "false with engine deepspeed (learner.deepspeed.bf16)"))

@@ -40,10 +40,11 @@ from prorl_actors.actors.generator import GENERATOR_ENV, GeneratorActor
 from prorl_actors.actors.learner import LearnerActor
 from prorl_actors.actors.reference import ReferenceActor
 from prorl_actors.actors.verifier import VerifierActor
-from prorl_actors.algo import (KLController, ResetPolicy, get_adv_estimator, informative_groups, kl_share,
-                               mixture_entropy, overlong_penalty, pass_at_k_mean, scale_for_entropy)
+from prorl_actors.algo import (KeepRate, KLController, ResetPolicy, get_adv_estimator, informative_groups,
+                               kl_share, mixture_entropy, overlong_penalty, pass_at_k_mean, round_size,
+                               scale_for_entropy)
 from prorl_actors.checkpoint import REFERENCE_DIR, read_state, save_checkpoint
-from prorl_actors.engines.generation import SamplingSpec
+from prorl_actors.engines.generation import SamplingSpec, generation_chunks
 from prorl_actors.exporter import Exporter
 from prorl_actors.group import ActorGroup, ActorLost, LearnerGroup, Preempted
 from prorl_actors.metrics import PHASES, RunRecords, read_jsonl
@@ -92,6 +93,7 @@ class Supervisor:
         self.train_task_names = {t.name for t in spec.data.tasks}
         self.resets = make_reset_policy(spec)
         self.kl = make_kl_controller(spec)
+        self.keep_rate = KeepRate(spec.supervisor.dynamic_sampling.keep_rate_decay)
         self.version = 0
         self.reference_version = 0
         self.next_group_id = 0
@@ -149,7 +151,7 @@ class Supervisor:
             grp.ping(timeout_s=600)
         self.sync = WeightSync(spec.weight_sync, self.learner, self.generators,
                                workers_per_generator=g.vllm.tensor_parallel_size if g.engine == "vllm" else 1,
-                               backend="nccl" if ln.num_gpus > 0 else "gloo", log=log)
+                               backend="nccl" if ln.num_gpus > 0 else "gloo", log=log, dtype=spec.model.dtype)
         self.log(f"actors up in {time.time() - t0:.1f}s: {len(self.generators)} generator ({g.engine}), "
                  f"{len(self.verifiers)} verifier, {len(self.learner)} learner ({ln.engine}"
                  + (f", ZeRO-{ln.deepspeed.zero_stage}" if ln.engine == "deepspeed" else "")
@@ -163,6 +165,7 @@ class Supervisor:
         """The supervisor's part of a checkpoint (the actors save theirs)."""
         return {"step": self.step, "policy_version": self.version, "reference_version": self.reference_version,
                 "kl": self.kl.state_dict(), "resets": self.resets.state_dict(), "data": self.mixture.state_dict(),
+                "keep_rate": self.keep_rate.state_dict(),
                 "next_group_id": self.next_group_id, "num_item_rejects": self.num_item_rejects,
                 "last_validation_step": self.last_validation_step, "complete": self.complete,
                 "rng": {"python": json.dumps(random.getstate()), "numpy": _np_rng_state(),
@@ -172,6 +175,7 @@ class Supervisor:
         self.step, self.version, self.reference_version = st["step"], st["policy_version"], st["reference_version"]
         self.kl.load_state_dict(st["kl"])
         self.resets.load_state_dict(st["resets"])
+        self.keep_rate.load_state_dict(st["keep_rate"])
         self.mixture.load_state_dict(st["data"])
         self.next_group_id, self.num_item_rejects = st["next_group_id"], st["num_item_rejects"]
         self.last_validation_step, self.complete = st["last_validation_step"], st["complete"]
@@ -290,7 +294,8 @@ class Supervisor:
         """Generate and verify."""
         with timer("generate"):
             g = self.spec.generator
-            chunks = 1 if g.num_actors == 1 else g.num_actors * g.chunks_per_actor   # spread by load
+            fill = g.vllm.max_num_seqs if g.engine == "vllm" else g.hf_batch_size
+            chunks = generation_chunks(prompts.num_rows, sp.n, g.num_actors, g.chunks_per_actor, fill)
             rollouts = self.generators.map_table("generate", prompts, sp, num_chunks=chunks, step=self.step)
             stale = pc.sum(pc.not_equal(rollouts[B.POLICY_VERSION], self.version)).as_py() or 0
             if stale:   # a generator that missed a sync: the learner's ratios would be off-policy
@@ -301,13 +306,17 @@ class Supervisor:
         return rollouts
 
     # ------------------------------------------------------------------ one step
-    def collect(self, timer: PhaseTimer) -> tuple[pa.Table | None, list[pa.Table], int]:
-        """Dynamic sampling: -> (training batch of at most P groups, every rollout made, rounds)."""
+    def collect(self, timer: PhaseTimer) -> tuple[pa.Table | None, list[pa.Table], int, int]:
+        """Dynamic sampling: -> (training batch of at most P groups, every rollout made, rounds,
+        informative groups made).
+        Each round asks for the prompts that fill the batch at the running keep rate (`round_size`);
+        the informative groups beyond P are surplus (counted, not trained on)."""
         sup, g, G = self.spec.supervisor, self.spec.generator, self.spec.group_size
-        P = sup.num_prompts_per_step
+        ds, P = sup.dynamic_sampling, sup.num_prompts_per_step
         kept, everything, n_kept, rounds = [], [], 0, 0
-        while n_kept < P and rounds < sup.dynamic_sampling.max_rounds:
-            n_new = P if rounds == 0 else math.ceil((P - n_kept) * sup.dynamic_sampling.oversample)
+        while n_kept < P and rounds < ds.max_rounds:
+            n_new = round_size(P - n_kept, self.keep_rate.rate, ds.fill_confidence, ds.max_oversample) \
+                if ds.enabled else P
             sp = SamplingSpec(n=G, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
                               seed=(self.spec.seed * 1_000_003 + self.step) * 101 + rounds)  # fresh per round
             items = self.mixture.sample(n_new)
@@ -320,24 +329,32 @@ class Supervisor:
                 continue
             rollouts = self._rollouts(prompts, sp, timer)
             everything.append(rollouts)
-            if not sup.dynamic_sampling.enabled:
+            if not ds.enabled:
                 kept.append(rollouts)
                 n_kept += rollouts.num_rows // G
                 break
             rewards = torch.tensor(rollouts[B.REWARD].to_numpy(), dtype=torch.float32)
             keep = informative_groups(rewards, G)                                   # (groups,)
+            self.keep_rate.observe(int(keep.sum()), len(keep))
             kept.append(B.select_rows(rollouts, keep.repeat_interleave(G).numpy()))
             n_kept += int(keep.sum())
         batch = B.concat(kept)
         if batch is not None and batch.num_rows > P * G:
             batch = batch.slice(0, P * G)
-        return (batch if batch is not None and batch.num_rows else None), everything, rounds
+        return (batch if batch is not None and batch.num_rows else None), everything, rounds, n_kept
+
+    def reference_needed(self) -> bool:
+        """Whether the step needs the reference's log-probs: a KL penalty in the loss, or a
+        controller or reset trigger that reads the KL (beta 0, fixed, no kl trigger: skipped)."""
+        k = self.spec.supervisor.kl
+        return not (k.mode == "fixed" and k.actuator == "kl_coef" and k.coef == 0
+                    and "kl" not in self.spec.supervisor.resets.triggers)
 
     def train_step(self) -> dict:
         spec, G = self.spec, self.spec.group_size
         timer = PhaseTimer()
         t0 = time.perf_counter()
-        batch, everything, rounds = self.collect(timer)
+        batch, everything, rounds, informative = self.collect(timer)
         n_groups = batch.num_rows // G if batch is not None else 0
         if n_groups < spec.supervisor.num_prompts_per_step:
             self.records.event("batch_short", self.step, groups=n_groups,
@@ -346,16 +363,15 @@ class Supervisor:
         if batch is None:
             self.records.event("no_informative_groups", self.step, rounds=rounds)
         else:
-            rewards = torch.tensor(batch[B.REWARD].to_numpy(), dtype=torch.float32)   # (B,)
-            ol = spec.algorithm.overlong
-            if ol.mode == "soft_punish":   # DAPO: a length penalty shapes the advantages, not the filter
-                lengths = torch.tensor(pc.list_value_length(batch[B.RESPONSE_IDS]).to_numpy())
-                rewards = rewards + overlong_penalty(lengths, spec.generator.max_new_tokens, ol.buffer_tokens)
-            adv = get_adv_estimator(spec.algorithm.adv_estimator)(rewards, G)
-            batch = B.with_column(batch, B.ADV, adv.numpy())
+            batch = trainable_batch(batch, spec)
             ref_scale = self.ref_temperature_scale()
-            with timer("reference"):
-                batch = self._reference_call("logprobs", batch, spec.generator.temperature * ref_scale)
+            if batch.num_rows and self.reference_needed():
+                with timer("reference"):
+                    batch = self._reference_call("logprobs", batch, spec.generator.temperature * ref_scale)
+        if batch is not None and not batch.num_rows:   # every response truncated, under overlong mask
+            self.records.event("no_trainable_rows", self.step, groups=n_groups)
+            batch = None
+        if batch is not None:
             self.interruptible = False      # from here the step is let finish: the learner's state moves
             with timer("learn"):
                 kl_coef, entropy_coef = self.coefs()
@@ -383,9 +399,9 @@ class Supervisor:
                 event = "reference_reset_skipped" if decision[0] == "skip" else "reference_reset_waits"
                 self.records.event(event, self.step, reason=decision[1], entropy_target=self.kl.target)
                 self.log(f"step {self.step}: {event.replace('_', ' ')} ({decision[1]})")
-        return self._step_metrics(everything, batch, stats, rounds, timer, time.perf_counter() - t0)
+        return self._step_metrics(everything, n_groups, informative, stats, rounds, timer, time.perf_counter() - t0)
 
-    def _step_metrics(self, everything, batch, stats, rounds, timer, step_s) -> dict:
+    def _step_metrics(self, everything, n_kept, informative, stats, rounds, timer, step_s) -> dict:
         G = self.spec.group_size
         if not everything:
             raise RuntimeError(f"step {self.step}: no usable prompt in {rounds} rounds (see events.jsonl)")
@@ -393,7 +409,6 @@ class Supervisor:
         rewards = allr[B.REWARD].to_numpy()
         resp_len = pc.list_value_length(allr[B.RESPONSE_IDS]).to_numpy()
         tasks = np.array(allr[B.TASK].to_pylist())
-        n_kept = batch.num_rows // G if batch is not None else 0
         beta_next, bonus_next = self.coefs()
         entropy_target = self.kl.mode == "entropy-target"
         trained_tokens = stats.get("trained_tokens", 0)
@@ -411,8 +426,9 @@ class Supervisor:
             "entropy_band": self.kl.band if entropy_target else math.nan,
             **{k: stats.get(k, math.nan) for k in (
                 "pg_loss", "clip_frac_low", "clip_frac_high", "clip_frac", "dual_clip_frac", "approx_kl",
-                "grad_norm", "lr", "optimizer_steps", "sampler_logp_gap")},
-            "kept_groups_frac": n_kept / (allr.num_rows // G), "trained_groups": n_kept, "gen_rounds": rounds,
+                "grad_norm", "lr", "optimizer_steps", "sampler_logp_gap", "kl_capped_frac", "pad_frac")},
+            "kept_groups_frac": informative / (allr.num_rows // G), "trained_groups": n_kept, "gen_rounds": rounds,
+            "surplus_groups": informative - n_kept, "keep_rate": self.keep_rate.rate,
             "response_len_mean": float(resp_len.mean()),
             "answer_format_frac": float(allr[B.FORMATTED].to_numpy(zero_copy_only=False).mean()),
             "truncated_frac": float(allr[B.TRUNCATED].to_numpy(zero_copy_only=False).mean()),
@@ -691,6 +707,23 @@ def make_reset_policy(spec: RunSpec) -> ResetPolicy:
                        min_delta=r.min_delta, max_drop=r.max_drop or inf, max_kl_share=r.max_kl_share or inf,
                        kl_ceiling=r.kl_ceiling or inf, kl_steps=r.kl_steps, min_gap=r.min_gap,
                        max_wait_steps=r.max_wait_steps, entropy_window=r.entropy_window)
+
+
+def trainable_batch(batch: pa.Table, spec: RunSpec) -> pa.Table:
+    """The kept groups -> what the reference and the learner get: ADV added (group-relative, on
+    the rewards, with DAPO's soft overlong penalty when asked); under overlong mode "mask" the
+    truncated responses leave here (after their group's advantages, which they count in), so
+    that neither the reference nor the learner spends a pass on them."""
+    G, ol = spec.group_size, spec.algorithm.overlong
+    rewards = torch.tensor(batch[B.REWARD].to_numpy(), dtype=torch.float32)               # (B,)
+    if ol.mode == "soft_punish":   # DAPO: a length penalty shapes the advantages, not the filter
+        lengths = torch.tensor(pc.list_value_length(batch[B.RESPONSE_IDS]).to_numpy())
+        rewards = rewards + overlong_penalty(lengths, spec.generator.max_new_tokens, ol.buffer_tokens)
+    adv = get_adv_estimator(spec.algorithm.adv_estimator)(rewards, G)                     # (B,)
+    batch = B.with_column(batch, B.ADV, adv.numpy())
+    if ol.mode == "mask":   # truncated responses get no gradient
+        batch = B.select_rows(batch, ~batch[B.TRUNCATED].to_numpy(zero_copy_only=False))
+    return batch
 
 
 def summary_table(result: dict) -> str:

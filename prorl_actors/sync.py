@@ -13,7 +13,8 @@
 Every generator answers the version it now holds; each rollout row carries it
 (`policy_version`), and the supervisor refuses rows sampled from another version.
 A replacement generator and the reference's resets take the weights from the object store
-(`weights_ref`, put at most once per version).
+(`weights_ref`, put at most once per version). The weights travel in the generators' dtype
+(model.dtype: bf16 halves the bytes), not the learner's float32 master weights.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ MAX_ATTEMPTS = 3
 
 class WeightSync:
     def __init__(self, spec: WeightSyncSpec, learner: ActorGroup, generators: ActorGroup, workers_per_generator: int,
-                 backend: str, log=print):
-        self.spec, self.learner, self.generators, self.log = spec, learner, generators, log
+                 backend: str, log=print, dtype: str | None = None):
+        """dtype: what the weights are sent in, the generators' model.dtype (None: the learner's float32)."""
+        self.spec, self.learner, self.generators, self.log, self.dtype = spec, learner, generators, log, dtype
         self.workers_per_generator, self.backend = workers_per_generator, backend
         self.version = 0
         self._ref, self._ref_version = None, -1
@@ -43,7 +45,7 @@ class WeightSync:
     def weights_ref(self):
         """The current version's weights in the object store (put once per version)."""
         if self._ref_version != self.version:
-            self._ref, self._ref_version = ray.put(self.learner.call_one("get_weights")), self.version
+            self._ref, self._ref_version = ray.put(self.learner.call_one("get_weights", self.dtype)), self.version
         return self._ref
 
     def push(self, version: int, step: int | None = None) -> dict:
@@ -51,7 +53,7 @@ class WeightSync:
         t0 = time.perf_counter()
         self.version = version
         if self._meta is None:
-            self._meta = self.learner.call_one("weights_meta", step=step)
+            self._meta = self.learner.call_one("weights_meta", self.dtype, step=step)
         if self.spec.method == "object_store":
             held = self.generators.call_all("set_weights", self.weights_ref(), version, step=step)
         else:
@@ -101,7 +103,7 @@ class WeightSync:
                 try:
                     if not self._group_ok:
                         self._form_group(step)
-                    refs = {("learner", r): a.push_weights.remote(self._meta, bucket)
+                    refs = {("learner", r): a.push_weights.remote(self._meta, bucket, self.dtype)
                             for r, a in enumerate(self.learner.actors)}
                     refs.update({("generator", i): g.receive_weights.remote(self._meta, bucket, version)
                                  for i, g in enumerate(self.generators.actors)})

@@ -1,7 +1,9 @@
 """The actor classes in-process (no Ray) on a real tiny model: the same code the Ray actors run."""
+import dataclasses
 import json
 import math
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -12,7 +14,7 @@ from prorl_actors.actors.learner import LearnerActor
 from prorl_actors.actors.reference import ReferenceActor
 from prorl_actors.actors.verifier import VerifierActor
 from prorl_actors.engines.generation import SamplingSpec
-from prorl_actors.engines.torch_policy import load_causal_lm, response_logp
+from prorl_actors.engines.torch_policy import batched_logp, load_causal_lm, response_logp
 from prorl_actors.spec import build_spec
 from prorl_actors.tasks import validation_items
 from prorl_actors.tinymodel import load_tokenizer
@@ -38,7 +40,9 @@ def _as_dict(spec):
 
 
 def _learner(spec, tiny_model, tok, algo=None, **learner_kw):
-    lspec = build_spec({"learner": {**_as_dict(spec)["learner"], **learner_kw}}).learner
+    """A learner of the test spec, by default in rows (no token budget, prompts not shared)."""
+    plain = {"max_tokens_per_micro_batch": None, "share_prompts": False}
+    lspec = build_spec({"learner": {**_as_dict(spec)["learner"], **plain, **learner_kw}}).learner
     return LearnerActor(str(tiny_model), lspec, algo or spec.algorithm, 1.2, G, 12, tok.pad_token_id, 0)
 
 
@@ -162,21 +166,133 @@ def test_verifier_errors_give_zero_and_are_flagged(parts):
     assert sum(out[B.VERIFY_ERROR].to_pylist()) == 1
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_gradient_does_not_depend_on_micro_batch_size(parts, tiny_model, agg):
-    """micro_batch_size is a memory knob only: the mini-batch gradient must not change with it."""
+LAYOUTS = [dict(micro_batch_size=5), dict(max_tokens_per_micro_batch=60), dict(max_tokens_per_micro_batch=150),
+           dict(micro_batch_size=5, share_prompts=True), dict(max_tokens_per_micro_batch=80, share_prompts=True)]
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_gradient_does_not_depend_on_micro_batching(parts, tiny_model, agg):
+    """micro_batch_size, max_tokens_per_micro_batch and share_prompts are memory and speed knobs
+    only: the mini-batch gradient is the one of a single pass over all of its rows."""
     spec, tok, r = parts
     ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
     t = _with_adv_ref(r, [1.5, -0.5, -0.5, -0.5, 0.3, -0.1, -0.1, -0.1] * 3, ref)
     algo = build_spec({"algorithm": {"loss_agg": agg}}).algorithm
-    grads = []
-    for micro in (5, 24):
-        learner = _learner(spec, tiny_model, tok, algo=algo, num_prompts_per_mini_batch=6, micro_batch_size=micro,
-                           max_grad_norm=1e9)
-        learner.update(t, kl_coef=0.05)
-        grads.append(torch.cat([p.grad.flatten() for p in learner.model.parameters() if p.grad is not None]))
+    grads, pads = [], []
+    for layout in [dict(micro_batch_size=24)] + LAYOUTS:
+        learner = _learner(spec, tiny_model, tok, algo=algo, num_prompts_per_mini_batch=6, max_grad_norm=1e9,
+                           **layout)
+        stats = learner.update(t, kl_coef=0.05, entropy_coef=0.01)
+        grads.append(_grads(learner))
+        pads.append(stats["pad_frac"])
     assert grads[0].abs().max() > 0
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    for g, layout in zip(grads[1:], LAYOUTS):
+        torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-7, msg=str(layout))
+    assert pads[2] < pads[0]                     # sorted by length within a token budget: less padding
+
+
+@pytest.mark.parametrize("temperature", [1.2, 0.7])
+def test_shared_prompts_score_what_the_padded_layout_scores(parts, tiny_model, temperature):
+    """The reference and the learner's scorer with each prompt run once: the log-probs and
+    entropies of the padded layout, for every row (groups cut into fragments too)."""
+    spec, tok, r = parts
+    model = load_causal_lm(tiny_model, "float32").eval()
+    seq = B.to_tensors(r, tok.pad_token_id)
+    gid = r[B.GROUP_ID].to_numpy()
+    with torch.no_grad():
+        want, want_ent = response_logp(model, seq, temperature, with_entropy=True)
+        for micro, budget in ((64, None), (3, None), (64, 70)):
+            got, ent = batched_logp(model, seq, temperature, micro, max_tokens=budget, with_entropy=True,
+                                    group_ids=gid)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(ent, want_ent, atol=2e-5, rtol=1e-5)
+    shared = dataclasses.replace(spec.reference, share_prompts=True, max_tokens_per_micro_batch=100)
+    rows = dataclasses.replace(spec.reference, share_prompts=False, max_tokens_per_micro_batch=None)
+    plain = ReferenceActor(str(tiny_model), "float32", rows, temperature, tok.pad_token_id).logprobs(r)
+    fast = ReferenceActor(str(tiny_model), "float32", shared, temperature, tok.pad_token_id).logprobs(r)
+    torch.testing.assert_close(B.padded(fast[B.REF_LOGP]), B.padded(plain[B.REF_LOGP]), atol=2e-5, rtol=1e-5)
+
+
+def test_old_logp_is_computed_only_for_rows_not_in_the_first_mini_batch(parts, tiny_model):
+    """The first mini-batch is trained before any step: its ratio is 1 without a pass. Skipping
+    that pass changes nothing, over two epochs too (its old_logp is kept for the second)."""
+    spec, tok, r = parts
+    ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
+    t = _with_adv_ref(r, [1.5, -0.5, -0.5, -0.5, 0.3, -0.1, -0.1, -0.1] * 3, ref)
+    kw = dict(lr=3e-3, num_prompts_per_mini_batch=3, num_epochs=2, max_tokens_per_micro_batch=120)
+    scored = []
+
+    class EveryRow(LearnerActor):        # the plain way: every row scored before the update
+        def _old_logp(self, seq, rows, gid, tok_off):
+            return super()._old_logp(seq, np.arange(seq.mask.shape[0]), gid, tok_off)
+
+    class Counting(LearnerActor):
+        def _old_logp(self, seq, rows, gid, tok_off):
+            scored.append(len(rows))
+            return super()._old_logp(seq, rows, gid, tok_off)
+
+    stats, weights = [], []
+    for cls in (EveryRow, Counting):
+        torch.manual_seed(0)
+        lspec = build_spec({"learner": {**_as_dict(spec)["learner"], "share_prompts": False, **kw}}).learner
+        learner = cls(str(tiny_model), lspec, spec.algorithm, 1.2, G, 12, tok.pad_token_id, 0)
+        stats.append(learner.update(t, kl_coef=0.05))
+        weights.append(learner.get_weights())
+    assert scored == [3 * G]                                   # 6 groups in 2 mini-batches: half the rows
+    for k in ("pg_loss", "clip_frac", "approx_kl", "kl", "entropy", "sampler_logp_gap"):
+        assert stats[1][k] == pytest.approx(stats[0][k], rel=1e-4, abs=1e-6), k
+    assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]) < 1e-6
+
+
+def test_clip_fractions_are_non_zero_when_the_policy_moves(parts, tiny_model):
+    """From the second mini-batch of a step on, the policy has moved since the rows were sampled:
+    ratios leave 1 and some are clipped (low for negative advantages, high for positive ones)."""
+    spec, tok, r = parts
+    ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
+    t = _with_adv_ref(r, [1.5, -0.5, -0.5, -0.5, -1.5, 0.5, 0.5, 0.5] * 3, ref)
+    one = _learner(spec, tiny_model, tok, lr=2e-2, num_prompts_per_mini_batch=6).update(t, kl_coef=0.0)
+    assert one["clip_frac"] == 0.0 and one["approx_kl"] == pytest.approx(0.0, abs=1e-7)   # on-policy: ratio 1
+    two = _learner(spec, tiny_model, tok, lr=2e-2, num_prompts_per_mini_batch=3).update(t, kl_coef=0.0)
+    assert two["optimizer_steps"] == 2 and two["approx_kl"] > 0
+    assert two["clip_frac_low"] > 0 and two["clip_frac_high"] > 0
+    assert two["clip_frac"] == pytest.approx(two["clip_frac_low"] + two["clip_frac_high"])
+
+
+def test_k3_capped_share_and_an_update_without_the_reference(parts, tiny_model):
+    spec, tok, r = parts
+    t = B.with_column(r, B.ADV, [1.0, -1.0, 0.0, 0.0] * 6)
+    n = sum(len(x) for x in r[B.RESPONSE_IDS].to_pylist())
+    ref = r[B.SAMPLE_LOGP].to_pylist()           # a reference that is the sampler: k3 about 0 ...
+    ref[0] = [-30.0] * len(ref[0])               # ... but one row it never says: k3 = e^d - d - 1 ~ 29 > 10
+    tf = B.with_column(t, B.REF_LOGP, pa.array(ref, pa.list_(pa.float32())))
+    stats = _learner(spec, tiny_model, tok, num_prompts_per_mini_batch=6).update(tf, kl_coef=0.05)
+    assert stats["kl_capped_frac"] == pytest.approx(len(ref[0]) / n)
+    # beta 0 and nothing reading the KL: the supervisor skips the reference, the learner trains without it
+    stats = _learner(spec, tiny_model, tok, num_prompts_per_mini_batch=6).update(t, kl_coef=0.0)
+    assert stats["optimizer_steps"] == 1 and math.isnan(stats["kl"]) and math.isnan(stats["kl_capped_frac"])
+    with pytest.raises(B.BatchSchemaError, match="ref_logp"):
+        _learner(spec, tiny_model, tok).update(t, kl_coef=0.1)
+
+
+def test_hf_engine_log_probs_are_those_of_the_sampling_distribution(parts, tiny_model):
+    """The HF engine keeps each sampled token's log-prob step by step: at top_p 1 it is the
+    learner's log softmax(logits / T); with top_p < 1 the renormalised nucleus gives each kept
+    token more."""
+    spec, tok, r = parts
+    items = validation_items(spec.data, 4)
+    prompts = prompt_table(tok, items)
+    model = load_causal_lm(tiny_model, "float32").eval()
+    gen = GeneratorActor(str(tiny_model), "float32", spec.generator, 0)
+    for top_p in (1.0, 0.8):
+        out = gen.generate(prompts, SamplingSpec(n=3, temperature=1.3, top_p=top_p, max_new_tokens=10, seed=1))
+        seq = B.to_tensors(out, tok.pad_token_id)
+        with torch.no_grad():
+            learner_logp = response_logp(model, seq, 1.3)[0][seq.mask.bool()]
+        sampler = torch.tensor([x for row in out[B.SAMPLE_LOGP].to_pylist() for x in row])
+        if top_p == 1.0:
+            torch.testing.assert_close(sampler, learner_logp, atol=2e-5, rtol=1e-5)
+        else:
+            assert (sampler >= learner_logp - 1e-5).all() and (sampler > learner_logp + 1e-3).any()
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(parts, tiny_model):

@@ -431,3 +431,112 @@ def test_mixture_entropy_hand_values():
     assert mixture_entropy({"a": 0.1, "b": 0.4, "c": math.nan, "held_out": 9.0}, w) == pytest.approx(0.325)
     assert mixture_entropy({"a": 0.1}, w) == pytest.approx(0.1)
     assert math.isnan(mixture_entropy({"c": math.nan}, w)) and math.isnan(mixture_entropy({}, w))
+
+
+# ---------------------------------------------------------------- the learner's fused, flat math
+
+
+def test_k3_is_capped_and_its_gradient_is_zero_above_the_cap():
+    logp = t([[0.0, 0.0, math.log(0.5)]], requires_grad=True)
+    ref = t([[15.0, 1.0, 0.0]])                  # ref/pi = e^15, e, 2
+    k3 = kl_penalty(logp, ref, "k3", k3_cap=10.0)
+    e = math.e
+    assert_close(k3, t([[10.0, e - 1 - 1, 2 - math.log(2) - 1]]))
+    k3.sum().backward()
+    assert logp.grad[0, 0].item() == 0.0 and logp.grad[0, 1].item() == pytest.approx(1 - e)
+    assert_close(kl_penalty(logp, ref, "k1", k3_cap=0.5), kl_penalty(logp, ref, "k1"))   # k3 only
+
+
+def test_loss_row_scale_hand_values_and_any_split_sums_to_the_aggregate():
+    from prorl_actors.algo import loss_row_scale
+    lengths = torch.tensor([3, 2, 0])
+    assert_close(loss_row_scale(lengths, "token-mean"), t([1 / 5, 1 / 5, 0]))
+    assert_close(loss_row_scale(lengths, "seq-mean-token-mean"), t([1 / 6, 1 / 4, 0]))
+    assert_close(loss_row_scale(lengths, "seq-mean-token-sum"), t([1 / 2, 1 / 2, 0]))
+    assert_close(loss_row_scale(lengths, "seq-mean-token-sum-norm", norm_len=4), t([1 / 12, 1 / 12, 0]))
+    with pytest.raises(ValueError, match="token-mean"):
+        loss_row_scale(lengths, "sum")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 5, generator=g)
+    mask = (torch.rand(7, 5, generator=g) > 0.4).float()
+    mask[3] = 0
+    for mode in AGG_MODES:
+        scale = loss_row_scale(mask.sum(1), mode, norm_len=5)                     # (B,)
+        whole = aggregate_loss(x, mask, mode)
+        parts = sum((scale[rows, None] * x[rows] * mask[rows]).sum() for rows in ([0, 5], [1, 2, 3], [4, 6]))
+        assert_close(parts, whole, msg=mode)
+
+
+def test_clipped_surrogate_on_flat_tokens_is_policy_loss_per_token():
+    from prorl_actors.algo import clipped_surrogate
+    logp, old = _logps()
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    loss, stats = policy_loss(logp, old, t(ADV), mask)
+    m = mask.bool()
+    adv_tok = t(ADV)[:, None].expand(2, 3)[m]
+    pg, ratio, log_ratio, low, high, dual = clipped_surrogate(logp[m], old[m], adv_tok)      # (5,)
+    assert_close(pg.mean(), loss)
+    # ratio 1.5 with adv 2 is clipped high, ratio 0.5 with adv -1 clipped low: one each of 5 tokens
+    assert low.float().mean().item() == pytest.approx(stats["clip_frac_low"]) == pytest.approx(1 / 5)
+    assert high.float().mean().item() == pytest.approx(stats["clip_frac_high"]) == pytest.approx(1 / 5)
+    assert (ratio - 1 - log_ratio).mean().item() == pytest.approx(stats["approx_kl"], rel=1e-5)
+
+
+def test_token_logp_entropy_by_hand_and_chunked_equals_plain():
+    from prorl_actors.algo import token_logp_entropy
+    # one position, logits (0, ln 3, -inf) at T = 1: p = (1/4, 3/4, 0)
+    w = t([[0.0], [math.log(3.0)], [-math.inf]])                                   # (V=3, H=1) head weight
+    head = lambda h: h @ w.T                                                        # noqa: E731
+    logp, ent = token_logp_entropy(head, t([[1.0]]), torch.tensor([1]), 1.0, chunk_tokens=8)
+    assert_close(logp, t([math.log(0.75)]))
+    assert_close(ent, t([-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]))
+    # at T = 2 the logits halve: p = (1, sqrt 3) / (1 + sqrt 3)
+    logp, _ = token_logp_entropy(head, t([[1.0]]), torch.tensor([0]), 2.0, chunk_tokens=8)
+    assert_close(logp, t([-math.log(1 + math.sqrt(3.0))]))
+    # chunked (with recomputation in backward) = one chunk = log_softmax + entropy_from_logits
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(6, 11, bias=False)
+    hidden0 = torch.randn(10, 6, generator=g)
+    tokens = torch.randint(0, 11, (10,), generator=g)
+    grads = []
+    for chunk in (None, 10, 3, 1):
+        lin.zero_grad()
+        hidden = hidden0.clone().requires_grad_(True)
+        if chunk is None:
+            logits = lin(hidden) / 1.3
+            logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+            ent = entropy_from_logits(logits)
+        else:
+            logp, ent = token_logp_entropy(lin, hidden, tokens, 1.3, chunk_tokens=chunk, entropy_grad=True)
+        (logp * torch.arange(10) - 0.7 * ent).sum().backward()
+        grads.append((logp.detach(), ent.detach(), hidden.grad, lin.weight.grad.clone()))
+    for got in grads[1:]:
+        for a, b in zip(got, grads[0]):
+            assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the entropy only reported: no gradient through it
+    hidden = hidden0.clone().requires_grad_(True)
+    _, ent = token_logp_entropy(lin, hidden, tokens, 1.3, chunk_tokens=3)
+    assert not ent.requires_grad
+
+
+def test_round_size_fills_with_the_asked_confidence():
+    from prorl_actors.algo import KeepRate, round_size
+    assert round_size(10, 1.0, 0.9, 4.0) == 10          # everything kept: ask for what is missing
+    assert round_size(10, 0.5, 0.5, 4.0) == 19          # binomial median: P(Bin(19, 1/2) >= 10) = 1/2
+    assert round_size(5, 0.01, 0.9, 4.0) == 20          # capped at max_oversample x missing
+    assert round_size(0, 0.5, 0.9, 4.0) == 0
+
+    def p_fill(n, q, m):   # exact P(Bin(n, q) >= m)
+        return sum(math.comb(n, k) * q ** k * (1 - q) ** (n - k) for k in range(m, n + 1))
+
+    for m, q in ((64, 0.82), (64, 0.5), (12, 0.7), (200, 0.3)):
+        n = round_size(m, q, 0.9, 8.0)
+        assert 0.86 < p_fill(n, q, m) and p_fill(n - 2, q, m) < 0.9, (m, q, n)
+    rate = KeepRate(decay=0.5)
+    assert rate.rate == 1.0
+    rate.observe(8, 10)
+    rate.observe(2, 10)                                   # (0.5 * 8 + 2) / (0.5 * 10 + 10)
+    assert rate.rate == pytest.approx(6 / 15)
+    again = KeepRate(decay=0.5)
+    again.load_state_dict(rate.state_dict())
+    assert again.rate == rate.rate

@@ -306,3 +306,67 @@ def test_the_supervisor_holds_the_signal_the_spec_names():
     for signal, want in (("batch", 0.3), ("task_mean", 0.35)):
         spec = build_spec({"data": {"tasks": tasks}, "supervisor": {"kl": {"entropy_signal": signal}}})
         assert Supervisor.entropy_signal(SimpleNamespace(spec=spec), stats) == pytest.approx(want)
+
+
+def test_the_reference_is_skipped_only_when_nothing_reads_the_kl():
+    from types import SimpleNamespace
+
+    from prorl_actors.spec import build_spec
+    from prorl_actors.supervisor import Supervisor
+    cases = [({"kl": {"mode": "fixed", "coef": 0.0}}, False),                          # beta 0: no pass
+             ({"kl": {"mode": "fixed", "coef": 1e-4}}, True),
+             ({"kl": {"mode": "fixed", "coef": 0.0}, "resets": {"triggers": ["kl"], "kl_ceiling": 0.1}}, True),
+             ({"kl": {"mode": "kl-target", "coef": 0.0, "kl_target": 0.01}}, True),
+             ({"kl": {"mode": "entropy-target", "coef": 0.0, "entropy_target": 0.3}}, True)]
+    for sup, needed in cases:
+        spec = build_spec({"supervisor": sup})
+        assert Supervisor.reference_needed(SimpleNamespace(spec=spec)) is needed, sup
+
+
+def test_trainable_batch_advantages_then_truncated_rows_leave():
+    """Under overlong mask the truncated responses count in their group's advantages, then leave
+    the batch before the reference and the learner; soft_punish shapes the rewards instead."""
+    from prorl_actors import batch as B
+    from prorl_actors.spec import build_spec
+    from prorl_actors.supervisor import trainable_batch
+    t = B.make_rollouts(prompt_ids=[[1]] * 4, response_ids=[[5, 6], [5, 6, 7, 8], [5], [5, 6, 7, 8]],
+                        sample_logp=[[0.0, 0.0], [0.0] * 4, [0.0], [0.0] * 4], response_text=[""] * 4,
+                        task=["t"] * 4, item_index=[0] * 4, reference=["{}"] * 4, group_id=[0, 0, 1, 1],
+                        truncated=[False, True, False, True], policy_version=[0] * 4)
+    t = B.with_column(t, B.REWARD, [1.0, 0.0, 0.0, 1.0])
+    base = {"generator": {"num_samples_per_prompt": 2, "max_new_tokens": 4}}
+    masked = trainable_batch(t, build_spec({**base, "algorithm": {"overlong": {"mode": "mask"}}}))
+    s = 1 / math.sqrt(0.5)                     # (r - mean) / unbiased std of {0, 1}
+    assert masked[B.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s], rel=1e-5)   # rows 0, 2 stay (std + 1e-6)
+    assert masked[B.GROUP_ID].to_pylist() == [0, 1] and B.group_bounds(masked).tolist() == [0, 1, 2]
+    kept = trainable_batch(t, build_spec(base))
+    assert kept.num_rows == 4 and kept[B.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s, -0.5 * s, 0.5 * s], rel=1e-5)
+    soft = trainable_batch(t, build_spec({**base, "algorithm": {"overlong": {"mode": "soft_punish",
+                                                                              "buffer_tokens": 2}}}))
+    # lengths 2, 4, 1, 4 against a ramp over the last 2 tokens before 4: penalties 0, -1, 0, -1
+    assert soft[B.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s, 0.0, 0.0], rel=1e-5)
+
+
+def test_generation_chunks_fill_the_engine():
+    from prorl_actors.engines.generation import generation_chunks
+    assert generation_chunks(64, 8, 1, 2, 256) == 1                 # one generator: one call
+    assert generation_chunks(64, 8, 2, 2, 256) == 2                 # 512 sequences: 2 x 256, not 4 x 128
+    assert generation_chunks(256, 16, 4, 2, 256) == 8               # 4096 sequences: 8 chunks of 512
+    assert generation_chunks(8, 8, 4, 2, 256) == 4                  # too few to fill: each generator one share
+    assert generation_chunks(3, 8, 4, 2, 256) == 3                  # never more pieces than prompts
+
+
+def test_mini_batches_are_equal_within_one_group_and_weights_travel_in_the_generators_dtype():
+    from types import SimpleNamespace
+
+    from prorl_actors.actors.learner import LearnerActor, _cast
+    for n, per in ((64, 32), (50, 32), (7, 3), (3, 8)):
+        me = SimpleNamespace(spec=SimpleNamespace(num_prompts_per_mini_batch=per), world_size=1,
+                             _same_on_every_rank=lambda p: p)
+        mbs = LearnerActor._mini_batches(me, n)
+        sizes = [len(m) for m in mbs]
+        assert len(mbs) == math.ceil(n / per) and max(sizes) - min(sizes) <= 1 and sum(sizes) == n
+        assert sorted(int(g) for m in mbs for g in m) == list(range(n))
+    sd = {"w": torch.ones(2, dtype=torch.float32), "step": torch.tensor(3)}
+    out = _cast(sd, "bfloat16")
+    assert out["w"].dtype == torch.bfloat16 and out["step"].dtype == torch.int64 and _cast(sd, None) is sd

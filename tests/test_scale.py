@@ -65,7 +65,8 @@ def batch(small_spec, tiny_model):
 
 
 def _learner_spec(small_spec, **kw):
-    base = dict(lr=1e-3, num_prompts_per_mini_batch=3, micro_batch_size=5, max_grad_norm=0.5, num_epochs=2)
+    base = dict(lr=1e-3, num_prompts_per_mini_batch=3, micro_batch_size=5, max_grad_norm=0.5, num_epochs=2,
+                max_tokens_per_micro_batch=None, share_prompts=False)
     return build_spec({"learner": {**dataclasses.asdict(small_spec.learner), **base, **kw}})
 
 
@@ -83,18 +84,24 @@ def _ds_group(spec, tiny_model, pad):
         placement.remove()
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_deepspeed_group_of_two_matches_the_torch_engine(small_spec, tiny_model, batch, local_ray, zero_stage):
-    """Same batch, same seed: 2 updates (2 epochs x 2 mini-batches each, micro-batches of 5 rows
-    cut across 2 ranks, off-policy ratios from old_logp) give the one-process figures and weights."""
+@pytest.mark.parametrize("zero_stage,layout", [
+    (2, {}), (3, {}),
+    (2, {"max_tokens_per_micro_batch": 90, "share_prompts": True}),
+    (3, {"max_tokens_per_micro_batch": 60}),
+    (1, {"max_tokens_per_micro_batch": 60}),     # the 1.5B specs' stage: gradients reduced at the boundary
+])
+def test_deepspeed_group_of_two_matches_the_torch_engine(small_spec, tiny_model, batch, local_ray, zero_stage, layout):
+    """Same batch, same seed: 2 updates (2 epochs x 2 mini-batches each, micro-batches of 5 rows or
+    within a token budget, cut across 2 ranks, off-policy ratios from old_logp) give the one-process
+    figures and weights (the one-process learner takes the whole mini-batch in one pass)."""
     table, pad = batch
-    one = _learner_spec(small_spec)
+    one = _learner_spec(small_spec, micro_batch_size=64)
     torch_learner = LearnerActor(str(tiny_model), one.learner, one.algorithm, 1.2, G, 12, pad, seed=0)
     want = [torch_learner.update(table, kl_coef=0.05) for _ in range(2)]
     want_w = torch_learner.get_weights()
 
     two = _learner_spec(small_spec, engine="deepspeed", num_actors=2, num_cpus=0.5,
-                        deepspeed={"zero_stage": zero_stage})
+                        deepspeed={"zero_stage": zero_stage}, **layout)
     with _ds_group(two, tiny_model, pad) as (group, placement):
         group.ping()
         got = [group.call_one("update", table, 0.05) for _ in range(2)]
@@ -110,7 +117,7 @@ def test_deepspeed_group_of_two_matches_the_torch_engine(small_spec, tiny_model,
     assert max(float((want_w[k] - base[k]).abs().max()) for k in want_w) > 1e-3      # the update moved them
     gap = max(float((got_w[k] - want_w[k]).abs().max()) for k in want_w)
     assert gap < PARAM_ATOL, f"DeepSpeed ZeRO-{zero_stage} x2 vs torch: max |dw| = {gap:.2e}"
-    print(f"ZeRO-{zero_stage} x2 vs torch: max |dw| = {gap:.2e}, pg_loss {got[-1]['pg_loss']:.6g} vs "
+    print(f"ZeRO-{zero_stage} x2 {layout} vs torch: max |dw| = {gap:.2e}, pg_loss {got[-1]['pg_loss']:.6g} vs "
           f"{want[-1]['pg_loss']:.6g}")
 
 
@@ -155,20 +162,19 @@ def test_deepspeed_group_skips_a_non_finite_update_on_every_rank(small_spec, tin
 
 @pytest.mark.parametrize("world,rows,micro", [(2, 24, 5), (3, 2, 4), (4, 13, 1), (1, 7, 3)])
 def test_every_rank_runs_as_many_micro_batches_and_the_rows_are_cut_once(world, rows, micro):
-    """Ranks' shares of a mini-batch: each row on exactly one rank, the same number of passes on
-    every rank (ZeRO-3 gathers in each), at most micro rows a pass; a rank left without rows runs
-    one row with weight 0."""
-    from types import SimpleNamespace
-    shares = []
-    for rank in range(world):
-        me = SimpleNamespace(world_size=world, rank=rank, spec=SimpleNamespace(micro_batch_size=micro))
-        shares.append(LearnerActor._my_micro_batches(me, torch.arange(100, 100 + rows)))
+    """Ranks' shares of a mini-batch by rows (no token budget): each row on exactly one rank, the
+    same number of passes on every rank (ZeRO-3 gathers in each), at most micro rows a pass; a
+    rank left without rows runs a pass with weight 0 (an empty micro-batch)."""
+    import numpy as np
+    idx = np.arange(100, 100 + rows)
+    lengths = np.full(200, 5)
+    shares = B.plan_micro_batches(idx, np.arange(200), lengths, lengths, world, None, micro, False)
     assert len({len(s) for s in shares}) == 1
-    real = sorted(int(i) for s in shares for idx, w in s if w for i in idx)
+    real = sorted(int(i) for s in shares for m in s for u in m for i in u)
     assert real == list(range(100, 100 + rows))
-    assert all(len(idx) <= micro and (w == 1.0 or len(idx) == 1) for s in shares for idx, w in s)
+    assert all(sum(len(u) for u in m) <= micro for s in shares for m in s)
     n = -(-rows // (world * micro))
-    assert any(w == 0.0 for s in shares for _, w in s) == (rows < world * n)
+    assert any(not m for s in shares for m in s) == (rows < world * n)
 
 
 def _greedy_hf(tiny_model, weights, prompt_ids, max_new_tokens):

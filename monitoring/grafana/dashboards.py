@@ -145,13 +145,18 @@ def overview() -> dict:
             min_=0, max_=1, description="Validation: pass@1 averaged over the samples, at validation.* settings."),
         panel("Clipped tokens", [
             q(f"prorl_learner_clip_frac_low{{{R}}}", "clipped low (1 - eps_low)"),
-            q(f"prorl_learner_clip_frac_high{{{R}}}", "clipped high (1 + eps_high)")], w=8, unit="percentunit",
-            description="DAPO's decoupled clipping: the share of tokens at each bound."),
+            q(f"prorl_learner_clip_frac_high{{{R}}}", "clipped high (1 + eps_high)"),
+            q(f"prorl_learner_kl_capped_frac{{{R}}}", "k3 KL capped")], w=8, unit="percentunit",
+            description="DAPO's decoupled clipping: the share of tokens at each bound (non-zero from the second "
+                        "mini-batch of a step on), and the share whose k3 KL value hit algorithm.k3_cap."),
         panel("Dynamic sampling", [
             q(f"prorl_supervisor_kept_groups_frac{{{R}}}", "groups kept"),
-            q(f"prorl_supervisor_gen_rounds{{{R}}}", "generation rounds")], w=8, unit="percentunit",
-            right=("generation rounds",), units={"generation rounds": "none"},
-            description="Groups whose rewards are not all equal, and the rounds needed to fill the batch."),
+            q(f"prorl_supervisor_keep_rate{{{R}}}", "keep rate (running)"),
+            q(f"prorl_supervisor_gen_rounds{{{R}}}", "generation rounds"),
+            q(f"prorl_supervisor_surplus_groups{{{R}}}", "surplus groups")], w=8, unit="percentunit",
+            right=("generation rounds", "surplus groups"), units={"generation rounds": "none", "surplus groups": "none"},
+            description="Groups whose rewards are not all equal, the running keep rate that sizes each round, "
+                        "the rounds needed to fill the batch and the informative groups generated beyond it."),
         panel("Responses", [
             q(f"prorl_generator_response_length_tokens{{{R}}}", "mean length (tokens)"),
             q(f"prorl_generator_truncated_frac{{{R}}}", "truncated")], w=8, right=("truncated",),
@@ -159,7 +164,11 @@ def overview() -> dict:
         row("Throughput"),
         panel("Tokens per second", [
             q(f"prorl_generator_tokens_per_second{{{R}}}", "generated"),
-            q(f"prorl_learner_tokens_per_second{{{R}}}", "trained")], w=8, unit="none"),
+            q(f"prorl_learner_tokens_per_second{{{R}}}", "trained"),
+            q(f"prorl_learner_pad_frac{{{R}}}", "learner padding share")], w=8, unit="none",
+            right=("learner padding share",), units={"learner padding share": "percentunit"},
+            description="Generated and trained tokens per second; the share of the positions the learner "
+                        "computed that were padding (learner.max_tokens_per_micro_batch keeps it low)."),
         panel("Time per phase", [q(f"prorl_supervisor_phase_seconds{{{R}}}", "{{phase}}")], w=8, unit="s",
               stack=True, description="Where each step's time goes (stacked: the step time)."),
         panel("Progress", [

@@ -1,24 +1,32 @@
 """LearnerActor: the policy update, on one process (engine torch) or as one of
 learner.num_actors data-parallel ranks (engine deepspeed, ZeRO).
 
-One call to `update` trains on one rollout batch:
-  1. old_logp <- logprobs of the batch under the current weights (the policy that the
-     clipped surrogate's ratio is measured against; recomputed rather than trusting the
-     sampler's numbers, which come from another engine and kernel). With one epoch over a
-     single mini-batch it equals logp.detach() and costs no extra forward pass.
-  2. for each epoch, for each mini-batch of `num_prompts_per_mini_batch` whole groups:
-       loss = policy_loss(logp, old_logp, adv)        # DAPO decoupled clipping
-            + kl_coef * KL(pi || pi_ref)               # per-token estimator, same aggregation
-            - entropy_coef * entropy                   # optional bonus (0 in the paper)
-     (with overlong mode "mask", truncated responses are left out of every term),
-     accumulated over micro-batches, gradient clipped, one AdamW step.
-  A non-finite loss or gradient skips that optimizer step and is counted.
+One call to `update` trains on one rollout batch. Every per-token figure is a flat (N,)
+tensor over the batch's N real response tokens (no padding):
+  1. the batch's groups, in a random order, are cut into ceil(groups / num_prompts_per_mini_batch)
+     mini-batches of equal size (within one group) per epoch: one optimizer step each;
+  2. old_logp (what the clipped surrogate's ratio is measured against) <- the log-probs of the
+     weights before the update. The first mini-batch's rows are trained before any step, so
+     theirs is logp.detach() (ratio 1, no extra pass); only the other rows get a forward pass
+     without gradients, first. (Recomputed rather than the sampler's numbers, which come from
+     another engine and kernel; their gap is reported as sampler_logp_gap.)
+  3. per mini-batch, over micro-batches (learner.max_tokens_per_micro_batch: rows sorted by
+     length, bounded by tokens; or micro_batch_size rows):
+       loss = sum_tokens w * ( clipped_surrogate(logp, old_logp, adv)   # DAPO decoupled clipping
+                             + kl_coef * KL(pi || pi_ref)               # per-token estimator, k3 capped
+                             - entropy_coef * entropy )                 # optional bonus (0 in the paper)
+     with w the per-row weights of `loss_row_scale`, computed over the whole mini-batch, so that
+     the loss of any split of its rows into micro-batches (and ranks) is the aggregate
+     (algorithm.loss_agg) of the mini-batch's; gradient clipped, one AdamW step. With overlong
+     mode "mask", truncated responses are left out of every term. A non-finite loss or gradient
+     skips that optimizer step and is counted.
+  Figures stay tensors until one sync per update.
 
 Data parallel: every rank gets the whole batch (zero-copy from the object store) and the same
-mini-batch order; each takes its share of each mini-batch's rows, weighted by that share of the
-mini-batch's aggregate, so that the summed (DeepSpeed: averaged, hence x world size) gradient
-is the one-process gradient and the update the same within float rounding. Every rank runs the
-same number of forward passes (ZeRO-3 gathers parameters in each).
+mini-batch order; the rows of each mini-batch are shared out with equal token loads (or equal
+row counts without a token budget), and each rank's loss is multiplied by the world size, since
+DeepSpeed averages the ranks' gradients: the update is the one-process one within float
+rounding. Every rank runs the same number of forward passes (ZeRO-3 gathers parameters in each).
 """
 from __future__ import annotations
 
@@ -31,10 +39,10 @@ import pyarrow as pa
 import torch
 
 from prorl_actors import batch as B
-from prorl_actors.algo import aggregate_loss, kl_penalty, mask_truncated, policy_loss
+from prorl_actors.algo import clipped_surrogate, kl_penalty, loss_row_scale, mask_truncated
 from prorl_actors.checkpoint import weights_digest
 from prorl_actors.engines import weight_sync as ws
-from prorl_actors.engines.torch_policy import batched_logp, load_causal_lm, pick_device, response_logp
+from prorl_actors.engines.torch_policy import DTYPES, TokenScorer, chunk_tokens, load_causal_lm, pick_device, score_tokens
 from prorl_actors.engines.train import init_process_group, make_train_engine
 from prorl_actors.spec import AlgorithmSpec, LearnerSpec
 
@@ -58,7 +66,8 @@ class LearnerActor:
         if spec.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
-        self.engine = make_train_engine(self.model, spec)
+        # what the engines wrap and train: the LM, scoring response tokens (its weights are the LM's)
+        self.engine = make_train_engine(TokenScorer(self.model, chunk_tokens(self.model, spec.max_logits_mib)), spec)
         self.spec, self.algo = spec, algo
         self.temperature, self.G, self.pad_id = temperature, group_size, pad_id
         self.max_new_tokens = max_new_tokens
@@ -78,123 +87,144 @@ class LearnerActor:
         """Fresh AdamW state (moments and step count) and warm-up, as at a ProRL reference reset."""
         self.engine.reset_optimizer()
 
-    def _micro_share(self, sub_mask: torch.Tensor, mb_mask: torch.Tensor) -> float:
-        """Weight of a micro-batch's aggregated loss in its mini-batch's, so that the sum over
-        micro-batches equals the mini-batch aggregate whatever `micro_batch_size` is."""
-        mode = self.algo.loss_agg
-        if mode == "token-mean":
-            return float(sub_mask.sum()) / float(mb_mask.sum())
-        if mode == "seq-mean-token-sum-norm":  # every row counts, width is the constant max_new_tokens
-            return sub_mask.shape[0] / mb_mask.shape[0]
-        return float((sub_mask.sum(1) > 0).sum()) / float((mb_mask.sum(1) > 0).sum())
-
     def update(self, rollouts: pa.Table, kl_coef: float, entropy_coef: float | None = None) -> dict:
         """One update on a batch; entropy_coef: the bonus's coefficient (None: the spec's).
-        Every rank is called with the same batch and returns the same figures (all ranks')."""
-        B.check_batch(rollouts, needs=(B.ADV, B.REF_LOGP))
-        s, a, G = self.spec, self.algo, self.G
+        Every rank is called with the same batch and returns the same figures (all ranks').
+        Without REF_LOGP (the supervisor skips the reference when nothing reads the KL) kl_coef
+        must be 0 and the KL figures are NaN."""
+        s, a = self.spec, self.algo
+        B.check_batch(rollouts, needs=(B.ADV, B.REF_LOGP) if kl_coef else (B.ADV,))
         ent_coef = a.entropy_coef if entropy_coef is None else entropy_coef
-        seq = B.to_tensors(rollouts, self.pad_id)
+        has_ref = B.REF_LOGP in rollouts.column_names
+        seq = B.to_tensors(rollouts, self.pad_id)                                     # (B, L), (B, T)
         if a.overlong.mode == "mask":   # DAPO overlong filtering: truncated responses get no gradient
             truncated = torch.tensor(rollouts[B.TRUNCATED].to_numpy(zero_copy_only=False))     # (B,)
             seq = dataclasses.replace(seq, mask=mask_truncated(seq.mask, truncated))
-        T = seq.mask.shape[1]
-        adv = torch.tensor(rollouts[B.ADV].to_numpy(), dtype=torch.float32)     # (B,)
-        ref_logp = B.padded(rollouts[B.REF_LOGP], width=T) * seq.mask              # (B, T)
-        sample_logp = B.padded(rollouts[B.SAMPLE_LOGP], width=T) * seq.mask        # (B, T)
-        n_groups = seq.mask.shape[0] // G
-        # With one epoch over one mini-batch the policy has not moved when each token's loss is
-        # computed, so old_logp IS logp.detach(): skip the extra forward pass (ratio = 1).
-        on_policy = s.num_epochs == 1 and n_groups <= s.num_prompts_per_mini_batch
-        old_logp = None if on_policy else self._old_logp(seq)                     # (B, T)
-        # Dr.GRPO's mode divides by a constant length, so pad every micro-batch to it
-        width = self.max_new_tokens if a.loss_agg == "seq-mean-token-sum-norm" else None
-        loss_stats = ("pg_loss", "clip_frac_low", "clip_frac_high", "clip_frac", "dual_clip_frac", "approx_kl")
-        keys = ("entropy", "kl", *loss_stats, "sampler_logp_gap")
-        sums = dict.fromkeys(("tokens", "gap_tokens") + keys, 0.0)
-        tasks = rollouts[B.TASK].to_pylist()                                       # (B,)
-        task_ent: dict[str, list[float]] = {}    # task -> [entropy sum, tokens], first epoch
-        grad_norms, steps, skipped = [], 0, 0
-        model = self.engine.module
-        for epoch in range(s.num_epochs):
-            perm = self._same_on_every_rank(torch.randperm(n_groups))
-            for start in range(0, n_groups, s.num_prompts_per_mini_batch):
-                groups = perm[start:start + s.num_prompts_per_mini_batch]
-                rows = (groups[:, None] * G + torch.arange(G)).flatten()          # (mb * G,)
-                mb_mask = seq.mask[rows]
-                if mb_mask.sum() == 0:
+        T, mask = seq.mask.shape[1], seq.mask.bool()                                  # (B, T)
+        # every per-token figure is flat over the N real response tokens, row-major
+        tok_len = mask.sum(1)                                                         # (B,)
+        tok_off = torch.cat([torch.zeros(1, dtype=torch.long), tok_len.cumsum(0)])    # (B + 1,)
+        tok_row = torch.repeat_interleave(torch.arange(len(tok_len)), tok_len)        # (N,)
+        adv_tok = torch.tensor(rollouts[B.ADV].to_numpy(), dtype=torch.float32)[tok_row]      # (N,)
+        ref_tok = B.padded(rollouts[B.REF_LOGP], width=T)[mask] if has_ref else None         # (N,)
+        sample_tok = B.padded(rollouts[B.SAMPLE_LOGP], width=T)[mask]                          # (N,)
+        gid = rollouts[B.GROUP_ID].to_numpy()                                         # (B,)
+        plen, rlen = seq.prompt_len.numpy(), tok_len.numpy()                          # (B,), (B,)
+        bounds = B.group_bounds(rollouts)                                             # (groups + 1,)
+        n_groups = len(bounds) - 1
+        schedule = [self._mini_batches(n_groups) for _ in range(s.num_epochs)]       # [epoch][mb] -> groups
+        rows_of = lambda groups: np.concatenate([np.arange(bounds[g], bounds[g + 1]) for g in groups]) \
+            if len(groups) else np.zeros(0, np.int64)                                 # noqa: E731
+        # the first mini-batch's rows are trained on before any step: their old_logp is logp.detach()
+        # (ratio 1). Every other row needs the log-probs of the weights before this update.
+        first = np.zeros(len(tok_len), dtype=bool)                                    # (B,)
+        first[rows_of(schedule[0][0]) if n_groups else []] = True
+        later = np.flatnonzero(~first)
+        old_tok = self._old_logp(seq, later, gid, tok_off)                            # (N,) 0 on `first`
+        first_old = torch.zeros_like(old_tok)                    # (N,) filled by the first mini-batch
+        stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=self.device)
+        row_ent = torch.zeros(len(tok_len), dtype=torch.float64, device=self.device)  # (B,) epoch 0 entropy sums
+        grad_norms, steps, skipped, model = [], 0, 0, self.engine.module
+        for epoch, mini_batches in enumerate(schedule):
+            if epoch == 1:   # the first mini-batch's rows are off-policy from now on: their old_logp
+                old_tok = torch.where(torch.from_numpy(first)[tok_row], self._sum_ranks(first_old), old_tok)
+            for k, groups in enumerate(mini_batches):
+                rows = rows_of(groups)
+                if tok_len[rows].sum() == 0:
                     continue
+                on_policy = epoch == 0 and k == 0
+                scale = loss_row_scale(tok_len[rows], a.loss_agg, self.max_new_tokens)        # (mb rows,)
+                row_scale = torch.zeros(len(tok_len))
+                row_scale[rows] = scale * self.world_size   # DeepSpeed averages the ranks' gradients
                 self.engine.zero_grad()
-                mb_sums = dict.fromkeys(sums, 0.0)  # counted only if this optimizer step is taken
-                mb_task: dict[str, list[float]] = {}
-                micro = self._my_micro_batches(rows)
-                for m, (idx, weight) in enumerate(micro):
-                    sub = seq.rows(idx, width).to(self.device)
-                    Tm = sub.mask.shape[1]
-                    logp, ent = response_logp(model, sub, self.temperature, with_entropy=True,
-                                              autocast_bf16=s.autocast_bf16, entropy_grad=bool(ent_coef))  # (b, Tm)
-                    old = logp.detach() if on_policy else _fit(old_logp[idx], Tm).to(self.device)
-                    ref = _fit(ref_logp[idx], Tm).to(self.device)
-                    pg, st = policy_loss(logp, old, adv[idx].to(self.device), sub.mask, eps_low=a.eps_low,
-                                         eps_high=a.eps_high, dual_clip_c=a.dual_clip_c, agg=a.loss_agg)
-                    kl_tok = kl_penalty(logp, ref, a.kl_estimator)                   # (b, Tm)
-                    loss = pg + kl_coef * aggregate_loss(kl_tok, sub.mask, a.loss_agg)
+                mb_stats, mb_ent = torch.zeros_like(stats), torch.zeros_like(row_ent)
+                micro = B.plan_micro_batches(rows, gid, plen, rlen, self.world_size, s.max_tokens_per_micro_batch,
+                                             s.micro_batch_size, s.share_prompts)[self.rank]
+                for m, units in enumerate(micro):
+                    real = len(units) > 0
+                    units = units if real else [rows[:1]]   # a pass with weight 0 (see plan_micro_batches)
+                    sub, idx, tok = self._micro_batch(seq, units, tok_off)
+                    logp, ent = score_tokens(model, sub.to(self.device), self.temperature, with_entropy=True,
+                                             autocast_bf16=s.autocast_bf16, entropy_grad=bool(ent_coef))   # (n,)
+                    if on_policy:          # the weights the rows were sampled with: ratio 1
+                        old = logp.detach()                                                                  # (n,)
+                        if real:
+                            first_old[tok] = old.float().cpu()
+                    else:
+                        old = old_tok[tok].to(self.device)                                                   # (n,)
+                    pg, ratio, log_ratio, low, high, dual = clipped_surrogate(
+                        logp, old, adv_tok[tok].to(self.device), a.eps_low, a.eps_high, a.dual_clip_c)    # (n,)
+                    w = row_scale[tok_row[tok]].to(self.device) * float(real)                                # (n,)
+                    loss = (w * pg).sum()
+                    kl = None
+                    if has_ref:
+                        kl = kl_penalty(logp, ref_tok[tok].to(self.device), a.kl_estimator, a.k3_cap)        # (n,)
+                        if kl_coef:
+                            loss = loss + kl_coef * (w * kl).sum()
                     if ent_coef:   # an entropy bonus (0 in the paper)
-                        loss = loss - ent_coef * aggregate_loss(ent, sub.mask, a.loss_agg)
+                        loss = loss - ent_coef * (w * ent).sum()
                     # a non-finite loss makes non-finite gradients: the step below is skipped on
                     # every rank (the engines check the global gradient norm)
-                    share = self._micro_share(sub.mask, mb_mask) * weight * self.world_size
-                    self.engine.backward(loss * share, last=m == len(micro) - 1)
-                    if not weight:
+                    self.engine.backward(loss, last=m == len(micro) - 1)
+                    if not real:
                         continue
                     with torch.no_grad():
-                        n_tok = float(sub.mask.sum())
-                        mb_sums["tokens"] += n_tok
-                        mb_sums["entropy"] += float((ent * sub.mask).sum())
-                        mb_sums["kl"] += float((kl_tok * sub.mask).sum())
-                        if epoch == 0:  # per task; the sampler's logprobs vs the learner's, same weights
-                            row_ent, row_tok = (ent * sub.mask).sum(1).tolist(), sub.mask.sum(1).tolist()
-                            for i, e_sum, n_row in zip(idx.tolist(), row_ent, row_tok):
-                                acc = mb_task.setdefault(tasks[i], [0.0, 0.0])
-                                acc[0] += e_sum
-                                acc[1] += n_row
-                            gap = (old - _fit(sample_logp[idx], Tm).to(self.device)).abs()
-                            mb_sums["sampler_logp_gap"] += float((gap * sub.mask).sum())
-                            mb_sums["gap_tokens"] += n_tok
-                        for k in loss_stats:
-                            mb_sums[k] += st[k] * n_tok
+                        computed, real_pos = B.pass_positions(units, plen, rlen, s.share_prompts)
+                        figures = {"tokens": len(tok), "pg_loss": (w * pg.detach()).sum() / self.world_size,
+                                   "entropy": ent.sum(), "clip_frac_low": low.sum(), "clip_frac_high": high.sum(),
+                                   "clip_frac": (low | high).sum(), "dual_clip_frac": dual.sum(),
+                                   "approx_kl": (ratio.detach() - 1.0 - log_ratio).sum(),
+                                   "positions": computed, "real_positions": real_pos}
+                        if kl is not None:
+                            figures["kl"] = kl.sum()
+                            figures["kl_tokens"] = len(tok)
+                            if a.kl_estimator == "k3" and a.k3_cap is not None:
+                                figures["kl_capped_frac"] = (kl >= a.k3_cap).sum()
+                        if epoch == 0:   # per task; the sampler's logprobs vs the learner's, same weights
+                            mb_ent.index_add_(0, tok_row[tok].to(self.device), ent.detach().double())
+                            figures["sampler_logp_gap"] = (old - sample_tok[tok].to(self.device)).abs().sum()
+                            figures["gap_tokens"] = len(tok)
+                        mb_stats += _stat_vector(figures, self.device)
                 grad_norm = self.engine.step()
                 if grad_norm is None:
                     skipped += 1
                     continue
                 steps += 1
                 grad_norms.append(grad_norm)
-                for k, v in mb_sums.items():
-                    sums[k] += v
-                _add_tasks(task_ent, mb_task)
-        sums, task_ent = self._all_ranks(sums, task_ent)
+                stats += mb_stats
+                row_ent += mb_ent
+        stats, row_ent = self._all_ranks(stats, row_ent)
         self.num_skipped_updates += skipped
         self.num_optimizer_steps += steps
-        n, n_gap = sums.pop("tokens"), sums.pop("gap_tokens")
-        out = {k: (v / n if n else math.nan) for k, v in sums.items()}
-        out["sampler_logp_gap"] = sums["sampler_logp_gap"] / n_gap if n_gap else math.nan
-        out.update({f"entropy/{t}": e_sum / n_tok for t, (e_sum, n_tok) in sorted(task_ent.items()) if n_tok})
+        st = dict(zip(STAT_KEYS, stats.tolist()))
+        n, n_kl, n_gap = st.pop("tokens"), st.pop("kl_tokens"), st.pop("gap_tokens")
+        pos, real_pos = st.pop("positions"), st.pop("real_positions")
+        pg_sum = st.pop("pg_loss")
+        out = {k: (v / n if n else math.nan) for k, v in st.items()}
+        for k in ("kl", "kl_capped_frac"):
+            out[k] = st[k] / n_kl if n_kl else math.nan
+        out["sampler_logp_gap"] = st["sampler_logp_gap"] / n_gap if n_gap else math.nan
+        out["pg_loss"] = pg_sum / steps if steps else math.nan     # the aggregated loss, mean over the steps
+        tasks = np.array(rollouts[B.TASK].to_pylist())
+        row_tok = tok_len.numpy()
+        ent_rows = row_ent.numpy()
+        for t in sorted(set(tasks.tolist())):
+            n_t = row_tok[tasks == t].sum()
+            if n_t and steps:
+                out[f"entropy/{t}"] = float(ent_rows[tasks == t].sum() / n_t)
         out.update(lr=self.sched.get_last_lr()[0], optimizer_steps=steps, skipped_updates=skipped,
-                   trained_tokens=int(seq.mask.sum()),
+                   trained_tokens=int(mask.sum()), pad_frac=1.0 - real_pos / pos if pos else math.nan,
                    grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else math.nan)
         return out
 
-    # ------------------------------------------------------------------ data parallel
-    def _my_micro_batches(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
-        """This rank's micro-batches of a mini-batch's rows -> [(row indices, weight)]. The rows are
-        cut into world_size x n pieces (n the same on every rank); rank r takes pieces r*n..r*n+n-1.
-        A rank left without rows (fewer rows than ranks) runs one row with weight 0, so that every
-        rank runs the same passes."""
-        W = self.world_size
-        n = max(1, math.ceil(len(rows) / (W * self.spec.micro_batch_size)))
-        pieces = np.array_split(np.arange(len(rows)), W * n)[self.rank * n:(self.rank + 1) * n]
-        return [(rows[p], 1.0) if len(p) else (rows[:1], 0.0) for p in pieces]
+    def _mini_batches(self, n_groups: int) -> list[np.ndarray]:
+        """One epoch's mini-batches of group indices: a random order (rank 0's, on every rank) cut
+        into ceil(n / num_prompts_per_mini_batch) mini-batches of equal size, within one group."""
+        perm = self._same_on_every_rank(torch.randperm(n_groups)).numpy()
+        k = max(1, math.ceil(n_groups / self.spec.num_prompts_per_mini_batch))
+        return [p for p in np.array_split(perm, k) if len(p)]
 
+    # ------------------------------------------------------------------ data parallel
     def _same_on_every_rank(self, perm: torch.Tensor) -> torch.Tensor:
         """Rank 0's mini-batch order, on every rank."""
         if self.world_size > 1:
@@ -204,44 +234,52 @@ class LearnerActor:
             perm = perm.cpu()
         return perm
 
-    def _all_ranks(self, sums: dict, task_ent: dict) -> tuple[dict, dict]:
-        """Each rank's sums of figures -> the sums over all ranks."""
-        if self.world_size == 1:
-            return sums, task_ent
-        import torch.distributed as dist
-        parts: list = [None] * self.world_size
-        dist.all_gather_object(parts, (sums, task_ent))
-        total = dict.fromkeys(sums, 0.0)
-        tasks: dict[str, list[float]] = {}
-        for part_sums, part_tasks in parts:
-            for k, v in part_sums.items():
-                total[k] += v
-            _add_tasks(tasks, part_tasks)
-        return total, tasks
+    def _all_ranks(self, stats: torch.Tensor, row_ent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each rank's sums of figures (and per-row entropy sums) -> the sums over all ranks, on the CPU."""
+        both = self._sum_ranks(torch.cat([stats, row_ent]))
+        return both[:len(stats)], both[len(stats):]
 
-    def _old_logp(self, seq) -> torch.Tensor:
-        """Logprobs of every row under the current weights -> (B, T) on the CPU; each rank scores
-        its share of the rows (in the same number of passes) and the shares are gathered."""
-        model, s = self.engine.module, self.spec
-        if self.world_size == 1:
-            return batched_logp(model, seq, self.temperature, s.micro_batch_size, s.autocast_bf16, self.device)
-        import torch.distributed as dist
-        mine = torch.zeros_like(seq.mask)                                        # (B, T)
+    def _sum_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """Each rank's `x` -> the sum over the ranks, on the CPU (one all-reduce)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+            x = x.to(self.device)
+            dist.all_reduce(x)
+        return x.cpu()
+
+    def _micro_batch(self, seq: B.SeqTensors, units: list[np.ndarray], tok_off: torch.Tensor):
+        """A micro-batch's units -> (its tensors on the device, its rows (b,), the flat indices
+        (n,) of its tokens among the batch's N, in the order the scorer returns them)."""
+        idx = torch.from_numpy(np.concatenate(units))                                  # (b,)
+        sub = B.share_prompts(seq, units) if self.spec.share_prompts else seq.rows(idx)
+        tok = torch.cat([torch.arange(tok_off[i], tok_off[i + 1]) for i in idx.tolist()])    # (n,)
+        return sub.to(self.device), idx, tok
+
+    def _old_logp(self, seq, rows: np.ndarray, gid: np.ndarray, tok_off: torch.Tensor) -> torch.Tensor:
+        """Log-probs of the response tokens of `rows` under the current weights -> (N,) flat over
+        every row's tokens (0 for the rows not asked), on the CPU; each rank scores its share of
+        the rows and the shares are summed."""
+        s = self.spec
+        out = torch.zeros(int(tok_off[-1]), dtype=torch.float32)                     # (N,)
+        if not len(rows):
+            return out
+        plen, rlen = seq.prompt_len.numpy(), seq.mask.sum(1).long().numpy()
+        plan = B.plan_micro_batches(rows, gid, plen, rlen, self.world_size, s.max_tokens_per_micro_batch,
+                                    s.micro_batch_size, s.share_prompts)[self.rank]
         with torch.no_grad():
-            for idx, weight in self._my_micro_batches(torch.arange(seq.mask.shape[0])):
-                logp, _ = response_logp(model, seq.rows(idx).to(self.device), self.temperature,
-                                        autocast_bf16=s.autocast_bf16)
-                if weight:
-                    mine[idx, :logp.shape[1]] = logp.float().cpu()
-        mine = mine.to(self.device)
-        dist.all_reduce(mine)          # each row is scored by exactly one rank; the others add zeros
-        return mine.cpu()
+            for units in plan:
+                sub, _, tok = self._micro_batch(seq, units or [rows[:1]], tok_off)
+                logp, _ = score_tokens(self.engine.module, sub, self.temperature, autocast_bf16=s.autocast_bf16)
+                if units:   # (a pass with weight 0 keeps the ranks' passes equal: ZeRO-3 gathers in each)
+                    out[tok] = logp.float().cpu()
+        return self._sum_ranks(out)      # each row is scored by exactly one rank; the others add zeros
 
-    def get_weights(self) -> dict[str, torch.Tensor] | None:
-        """The policy's weights under checkpoint names, on the CPU (rank 0; None on the others). A
-        tied `lm_head.weight` is included on purpose: vLLM on CPU keeps a repacked copy of the LM
-        head that an update not naming it would leave stale. Collective under ZeRO-3."""
-        return self.engine.full_state_dict()
+    def get_weights(self, dtype: str | None = None) -> dict[str, torch.Tensor] | None:
+        """The policy's weights under checkpoint names, on the CPU, in `dtype` (the generators' and
+        the reference's model.dtype; None: the master weights' float32), rank 0; None on the
+        others. A tied `lm_head.weight` is included on purpose: vLLM on CPU keeps a repacked copy
+        of the LM head that an update not naming it would leave stale. Collective under ZeRO-3."""
+        return _cast(self.engine.full_state_dict(), dtype)
 
     # ------------------------------------------------------------------ weight broadcast
     def open_sync_group(self, world_size: int, timeout_s: float) -> tuple[str, int]:
@@ -256,14 +294,14 @@ class LearnerActor:
                                       "nccl" if self.device.type == "cuda" else "gloo", timeout_s)
         return True
 
-    def weights_meta(self) -> ws.Meta | None:
-        sd = self.engine.full_state_dict()
+    def weights_meta(self, dtype: str | None = None) -> ws.Meta | None:
+        sd = self.get_weights(dtype)
         return ws.weights_meta(sd) if sd is not None else None
 
-    def push_weights(self, meta: ws.Meta, bucket_bytes: int) -> None:
-        """Broadcast the current weights to the group (rank 0 sends; under ZeRO-3 every rank takes
-        part in gathering them)."""
-        sd = self.engine.full_state_dict()
+    def push_weights(self, meta: ws.Meta, bucket_bytes: int, dtype: str | None = None) -> None:
+        """Broadcast the current weights, in `dtype`, to the group (rank 0 sends; under ZeRO-3
+        every rank takes part in gathering them)."""
+        sd = self.get_weights(dtype)
         if sd is not None:
             ws.broadcast_weights(self._sync_pg, meta, sd, self.device, bucket_bytes)
 
@@ -318,16 +356,18 @@ class LearnerActor:
         return "ok"
 
 
-def _add_tasks(into: dict[str, list[float]], more: dict[str, list[float]]) -> None:
-    """task -> [entropy sum, tokens]: `more` added into `into`."""
-    for t, (e_sum, n_tok) in more.items():
-        acc = into.setdefault(t, [0.0, 0.0])
-        acc[0] += e_sum
-        acc[1] += n_tok
+def _cast(sd: dict[str, torch.Tensor] | None, dtype: str | None) -> dict[str, torch.Tensor] | None:
+    if sd is None or dtype is None:
+        return sd
+    return {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def _fit(x: torch.Tensor, width: int) -> torch.Tensor:
-    """(b, T) -> (b, width): cut or zero-pad the token axis."""
-    if x.shape[1] >= width:
-        return x[:, :width]
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+# the figures an update sums over its tokens and micro-batches (one vector, one all-reduce)
+STAT_KEYS = ("tokens", "pg_loss", "entropy", "clip_frac_low", "clip_frac_high", "clip_frac", "dual_clip_frac",
+             "approx_kl", "kl", "kl_tokens", "kl_capped_frac", "sampler_logp_gap", "gap_tokens", "positions",
+             "real_positions")
+
+
+def _stat_vector(figures: dict, device: torch.device) -> torch.Tensor:
+    """{figure: tensor or number} -> (len(STAT_KEYS),) float64 on `device` (0 for those absent)."""
+    return torch.stack([torch.as_tensor(figures.get(k, 0.0), dtype=torch.float64, device=device) for k in STAT_KEYS])

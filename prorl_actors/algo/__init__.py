@@ -10,7 +10,9 @@ from prorl_actors.algo.losses import (
     AGG_MODES,
     LOG_RATIO_CLAMP,
     aggregate_loss,
+    clipped_surrogate,
     get_aggregator,
+    loss_row_scale,
     masked_mean,
     masked_sum,
     policy_loss,
@@ -19,7 +21,8 @@ from prorl_actors.algo.overlong import mask_truncated, overlong_penalty
 from prorl_actors.algo.novelty import ngrams, novel_ngrams
 from prorl_actors.algo.passk import VERDICTS, boundary_verdict, pass_at_k, pass_at_k_diff, pass_at_k_mean
 from prorl_actors.algo.resets import ResetPolicy, kl_share, reset_due, validation_dropped, validation_stalled
-from prorl_actors.algo.sampling import informative_groups
+from prorl_actors.algo.logprobs import token_logp_entropy
+from prorl_actors.algo.sampling import KeepRate, informative_groups, round_size
 
 __all__ = [
     "ADV_ESTIMATORS",
@@ -30,6 +33,8 @@ __all__ = [
     "KL_KINDS",
     "LOG_RATIO_CLAMP",
     "aggregate_loss",
+    "clipped_surrogate",
+    "loss_row_scale",
     "boundary_verdict",
     "entropy_from_logits",
     "get_adv_estimator",
@@ -37,6 +42,9 @@ __all__ = [
     "get_kl_estimator",
     "group_advantages",
     "informative_groups",
+    "KeepRate",
+    "round_size",
+    "token_logp_entropy",
     "kl_coef_for_entropy",
     "kl_coef_for_kl",
     "kl_share",

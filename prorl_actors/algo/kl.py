@@ -13,6 +13,10 @@ Algorithmic choices:
   so extreme log-ratios (e.g. +-50) give finite values: |k1| <= 20, k2 <= 200,
   k3 <= exp(20) - 21 ~ 4.85e8. Gradients are zero outside the clamp. k3 is additionally
   clamped at 0 from below (exp(d) - d - 1 is >= 0; rounding near d = 0 is not).
+- k3 can be capped per token (``cap``; verl caps it at 10): a token whose reference
+  probability is e^10 times the policy's would otherwise weigh as much as thousands of others,
+  and its gradient grows as fast as its value. The gradient is zero above the cap; the
+  learner reports the share of capped tokens.
 - Math runs in at least float32 (bf16/fp16 inputs are upcast; fp16 cannot hold exp(20)).
 """
 
@@ -59,12 +63,16 @@ def get_kl_estimator(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.
         raise ValueError(f"unknown KL estimator {kind!r}; valid: {list(KL_KINDS)}") from None
 
 
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str, k3_cap: float | None = None) -> torch.Tensor:
     """Per-token estimate of KL(pi || ref) from tokens sampled from pi.
 
-    logp, ref_logp: (B, T) log-probs of the sampled tokens under pi and the reference.
-    kind: "k1" | "k2" | "k3". Returns (B, T) (float32 or wider); masking is the caller's job.
+    logp, ref_logp: (B, T) (or any equal shapes) log-probs of the sampled tokens under pi and
+    the reference. kind: "k1" | "k2" | "k3"; k3_cap: k3's values are cut to at most this (None:
+    no cap). Returns the same shape (float32 or wider); masking is the caller's job.
     """
     if logp.shape != ref_logp.shape:
         raise ValueError(f"logp and ref_logp shapes differ: {tuple(logp.shape)} vs {tuple(ref_logp.shape)}")
-    return get_kl_estimator(kind)(logp, ref_logp)
+    kl = get_kl_estimator(kind)(logp, ref_logp)
+    if kind == "k3" and k3_cap is not None:
+        kl = kl.clamp(max=k3_cap)
+    return kl

@@ -124,6 +124,35 @@ def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str) -> tor
     return get_aggregator(mode)(loss_mat, mask)
 
 
+def loss_row_scale(lengths: torch.Tensor, mode: str, norm_len: int | None = None) -> torch.Tensor:
+    """Per-row weights that make a token sum equal the aggregate of ``aggregate_loss``:
+    ``sum_i scale_i * sum_t mask_it * x_it == aggregate_loss(x, mask, mode)``.
+
+    lengths: (B,) valid tokens per row (the mask's row sums); norm_len: the constant T of
+    "seq-mean-token-sum-norm" (max_new_tokens; None: the longest row). Returns (B,) float32.
+    Computed once over a whole mini-batch, the weights make the loss of any split of its rows
+    into micro-batches (or data-parallel ranks) sum to the mini-batch's loss exactly; rows with
+    no valid token get weight 0.
+      token-mean               1 / (tokens in the mini-batch)
+      seq-mean-token-mean      1 / (length_i * rows with tokens)
+      seq-mean-token-sum       1 / (rows with tokens)
+      seq-mean-token-sum-norm  1 / (B * norm_len)
+    """
+    get_aggregator(mode)                                   # unknown modes fail here, listing the valid ones
+    n = lengths.to(torch.float32)                                                   # (B,)
+    has = n > 0                                                                     # (B,)
+    if mode == "token-mean":
+        scale = torch.full_like(n, 1.0 / max(float(n.sum()), 1.0))
+    elif mode == "seq-mean-token-mean":
+        scale = 1.0 / (n.clamp(min=1.0) * max(int(has.sum()), 1))
+    elif mode == "seq-mean-token-sum":
+        scale = torch.full_like(n, 1.0 / max(int(has.sum()), 1))
+    else:                                                  # seq-mean-token-sum-norm (Dr.GRPO)
+        T = int(n.max()) if norm_len is None and len(n) else (norm_len or 1)
+        scale = torch.full_like(n, 1.0 / max(len(n) * T, 1))
+    return scale * has                                                              # (B,)
+
+
 # ----------------------------------------------------------------------------------------
 # PPO / DAPO policy loss
 # ----------------------------------------------------------------------------------------
@@ -164,30 +193,14 @@ def policy_loss(
     if dual_clip_c is not None and dual_clip_c <= 1.0:
         raise ValueError(f"dual_clip_c must be > 1 (or None); got {dual_clip_c}")
 
-    dtype = _compute_dtype(logp)
     mask = _as_bool_mask(mask)  # (B, T)
     if adv.dim() == 1:
         adv = adv.unsqueeze(-1)  # (B, 1)
-    adv = adv.to(dtype)
-
-    log_ratio = (logp.to(dtype) - old_logp.to(dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B, T)
-    ratio = torch.exp(log_ratio)  # (B, T)
-    pg_unclipped = -adv * ratio  # (B, T)
-    pg_clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)  # (B, T)
-    loss_mat = torch.maximum(pg_unclipped, pg_clipped)  # (B, T) pessimistic bound
-    if dual_clip_c is not None:
-        pg_dual = -adv * dual_clip_c  # (B, 1) or (B, T): upper bound for adv < 0
-        loss_mat = torch.where(adv < 0, torch.minimum(loss_mat, pg_dual), loss_mat)  # (B, T)
+    loss_mat, ratio, log_ratio, low, high, dual = clipped_surrogate(logp, old_logp, adv, eps_low, eps_high, dual_clip_c)
+    dtype = loss_mat.dtype
     loss = aggregate_loss(loss_mat, mask, agg)
 
     with torch.no_grad():
-        adv_full = adv.expand_as(ratio)  # (B, T)
-        low = (adv_full < 0) & (ratio < 1.0 - eps_low)  # (B, T)
-        high = (adv_full > 0) & (ratio > 1.0 + eps_high)  # (B, T)
-        if dual_clip_c is not None:
-            dual = (adv_full < 0) & (ratio > dual_clip_c)  # (B, T)
-        else:
-            dual = torch.zeros_like(low)
         approx_kl = ratio - 1.0 - log_ratio  # (B, T) k3 of KL(pi_old || pi)
 
         def frac(x: torch.Tensor) -> float:
@@ -203,3 +216,29 @@ def policy_loss(
             "approx_kl": frac(approx_kl),
         }
     return loss, stats
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps_low: float = 0.2,
+                      eps_high: float = 0.4, dual_clip_c: float | None = None):
+    """The per-token clipped surrogate of ``policy_loss``, before aggregation.
+
+    logp, old_logp: any shape S (e.g. (B, T), or (N,) flat tokens); adv: broadcastable to S
+    (per row: (B, 1) for (B, T)). Returns (loss S, ratio S, log_ratio S (detached), clipped_low
+    S bool, clipped_high S bool, dual S bool); the masks are detached.
+    """
+    dtype = _compute_dtype(logp)
+    adv = adv.to(dtype)
+    log_ratio = (logp.to(dtype) - old_logp.to(dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # S
+    ratio = torch.exp(log_ratio)  # S
+    pg_unclipped = -adv * ratio  # S
+    pg_clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)  # S
+    loss = torch.maximum(pg_unclipped, pg_clipped)  # S pessimistic bound
+    if dual_clip_c is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip_c), loss)  # S: bounded for adv < 0
+    with torch.no_grad():
+        r = ratio.detach()
+        low = (adv < 0) & (r < 1.0 - eps_low)  # S
+        high = (adv > 0) & (r > 1.0 + eps_high)  # S
+        dual = (adv < 0) & (r > dual_clip_c) if dual_clip_c is not None else torch.zeros_like(low)  # S
+        low, high, dual = (x.expand_as(r) for x in (low, high, dual))
+    return loss, ratio, log_ratio.detach(), low, high, dual

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from prorl_actors.spec import GeneratorSpec
 
@@ -78,17 +79,19 @@ class HFEngine:
                 ids[i, P - len(p):] = torch.tensor(p)
                 attn[i, P - len(p):] = 1
             # an explicit config: nothing inherited from the model's generation_config (a
-            # repetition penalty there would sample from another distribution than the learner's)
-            sampling = dict(do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=0) \
+            # repetition penalty there would sample from another distribution than the learner's).
+            # Temperature and top-p are applied by _SampledLogp, the last processor, which keeps the
+            # sampled tokens' log-probs step by step (no (b, t, V) stack of every step's scores)
+            record = _SampledLogp(sp.temperature, sp.top_p)
+            sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) \
                 if sp.temperature > 0 else dict(do_sample=False)     # temperature 0: greedy
             cfg = GenerationConfig(**sampling, max_new_tokens=sp.max_new_tokens, pad_token_id=pad,
-                                   eos_token_id=sorted(self.eos), return_dict_in_generate=True,
-                                   output_scores=True)
+                                   eos_token_id=sorted(self.eos), return_dict_in_generate=True)
             gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
-                                      generation_config=cfg)
-            new = gen.sequences[:, P:].cpu()                                   # (b, t)
-            scores = torch.stack(gen.scores, 1).float().log_softmax(-1).cpu()  # (b, t, V) processed
-            logp = scores.gather(-1, new.unsqueeze(-1)).squeeze(-1)      # (b, t)
+                                      generation_config=cfg, logits_processor=LogitsProcessorList([record]))
+            new = gen.sequences[:, P:]                                         # (b, t)
+            logp = record.finish(new).cpu()                                    # (b, t)
+            new = new.cpu()
             for i in range(len(chunk)):
                 toks = new[i].tolist()
                 end = next((j + 1 for j, t in enumerate(toks) if t in self.eos), None)
@@ -108,6 +111,40 @@ class HFEngine:
     def receive_weights(self, meta, bucket_bytes):
         from prorl_actors.engines import weight_sync as ws
         self.load_weights(ws.broadcast_weights(self._pg, meta, None, self.device, bucket_bytes))
+
+
+class _SampledLogp(LogitsProcessor):
+    """The HF engine's sampling distribution, made and recorded in one place: temperature and
+    top-p are applied here (generate is given neither, so this is the last step before it
+    samples), and the log-probability of the token it then samples is gathered at the next call,
+    where that token is the last column of input_ids (and by `finish` for the last step). One
+    step's (b, V) log-softmax is kept at a time. Temperature 0 (greedy): the raw distribution."""
+
+    def __init__(self, temperature: float, top_p: float):
+        self.warpers = []
+        if temperature > 0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+            if top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(top_p))
+        self.prev: torch.Tensor | None = None      # (b, V) the last step's log-probs
+        self.logp: list[torch.Tensor] = []         # [(b,)] one per step
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prev is not None:
+            self.logp.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))      # (b,)
+        for w in self.warpers:
+            scores = w(input_ids, scores)
+        self.prev = scores.float().log_softmax(-1)                                      # (b, V)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """new_tokens: (b, t) the generated tokens -> (b, t) their log-probs."""
+        if self.prev is not None and len(self.logp) < new_tokens.shape[1]:
+            self.logp.append(self.prev.gather(-1, new_tokens[:, -1:]).squeeze(-1))
+        self.prev = None
+        if not self.logp:
+            return torch.zeros(new_tokens.shape)
+        return torch.stack(self.logp, 1)                                                # (b, t)
 
 
 class VLLMEngine:
@@ -138,16 +175,19 @@ class VLLMEngine:
         # call's samples depend only on its seed, prompts and weights (the prefix cache is empty
         # after every weight update): a replaced or resumed generator samples what the lost one did.
         self.llm.collective_rpc("prorl_seed", args=(sp.seed,))
+        # logprobs=0: the sampled token's only; flat: one list per sample, no dict per token
         params = SamplingParams(n=sp.n, temperature=sp.temperature, top_p=sp.top_p,
-                                max_tokens=sp.max_new_tokens, logprobs=0)
+                                max_tokens=sp.max_new_tokens, logprobs=0, flat_logprobs=True)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         result = []
         for o in outs:
             samples = []
             for c in o.outputs:
                 ids = list(c.token_ids)
-                lp = [d[t].logprob for t, d in zip(ids, c.logprobs)]
-                samples.append(Sample(ids, lp, c.text, c.finish_reason == "length"))
+                flat = c.logprobs
+                if flat.token_ids != ids:    # one entry per position, the sampled token's
+                    raise RuntimeError(f"vLLM returned log-probs of {flat.token_ids[:8]}... for tokens {ids[:8]}...")
+                samples.append(Sample(ids, list(flat.logprobs), c.text, c.finish_reason == "length"))
             result.append(samples)
         return result
 
@@ -163,6 +203,17 @@ class VLLMEngine:
     def receive_weights(self, meta, bucket_bytes):
         self.llm.collective_rpc("prorl_receive_weights", args=(meta, bucket_bytes))
         self.llm.reset_prefix_cache()
+
+
+def generation_chunks(num_prompts: int, n: int, num_actors: int, chunks_per_actor: int, max_num_seqs: int) -> int:
+    """How many pieces a call's prompts are cut into for a fleet of generators: num_actors x
+    chunks_per_actor (a busy generator takes fewer pieces), but never pieces of fewer than
+    max_num_seqs sequences (prompts x n) when each generator's share allows it, and never fewer
+    pieces than generators (each gets its share in one call). One generator: one piece."""
+    if num_actors <= 1 or num_prompts <= 1:
+        return 1
+    per_engine_call = max(1, (num_prompts * n) // max_num_seqs)      # pieces that still fill the engine
+    return max(min(num_actors * chunks_per_actor, per_engine_call), min(num_actors, num_prompts))
 
 
 def make_engine(model_path: str, dtype: str, spec: GeneratorSpec, seed: int = 0) -> GenerationEngine:

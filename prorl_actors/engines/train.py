@@ -32,7 +32,7 @@ def _warmup(opt: torch.optim.Optimizer, s: LearnerSpec) -> torch.optim.lr_schedu
 
 class TrainEngine(Protocol):
     name: str
-    module: torch.nn.Module          # what forward passes call (DeepSpeed: its engine)
+    module: torch.nn.Module          # what forward passes call: the TokenScorer (DeepSpeed: its engine)
     opt: torch.optim.Optimizer       # the AdamW whose state a reset clears
     sched: torch.optim.lr_scheduler.LambdaLR
 
@@ -50,6 +50,7 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, model: torch.nn.Module, spec: LearnerSpec):
+        """model: a TokenScorer (engines/torch_policy.py), whose `lm` holds the weights."""
         self.module, self.spec = model, spec
         self.opt = _optimizer(model.parameters(), spec)
         self.sched = _warmup(self.opt, spec)
@@ -74,7 +75,7 @@ class TorchEngine:
         self.sched = _warmup(self.opt, self.spec)
 
     def full_state_dict(self):
-        return {k: v.cpu() for k, v in state_dict_for_sync(self.module).items()}
+        return {k: v.cpu() for k, v in state_dict_for_sync(self.module.lm).items()}
 
     def save(self, path: Path) -> dict:
         """-> what goes into learner_state.pt beside the counters and RNG."""
@@ -99,9 +100,11 @@ def init_process_group(dist_url: str, rank: int, world_size: int, backend: str) 
 class DeepSpeedEngine:
     """ZeRO (stage 1-3) over the ranks of the default process group.
 
-    Gradient accumulation is ours: every micro-batch's backward accumulates locally (the
-    accumulation boundary is set on the last one, where ZeRO reduces), then one step. DeepSpeed
-    clips by the global norm and skips a step whose gradients are not finite."""
+    Gradient accumulation is ours: the accumulation boundary is set on each rank's last micro-batch,
+    then one step. ZeRO-1 accumulates locally and reduces the gradients once, at the boundary;
+    ZeRO-2 and 3 partition the gradients, so DeepSpeed reduce-scatters them in every micro-batch's
+    backward (one reduction per micro-batch: fewer, larger micro-batches by tokens cost fewer).
+    DeepSpeed clips by the global norm and skips a step whose gradients are not finite."""
     name = "deepspeed"
 
     def __init__(self, model: torch.nn.Module, spec: LearnerSpec):
@@ -135,8 +138,8 @@ class DeepSpeedEngine:
         return getattr(self._ds_opt, "optimizer", self._ds_opt)
 
     def backward(self, loss, last):
-        """`last`: the mini-batch's last micro-batch on this rank, whose backward reduces the
-        accumulated gradients across the ranks (every rank has one)."""
+        """`last`: the mini-batch's last micro-batch on this rank (every rank has one): ZeRO-1 reduces
+        the accumulated gradients across the ranks there; ZeRO-2/3 reduce in every backward."""
         self.module.set_gradient_accumulation_boundary(last)
         self.module.backward(loss, scale_wrt_gas=False)
 
@@ -165,7 +168,7 @@ class DeepSpeedEngine:
         every rank must call it (the partitions are gathered)."""
         import deepspeed
         import torch.distributed as dist
-        model = self.module.module
+        model = self.module.module.lm        # engine -> TokenScorer -> the HF model
         params = list(model.parameters())
         gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.spec.deepspeed.zero_stage == 3 \
             else contextlib.nullcontext()
