@@ -540,3 +540,19 @@ def test_round_size_fills_with_the_asked_confidence():
     again = KeepRate(decay=0.5)
     again.load_state_dict(rate.state_dict())
     assert again.rate == rate.rate
+
+
+def test_token_objective_by_hand():
+    from prorl_actors.algo import token_objective
+    logp = torch.log(t([1.5, 0.5])).requires_grad_(True)          # ratios to old_logp = 0
+    ln2 = math.log(2.0)
+    ref = t([math.log(1.5), math.log(0.5) + ln2])                   # k3: 0, then 2 - ln 2 - 1
+    loss, terms = token_objective(logp, torch.zeros(2), t([2.0, -1.0]), t([0.5, 0.5]), ref, t([1.0, 2.0]),
+                                  kl_coef=0.1, entropy_coef=0.01)
+    # surrogate: -min(1.5 * 2, 1.4 * 2) = -2.8; -min(0.5 * -1, 0.8 * -1) = 0.8
+    want = 0.5 * -2.8 + 0.5 * 0.8 + 0.1 * 0.5 * (1 - ln2) - 0.01 * (0.5 * 1.0 + 0.5 * 2.0)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert terms["clip_high"].tolist() == [True, False] and terms["clip_low"].tolist() == [False, True]
+    assert_close(terms["kl"], t([0.0, 1 - ln2]))
+    no_ref, terms = token_objective(logp, torch.zeros(2), t([2.0, -1.0]), t([0.5, 0.5]))
+    assert no_ref.item() == pytest.approx(0.5 * -2.8 + 0.5 * 0.8) and "kl" not in terms

@@ -39,7 +39,7 @@ import pyarrow as pa
 import torch
 
 from prorl_actors import batch as B
-from prorl_actors.algo import clipped_surrogate, kl_penalty, loss_row_scale, mask_truncated
+from prorl_actors.algo import loss_row_scale, mask_truncated, token_objective
 from prorl_actors.checkpoint import weights_digest
 from prorl_actors.engines import weight_sync as ws
 from prorl_actors.engines.torch_policy import DTYPES, TokenScorer, chunk_tokens, load_causal_lm, pick_device, score_tokens
@@ -152,34 +152,19 @@ class LearnerActor:
                             first_old[tok] = old.float().cpu()
                     else:
                         old = old_tok[tok].to(self.device)                                                   # (n,)
-                    pg, ratio, log_ratio, low, high, dual = clipped_surrogate(
-                        logp, old, adv_tok[tok].to(self.device), a.eps_low, a.eps_high, a.dual_clip_c)    # (n,)
                     w = row_scale[tok_row[tok]].to(self.device) * float(real)                                # (n,)
-                    loss = (w * pg).sum()
-                    kl = None
-                    if has_ref:
-                        kl = kl_penalty(logp, ref_tok[tok].to(self.device), a.kl_estimator, a.k3_cap)        # (n,)
-                        if kl_coef:
-                            loss = loss + kl_coef * (w * kl).sum()
-                    if ent_coef:   # an entropy bonus (0 in the paper)
-                        loss = loss - ent_coef * (w * ent).sum()
+                    loss, terms = token_objective(
+                        logp, old, adv_tok[tok].to(self.device), w,
+                        ref_tok[tok].to(self.device) if has_ref else None, ent, eps_low=a.eps_low,
+                        eps_high=a.eps_high, dual_clip_c=a.dual_clip_c, kl_coef=kl_coef, kl_estimator=a.kl_estimator,
+                        k3_cap=a.k3_cap, entropy_coef=ent_coef)
                     # a non-finite loss makes non-finite gradients: the step below is skipped on
                     # every rank (the engines check the global gradient norm)
                     self.engine.backward(loss, last=m == len(micro) - 1)
                     if not real:
                         continue
                     with torch.no_grad():
-                        computed, real_pos = B.pass_positions(units, plen, rlen, s.share_prompts)
-                        figures = {"tokens": len(tok), "pg_loss": (w * pg.detach()).sum() / self.world_size,
-                                   "entropy": ent.sum(), "clip_frac_low": low.sum(), "clip_frac_high": high.sum(),
-                                   "clip_frac": (low | high).sum(), "dual_clip_frac": dual.sum(),
-                                   "approx_kl": (ratio.detach() - 1.0 - log_ratio).sum(),
-                                   "positions": computed, "real_positions": real_pos}
-                        if kl is not None:
-                            figures["kl"] = kl.sum()
-                            figures["kl_tokens"] = len(tok)
-                            if a.kl_estimator == "k3" and a.k3_cap is not None:
-                                figures["kl_capped_frac"] = (kl >= a.k3_cap).sum()
+                        figures = self._figures(terms, w, ent, units, plen, rlen)
                         if epoch == 0:   # per task; the sampler's logprobs vs the learner's, same weights
                             mb_ent.index_add_(0, tok_row[tok].to(self.device), ent.detach().double())
                             figures["sampler_logp_gap"] = (old - sample_tok[tok].to(self.device)).abs().sum()
@@ -216,6 +201,21 @@ class LearnerActor:
                    trained_tokens=int(mask.sum()), pad_frac=1.0 - real_pos / pos if pos else math.nan,
                    grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else math.nan)
         return out
+
+    def _figures(self, terms: dict, w: torch.Tensor, ent: torch.Tensor, units, plen, rlen) -> dict:
+        """A micro-batch's sums of the figures an update reports (tensors; see STAT_KEYS)."""
+        low, high = terms["clip_low"], terms["clip_high"]
+        computed, real_pos = B.pass_positions(units, plen, rlen, self.spec.share_prompts)
+        figures = {"tokens": len(w), "pg_loss": (w * terms["pg"].detach()).sum() / self.world_size,
+                   "entropy": ent.sum(), "clip_frac_low": low.sum(), "clip_frac_high": high.sum(),
+                   "clip_frac": (low | high).sum(), "dual_clip_frac": terms["dual_clip"].sum(),
+                   "approx_kl": (terms["ratio"].detach() - 1.0 - terms["log_ratio"]).sum(),
+                   "positions": computed, "real_positions": real_pos}
+        if "kl" in terms:
+            figures["kl"], figures["kl_tokens"] = terms["kl"].sum(), len(w)
+            if self.algo.kl_estimator == "k3" and self.algo.k3_cap is not None:
+                figures["kl_capped_frac"] = (terms["kl"] >= self.algo.k3_cap).sum()
+        return figures
 
     def _mini_batches(self, n_groups: int) -> list[np.ndarray]:
         """One epoch's mini-batches of group indices: a random order (rank 0's, on every rank) cut

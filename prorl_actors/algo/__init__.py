@@ -22,6 +22,7 @@ from prorl_actors.algo.novelty import ngrams, novel_ngrams
 from prorl_actors.algo.passk import VERDICTS, boundary_verdict, pass_at_k, pass_at_k_diff, pass_at_k_mean
 from prorl_actors.algo.resets import ResetPolicy, kl_share, reset_due, validation_dropped, validation_stalled
 from prorl_actors.algo.logprobs import token_logp_entropy
+from prorl_actors.algo.objective import token_objective
 from prorl_actors.algo.sampling import KeepRate, informative_groups, round_size
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "KeepRate",
     "round_size",
     "token_logp_entropy",
+    "token_objective",
     "kl_coef_for_entropy",
     "kl_coef_for_kl",
     "kl_share",

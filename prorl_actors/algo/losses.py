@@ -242,3 +242,4 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Ten
         dual = (adv < 0) & (r > dual_clip_c) if dual_clip_c is not None else torch.zeros_like(low)  # S
         low, high, dual = (x.expand_as(r) for x in (low, high, dual))
     return loss, ratio, log_ratio.detach(), low, high, dual
+
