@@ -30,7 +30,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def make_batch(spec, path: str) -> None:
     """One step's batch: P prompts x G samples from the spec's tasks and tiny model -> Arrow file."""
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
     import torch
 

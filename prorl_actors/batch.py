@@ -170,20 +170,13 @@ class SeqTensors:
     mask: torch.Tensor            # (B, T) float, 1 on real response tokens
     prompt_len: torch.Tensor | None = None   # (B,) long
 
-    def rows(self, idx: torch.Tensor, width: int | None = None) -> "SeqTensors":
-        """A sub-batch, trimmed to its own longest sequence; with `width`, its token axis is
-        exactly `width` (zero-padded, mask 0) whatever the lengths."""
+    def rows(self, idx: torch.Tensor) -> "SeqTensors":
+        """A sub-batch, trimmed to its own longest sequence and longest response."""
         L = int(self.attention_mask[idx].sum(1).max())
         T = max(int(self.mask[idx].sum(1).max()), 1)
         plen = self.prompt_len[idx] if self.prompt_len is not None else None
-        sub = SeqTensors(self.input_ids[idx, :L], self.attention_mask[idx, :L], self.response[idx, :T],
-                         self.resp_pos[idx, :T], self.mask[idx, :T], plen)
-        if width is None:
-            return sub
-        if width < T:
-            raise ValueError(f"responses of {T} tokens do not fit width {width}")
-        pad = lambda x: torch.nn.functional.pad(x, (0, width - T))  # noqa: E731
-        return SeqTensors(sub.input_ids, sub.attention_mask, pad(sub.response), pad(sub.resp_pos), pad(sub.mask), plen)
+        return SeqTensors(self.input_ids[idx, :L], self.attention_mask[idx, :L], self.response[idx, :T],
+                          self.resp_pos[idx, :T], self.mask[idx, :T], plen)
 
     def to(self, device: torch.device) -> "SeqTensors":
         return SeqTensors(*(t.to(device) if t is not None else None for t in (
@@ -197,8 +190,8 @@ class SharedPrompts:
     whose keys and values every response row then attends to. Response token 0 is predicted by
     its prompt's last position, token t > 0 by response position t - 1, so a row's last token is
     never an input. Scores the same tokens as the `SeqTensors` of the same rows, in the same
-    row-major order; for prompts of ~50 tokens and responses of ~10, G = 8 runs about a fifth
-    of the positions."""
+    row-major order; on the demo (prompts of ~73 tokens, responses of ~6, G = 8) it runs about
+    a fifth of the positions."""
     prompt_ids: torch.Tensor      # (g, P) long, right-padded
     prompt_mask: torch.Tensor     # (g, P) long
     prompt_len: torch.Tensor      # (g,) long
@@ -251,12 +244,6 @@ def to_tensors(table: pa.Table, pad_id: int) -> SeqTensors:
     return SeqTensors(input_ids, attn, response, resp_pos.long(), mask.float(), torch.from_numpy(p_len.astype(np.int64)))
 
 
-def lengths(table: pa.Table) -> np.ndarray:
-    """(B,) prompt + response tokens of each row: the positions a forward pass runs over."""
-    return (pc.list_value_length(table[PROMPT_IDS]).to_numpy() +
-            pc.list_value_length(table[RESPONSE_IDS]).to_numpy()).astype(np.int64)
-
-
 def group_bounds(table: pa.Table) -> np.ndarray:
     """(groups + 1,) row offsets of the groups: runs of consecutive rows sharing GROUP_ID (G rows
     each as generated; fewer where rows were left out, e.g. truncated ones under overlong mask)."""
@@ -287,31 +274,26 @@ class _Pass:
     def __init__(self, share: bool):
         self.share, self.units, self.rows, self.max_p, self.max_r, self.max_l = share, 0, 0, 0, 0, 0
 
-    def cost_with(self, p: int, r: np.ndarray) -> int:
-        units, rows = self.units + 1, self.rows + len(r)
-        if self.share:
-            return units * max(self.max_p, p) + rows * max(self.max_r, int(r.max()) - 1, 0)
-        return rows * max(self.max_l, p + int(r.max()))
+    @property
+    def cost(self) -> int:
+        return self.units * self.max_p + self.rows * self.max_r if self.share else self.rows * self.max_l
 
-    def add(self, p: int, r: np.ndarray) -> None:
+    def add(self, p: int, r: np.ndarray) -> "_Pass":
+        """One more unit: prompt length p, response lengths r."""
         self.units, self.rows = self.units + 1, self.rows + len(r)
-        self.max_p, self.max_r = max(self.max_p, p), max(self.max_r, int(r.max()) - 1)
+        self.max_p, self.max_r = max(self.max_p, p), max(self.max_r, int(r.max()) - 1, 0)
         self.max_l = max(self.max_l, p + int(r.max()))
+        return self
 
 
 def pass_positions(units: list[np.ndarray], prompt_len: np.ndarray, resp_len: np.ndarray,
                    share: bool) -> tuple[int, int]:
     """-> (positions a pass over `units` computes, padding included; positions of real tokens)."""
-    if not units:
-        return 0, 0
     pas = _Pass(share)
     for u in units:
         pas.add(int(prompt_len[u[0]]), resp_len[u])
-    if share:
-        real = sum(int(prompt_len[u[0]]) + int(np.maximum(resp_len[u] - 1, 0).sum()) for u in units)
-        return pas.units * pas.max_p + pas.rows * max(pas.max_r, 0), real
-    rows = np.concatenate(units)
-    return pas.rows * pas.max_l, int((prompt_len[rows] + resp_len[rows]).sum())
+    real = sum(_unit_size(u, prompt_len, np.maximum(resp_len - 1, 0) if share else resp_len, share) for u in units)
+    return pas.cost, real
 
 
 def _unit_size(u: np.ndarray, prompt_len: np.ndarray, resp_len: np.ndarray, share: bool) -> int:
@@ -320,15 +302,14 @@ def _unit_size(u: np.ndarray, prompt_len: np.ndarray, resp_len: np.ndarray, shar
 
 
 def _fit_units(units: list[np.ndarray], prompt_len, resp_len, max_tokens: int, share: bool) -> list[np.ndarray]:
-    """Units whose rows alone exceed the budget cut into fragments that fit (each fragment runs
-    the prompt once); a single row longer than the budget stays whole (it cannot be cut)."""
+    """Units whose rows exceed the budget together cut into fragments that fit (each fragment
+    runs the prompt once); a single row longer than the budget stays whole (it cannot be cut)."""
     out = []
     for u in units:
-        start = 0
+        p, start = int(prompt_len[u[0]]), 0
         while start < len(u):
-            pas, end = _Pass(share), start
-            while end < len(u) and (end == start or pas.cost_with(int(prompt_len[u[0]]), resp_len[u[start:end + 1]])
-                                    <= max_tokens):
+            end = start + 1
+            while end < len(u) and _Pass(share).add(p, resp_len[u[start:end + 1]]).cost <= max_tokens:
                 end += 1
             out.append(u[start:end])
             start = end
@@ -340,11 +321,10 @@ PASS_OVERHEAD = 64   # positions one more pass costs beside its own (launches, P
 
 def token_budget_micro_batches(units: list[np.ndarray], prompt_len: np.ndarray, resp_len: np.ndarray,
                                max_tokens: int, share: bool) -> list[list[np.ndarray]]:
-    """Units -> micro-batches of at most `max_tokens` positions each (padding included): the units
-    sorted by size, longest first, then cut into consecutive runs so that the positions computed
-    (padding included) plus PASS_OVERHEAD per pass are the fewest (dynamic programming over the
-    cut points; a unit longer than the budget goes alone)."""
-    units = _fit_units(units, prompt_len, resp_len, max_tokens, share)
+    """Units (each within the budget, or a single row: `_fit_units`) -> micro-batches of at most
+    `max_tokens` positions each (padding included): the units sorted by size, longest first, then
+    cut into consecutive runs so that the positions computed (padding included) plus PASS_OVERHEAD
+    per pass are the fewest (dynamic programming over the cut points)."""
     if not units:
         return []
     P = np.array([int(prompt_len[u[0]]) for u in units])                          # (U,)
@@ -364,10 +344,9 @@ def token_budget_micro_batches(units: list[np.ndarray], prompt_len: np.ndarray, 
             cost = (j - i) * P[i] + (rows_before[j] - rows_before[i]) * max_r
         else:       # rows sorted longest first
             cost = (j - i) * (P[i] + R[i])
-        fits = cost <= max_tokens
+        fits = cost <= max_tokens                    # the cost grows with j - i: the ones that fit come first
         fits[0] = True                                                            # one unit always fits
         ok = np.flatnonzero(fits)
-        ok = ok[:np.argmin(fits) if not fits.all() else len(fits)]               # the budget is monotone in i
         total = best[i[ok]] + cost[ok] + PASS_OVERHEAD
         k = int(np.argmin(total))
         best[j], cut[j] = total[k], i[ok][k]

@@ -50,7 +50,6 @@ def test_to_tensors_layout():
     assert seq.prompt_len.tolist() == [3, 3, 2, 2]
     sub = seq.rows(torch.tensor([0, 1]))
     assert sub.input_ids.shape == (2, 5) and sub.mask.shape == (2, 2)
-    assert B.lengths(_rollouts()).tolist() == [5, 4, 5, 2]
     assert B.group_bounds(_rollouts()).tolist() == [0, 2, 4]
     assert B.group_bounds(B.select_rows(_rollouts(), np.array([True, False, True, True]))).tolist() == [0, 1, 3]
 

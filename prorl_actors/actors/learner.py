@@ -252,7 +252,7 @@ class LearnerActor:
         (n,) of its tokens among the batch's N, in the order the scorer returns them)."""
         idx = torch.from_numpy(np.concatenate(units))                                  # (b,)
         sub = B.share_prompts(seq, units) if self.spec.share_prompts else seq.rows(idx)
-        tok = torch.cat([torch.arange(tok_off[i], tok_off[i + 1]) for i in idx.tolist()])    # (n,)
+        tok = _token_index(tok_off, idx)                                               # (n,)
         return sub.to(self.device), idx, tok
 
     def _old_logp(self, seq, rows: np.ndarray, gid: np.ndarray, tok_off: torch.Tensor) -> torch.Tensor:
@@ -354,6 +354,13 @@ class LearnerActor:
 
     def ping(self) -> str:
         return "ok"
+
+
+def _token_index(tok_off: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """tok_off (B + 1,) each row's first token among the batch's N; idx (b,) rows -> (n,) the
+    indices of those rows' tokens, row after row."""
+    start, n = tok_off[idx], tok_off[idx + 1] - tok_off[idx]                        # (b,), (b,)
+    return torch.repeat_interleave(start - n.cumsum(0) + n, n) + torch.arange(int(n.sum()))
 
 
 def _cast(sd: dict[str, torch.Tensor] | None, dtype: str | None) -> dict[str, torch.Tensor] | None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from prorl_actors.algo.logprobs import token_logp_entropy
-from prorl_actors.batch import SeqTensors, SharedPrompts
+from prorl_actors.batch import SeqTensors, SharedPrompts, plan_micro_batches, share_prompts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -120,7 +120,6 @@ def batched_logp(model, seq: SeqTensors, temperature: float, micro_batch_size: i
     `micro_batch_size` rows (or, with `max_tokens`, of at most that many positions, rows sorted
     by length); with `group_ids` (B,), the rows of a group share one prompt pass -> (B, T) on the
     CPU (and the (B, T) entropy with `with_entropy`)."""
-    from prorl_actors.batch import plan_micro_batches, share_prompts
     B = seq.mask.shape[0]
     share = group_ids is not None
     gid = group_ids if share else np.zeros(B, np.int64)
