@@ -2,9 +2,9 @@
 (every 5 s), and the memory the folded figures hold. Records are copies of a real run's
 records (the tiny demo's: 3 tasks, 66 keys per step).
 
-    .venv/bin/python benchmarks/exporter.py [RUN_DIR]    # RUN_DIR: a run to copy records from
+    .venv/bin/python benchmarks/exporter.py [RUN_DIR] [--steps N ...]    # RUN_DIR: a run to copy records from
 """
-import sys
+import argparse
 import time
 import tracemalloc
 from pathlib import Path
@@ -33,7 +33,11 @@ def synthetic_validation() -> dict:
 
 
 def main() -> None:
-    run = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/tiny-cpu")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", nargs="?", default="runs/tiny-cpu", help="a run to copy records from")
+    p.add_argument("--steps", type=int, nargs="+", default=[100, 1_000, 10_000, 50_000], help="run lengths timed")
+    args = p.parse_args()
+    run = Path(args.run)
     m, v, e = (read_jsonl(run / f"{n}.jsonl") for n in ("metrics", "validation", "events"))
     if m and v:
         print(f"records copied from {run}: {len(m[-1])} keys per step, {len(v[-1])} per validation")
@@ -42,7 +46,7 @@ def main() -> None:
         print(f"no records in {run} (`make demo` makes some): synthetic records, {len(m[0])} keys per step, "
               f"{len(v[0])} per validation")
     print(f"{'steps':>7} {'fold at resume s':>17} {'scrape ms':>10} {'exposition KiB':>15} {'figures KiB':>12}")
-    for n in (100, 1_000, 10_000, 50_000):
+    for n in args.steps:
         steps = [{**m[i % len(m)], "step": i + 1} for i in range(n)]
         vals = [{**v[i % len(v)], "step": 10 * i} for i in range(n // 10)]
         x = Exporter("bench", n, PrometheusSpec())

@@ -82,7 +82,7 @@ def main() -> int:
     print(f"  SIGTERM to checkpoint committed (step {pre['step']})     {pre['time'] - t_term:10.2f}")
     print(f"  SIGTERM to exit (driver, incl. Ray shutdown)   {term_s:10.2f}")
     up = [float(x) for x in re.findall(r"actors up in ([0-9.]+)s", d.text() + d2.text())]
-    first = float(re.search(r"\[\s*(\d+)s\] step\s+7/8", d2.text()).group(1))
+    first = float(re.search(rf"\[\s*(\d+)s\] step\s+{pre['step'] + 1}/8", d2.text()).group(1))
     print(f"  actors up: fresh {up[0]:.1f} s, resumed {up[1]:.1f} s; resumed run's first step at {first:.0f} s "
           f"after its start, whole resumed run {resume_total_s:.1f} s")
     print(f"\nrecords: {run}")

@@ -202,7 +202,8 @@ def main() -> None:
     models = [("spec", spec, model_path)]
     if args.hidden_size:
         h = args.hidden_size
-        big = load_spec(args.spec, [*base, f"model.tiny.hidden_size={h}", f"model.tiny.intermediate_size={3 * h}",
+        big = load_spec(args.spec, [*base, "model.path=null",   # built here even when the spec's model is given
+                                    f"model.tiny.hidden_size={h}", f"model.tiny.intermediate_size={3 * h}",
                                     f"model.tiny.num_layers={args.layers}", "model.tiny.sft_steps=0",
                                     f"generator.engine={args.sync_engine}"])
         models.append((f"h{h}x{args.layers}", big, resolve_model_path(big.model, big.data, log=log)))

@@ -5,7 +5,7 @@ Items come from the built-in generators (logic: reasoning-gym's aiw and knights_
 half of the responses are the reference answer in the family's format and half are wrong
 (the right answer of another item), so both paths of every verifier are timed. Run:
 
-    .venv/bin/python benchmarks/verifiers.py [--items 200] [--threads 4]
+    .venv/bin/python benchmarks/verifiers.py [--items 200] [--threads 4] [--allow-weaker]
 """
 from __future__ import annotations
 
@@ -56,11 +56,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=200, help="responses per family")
     ap.add_argument("--threads", type=int, default=4, help="the verifier actor's num_threads")
+    ap.add_argument("--allow-weaker", action="store_true",
+                    help="the code family's sandbox runs even if an isolation layer is missing here (logged)")
     args = ap.parse_args()
     print(f"{'family':8}{'checks':>8}{'1 thread/s':>12}{f'{args.threads} threads/s':>13}{'reward mean':>13}"
           f"{'errors':>8}")
     for family, tasks in TASKS.items():
-        spec = build_spec({"data": {"tasks": tasks}, "verifier": {"num_threads": args.threads}})
+        spec = build_spec({"data": {"tasks": tasks}, "verifier": {"num_threads": args.threads,
+                                                                 "code": {"allow_weaker": args.allow_weaker}}})
         items = validation_items(spec.data, args.items // len(tasks))
         actor = VerifierActor(spec.data, spec.verifier)
         rows = _responses(actor.scorer, items)

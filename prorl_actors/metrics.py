@@ -1,10 +1,12 @@
 """Run-directory records: metrics.jsonl (one object per step), validation.jsonl and
 events.jsonl. One writer, append-only, flushed every line so a crash loses nothing.
 
-A resume or a rollback to the checkpoint of step k first calls `roll_back_records(run_dir, k)`:
+A resume or a rollback to the checkpoint of step k first calls `roll_back_records(run_dir, k, v)`:
 the lines of steps after k move to rolled_back.jsonl (the steps are done again, and each
 step appears once in the records), except the events of the run's own life (deaths,
-restarts, resumes, preemptions), which stay where they happened."""
+restarts, resumes, preemptions), which stay where they happened. Validations after the
+checkpoint's last one (v: a stop in the middle of step k's validation leaves v < k) move too,
+since they are done again."""
 from __future__ import annotations
 
 import json
@@ -64,10 +66,10 @@ class RunRecords:
             JsonlLog(self.run_dir / f"{n}.jsonl", partial(self.exporter.observe, n) if self.exporter else None)
             for n in names)
 
-    def roll_back_to(self, step: int) -> int:
+    def roll_back_to(self, step: int, validated_to: int | None = None) -> int:
         """roll_back_records on the open files (closed, rewritten, reopened) -> lines moved."""
         self.close()
-        moved = roll_back_records(self.run_dir, step)
+        moved = roll_back_records(self.run_dir, step, validated_to)
         self._open()
         return moved
 
@@ -84,16 +86,18 @@ LIFE_EVENTS = ("actor_died", "actor_restarted", "work_redispatched", "rolled_bac
                "spec_changed", "checkpoint_discarded")
 
 
-def roll_back_records(run_dir: Path, step: int) -> int:
-    """Move every record of a step after `step` (life events excepted) to rolled_back.jsonl,
-    tagged with its file -> the number of lines moved. Files are replaced atomically."""
+def roll_back_records(run_dir: Path, step: int, validated_to: int | None = None) -> int:
+    """Move every record of a step after `step` (life events excepted), and every validation
+    after `validated_to` (default: `step`), to rolled_back.jsonl, tagged with its file -> the
+    number of lines moved. Files are replaced atomically."""
     moved = 0
     with open(run_dir / "rolled_back.jsonl", "a") as out:
         for name in ("metrics.jsonl", "validation.jsonl", "events.jsonl"):
             path = run_dir / name
+            last = validated_to if name == "validation.jsonl" and validated_to is not None else step
             keep = []
             for rec in read_jsonl(path):
-                if rec.get("step", 0) <= step or rec.get("event") in LIFE_EVENTS:
+                if rec.get("step", 0) <= last or rec.get("event") in LIFE_EVENTS:
                     keep.append(rec)
                 else:
                     out.write(json.dumps({"file": name, "rolled_back_to": step, **rec}) + "\n")

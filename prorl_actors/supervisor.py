@@ -112,7 +112,7 @@ class Supervisor:
                                  log=log) if pspec.enabled else None
         self.records = RunRecords(self.run_dir, exporter=self.exporter)
         if resume_state is not None:   # records of later steps go aside before anything is written
-            rolled_back_lines = self.records.roll_back_to(resume_state["step"])
+            rolled_back_lines = self.records.roll_back_to(resume_state["step"], resume_state["last_validation_step"])
         if self.exporter is not None:   # serving from here, on the records as they stand
             address = self.exporter.start(self._ray_metrics_targets())
             self.log(f"metrics: http://{address}/metrics (Prometheus targets in {pspec.targets_dir})")
@@ -274,7 +274,7 @@ class Supervisor:
         self.reference_weights_ref = None
         self._reference_call("load", self._reference_path(), self.reference_version)
         self._broadcast_weights()
-        moved = self.records.roll_back_to(self.step)
+        moved = self.records.roll_back_to(self.step, self.last_validation_step)
         self.history = [m for m in self.history if m["step"] <= self.step]
         self.records.event("rolled_back", from_step, to_step=self.step, checkpoint=str(ckpt) if ckpt else None,
                            cause=str(lost), rolled_back_lines=moved)
@@ -297,10 +297,7 @@ class Supervisor:
             fill = g.vllm.max_num_seqs if g.engine == "vllm" else g.hf_batch_size
             chunks = generation_chunks(prompts.num_rows, sp.n, g.num_actors, g.chunks_per_actor, fill)
             rollouts = self.generators.map_table("generate", prompts, sp, num_chunks=chunks, step=self.step)
-            stale = pc.sum(pc.not_equal(rollouts[B.POLICY_VERSION], self.version)).as_py() or 0
-            if stale:   # a generator that missed a sync: the learner's ratios would be off-policy
-                raise RuntimeError(f"step {self.step}: {stale} rollouts sampled from another policy version than "
-                                   f"{self.version} ({sorted(set(rollouts[B.POLICY_VERSION].to_pylist()))})")
+            refuse_other_versions(rollouts, self.version, self.step)
         with timer("verify"):
             rollouts = self.verifiers.map_table("verify", rollouts, rows_per_unit=sp.n, step=self.step)
         return rollouts
@@ -363,7 +360,7 @@ class Supervisor:
         if batch is None:
             self.records.event("no_informative_groups", self.step, rounds=rounds)
         else:
-            batch = trainable_batch(batch, spec)
+            batch, shaping = trainable_batch(batch, spec)
             ref_scale = self.ref_temperature_scale()
             if batch.num_rows and self.reference_needed():
                 with timer("reference"):
@@ -380,6 +377,7 @@ class Supervisor:
             stats["ref_temperature_scale_used"] = ref_scale
             stats["entropy_signal"] = self.entropy_signal(stats)
             stats["kl_share"] = kl_share(stats.get("pg_loss", math.nan), stats.get("kl", math.nan), kl_coef)
+            stats.update(shaping)
         if stats and stats["optimizer_steps"] == 0:  # every update was non-finite: weights unchanged
             self.records.event("update_skipped", self.step, skipped_updates=stats["skipped_updates"])
         elif stats:
@@ -426,7 +424,8 @@ class Supervisor:
             "entropy_band": self.kl.band if entropy_target else math.nan,
             **{k: stats.get(k, math.nan) for k in (
                 "pg_loss", "clip_frac_low", "clip_frac_high", "clip_frac", "dual_clip_frac", "approx_kl",
-                "grad_norm", "lr", "optimizer_steps", "sampler_logp_gap", "kl_capped_frac", "pad_frac")},
+                "grad_norm", "lr", "optimizer_steps", "sampler_logp_gap", "kl_capped_frac", "pad_frac",
+                "overlong_penalty")},
             "kept_groups_frac": informative / (allr.num_rows // G), "trained_groups": n_kept, "gen_rounds": rounds,
             "surplus_groups": informative - n_kept, "keep_rate": self.keep_rate.rate,
             "response_len_mean": float(resp_len.mean()),
@@ -640,8 +639,10 @@ class Supervisor:
         """SIGTERM: a checkpoint of the last complete step (unless nothing was trained yet)."""
         self.interruptible = False
         path = None
-        if self.step > 0:
-            path = self.restore_from if self.last_checkpoint_step() == self.step else self.checkpoint()
+        if self.step > 0:   # the checkpoint of this step, unless a validation was done since it was saved
+            current = self.restore_from and read_state(self.restore_from)["step"] == self.step and \
+                read_state(self.restore_from)["last_validation_step"] == self.last_validation_step
+            path = self.restore_from if current else self.checkpoint()
         self.records.event("preempted", self.step, signal=self.stop.signal,
                            checkpoint=str(path) if path else None)
         self.log(f"stopped by {self.stop.signal} after step {self.step}: "
@@ -668,10 +669,10 @@ class Supervisor:
         return path
 
     def shutdown(self) -> None:
-        try:   # stop the verifiers' helper processes (sandbox workers, math-verify) before the kill
-            self.verifiers.call_all("close")
-        except Exception as e:  # noqa: BLE001 - a dead verifier has nothing left to stop
-            self.log(f"closing verifiers: {type(e).__name__}: {e}")
+        # stop the verifiers' helper processes (sandbox workers, math-verify) before the kill; not
+        # through the group's calls, which would take a verifier that died before as a new death
+        closing = [a.close.remote() for a in self.verifiers.actors]
+        ray.wait(closing, num_returns=len(closing), timeout=60)
         for grp in self.groups:
             grp.kill()
         self.placement.remove()
@@ -709,21 +710,34 @@ def make_reset_policy(spec: RunSpec) -> ResetPolicy:
                        max_wait_steps=r.max_wait_steps, entropy_window=r.entropy_window)
 
 
-def trainable_batch(batch: pa.Table, spec: RunSpec) -> pa.Table:
-    """The kept groups -> what the reference and the learner get: ADV added (group-relative, on
-    the rewards, with DAPO's soft overlong penalty when asked); under overlong mode "mask" the
-    truncated responses leave here (after their group's advantages, which they count in), so
-    that neither the reference nor the learner spends a pass on them."""
+def refuse_other_versions(rollouts: pa.Table, version: int, step: int) -> None:
+    """Raise if any row was sampled from another policy version than `version` (a generator
+    that missed a sync: the learner's ratios would be off-policy)."""
+    stale = pc.sum(pc.not_equal(rollouts[B.POLICY_VERSION], version)).as_py() or 0
+    if stale:
+        raise RuntimeError(f"step {step}: {stale} rollouts sampled from another policy version than {version} "
+                           f"({sorted(set(rollouts[B.POLICY_VERSION].to_pylist()))})")
+
+
+def trainable_batch(batch: pa.Table, spec: RunSpec) -> tuple[pa.Table, dict]:
+    """The kept groups -> (what the reference and the learner get, its figures): ADV added
+    (group-relative, on the rewards, with DAPO's soft overlong penalty when asked, whose mean
+    over the rows is the figure `overlong_penalty`); under overlong mode "mask" the truncated
+    responses leave here (after their group's advantages, which they count in), so that neither
+    the reference nor the learner spends a pass on them."""
     G, ol = spec.group_size, spec.algorithm.overlong
     rewards = torch.tensor(batch[B.REWARD].to_numpy(), dtype=torch.float32)               # (B,)
+    figures = {}
     if ol.mode == "soft_punish":   # DAPO: a length penalty shapes the advantages, not the filter
         lengths = torch.tensor(pc.list_value_length(batch[B.RESPONSE_IDS]).to_numpy())
-        rewards = rewards + overlong_penalty(lengths, spec.generator.max_new_tokens, ol.buffer_tokens)
+        penalty = overlong_penalty(lengths, spec.generator.max_new_tokens, ol.buffer_tokens)  # (B,) in [-1, 0]
+        rewards = rewards + penalty
+        figures["overlong_penalty"] = float(penalty.mean())
     adv = get_adv_estimator(spec.algorithm.adv_estimator)(rewards, G)                     # (B,)
     batch = B.with_column(batch, B.ADV, adv.numpy())
     if ol.mode == "mask":   # truncated responses get no gradient
         batch = B.select_rows(batch, ~batch[B.TRUNCATED].to_numpy(zero_copy_only=False))
-    return batch
+    return batch, figures
 
 
 def summary_table(result: dict) -> str:

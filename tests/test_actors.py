@@ -62,6 +62,24 @@ def test_generator_batch_shape(parts):
         assert eos not in ids[:-1]  # nothing after the end of a response
 
 
+def test_rows_of_another_policy_version_are_refused(parts, tiny_model):
+    """Every row carries the version its generator held; the supervisor refuses a batch with any
+    row of another version than the learner's (a generator that missed a sync)."""
+    from prorl_actors.supervisor import refuse_other_versions
+    spec, tok, r = parts
+    gen = GeneratorActor(str(tiny_model), "float32", spec.generator, 0)
+    assert gen.set_weights(load_causal_lm(tiny_model, "float32").state_dict(), 3) == 3
+    prompts = prompt_table(tok, validation_items(spec.data, 2))
+    rows = gen.generate(prompts, SamplingSpec(n=G, temperature=1.2, top_p=1.0, max_new_tokens=4, seed=0))
+    assert rows[B.POLICY_VERSION].to_pylist() == [3] * 2 * G
+    refuse_other_versions(rows, 3, step=7)
+    with pytest.raises(RuntimeError, match=r"step 7: 8 rollouts sampled from another policy version than 4 \(\[3\]\)"):
+        refuse_other_versions(rows, 4, step=7)
+    mixed = B.concat([rows, r.slice(0, 1)])                     # one row of version 0 among them
+    with pytest.raises(RuntimeError, match=r"1 rollouts .* than 3 \(\[0, 3\]\)"):
+        refuse_other_versions(mixed, 3, step=7)
+
+
 def test_response_logp_matches_unpadded_forward(parts, tiny_model):
     spec, tok, r = parts
     model = load_causal_lm(tiny_model, "float32").eval()

@@ -14,13 +14,12 @@ def checker():
 
 
 def math_reward(checker, response: str, reference: str) -> int:
+    """1 or 0 as judged: no committed answer, or math-verify's verdict. A checker that breaks
+    (CheckTimeout, ValueError) raises here, so that the negative table cannot pass on a failure."""
     answer = final_answer(response)
     if answer is None:
         return 0
-    try:
-        return int(checker.equivalent(answer, reference))
-    except (CheckTimeout, ValueError):
-        return 0
+    return int(checker.equivalent(answer, reference))
 
 
 MATH_PASS = [

@@ -78,6 +78,12 @@ def test_roll_back_moves_later_steps_aside_but_keeps_the_runs_life(tmp_path):
                                                        ("validation.jsonl", 4), ("events.jsonl", 3),
                                                        ("events.jsonl", 4)]
     assert all(r["rolled_back_to"] == 2 for r in moved)
+    # a checkpoint of step 2 saved before step 2's validation (a stop in its middle): that
+    # validation is done again after the resume, so its record leaves with the later steps
+    _write(tmp_path / "validation.jsonl", [{"step": 0}, {"step": 2}])
+    assert roll_back_records(tmp_path, 2, validated_to=0) == 1
+    assert [r["step"] for r in read_jsonl(tmp_path / "validation.jsonl")] == [0]
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
 def test_a_torn_last_line_is_dropped_a_bad_middle_line_is_an_error(tmp_path):

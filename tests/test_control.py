@@ -335,16 +335,18 @@ def test_trainable_batch_advantages_then_truncated_rows_leave():
                         truncated=[False, True, False, True], policy_version=[0] * 4)
     t = B.with_column(t, B.REWARD, [1.0, 0.0, 0.0, 1.0])
     base = {"generator": {"num_samples_per_prompt": 2, "max_new_tokens": 4}}
-    masked = trainable_batch(t, build_spec({**base, "algorithm": {"overlong": {"mode": "mask"}}}))
+    masked, figures = trainable_batch(t, build_spec({**base, "algorithm": {"overlong": {"mode": "mask"}}}))
+    assert figures == {}
     s = 1 / math.sqrt(0.5)                     # (r - mean) / unbiased std of {0, 1}
     assert masked[B.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s], rel=1e-5)   # rows 0, 2 stay (std + 1e-6)
     assert masked[B.GROUP_ID].to_pylist() == [0, 1] and B.group_bounds(masked).tolist() == [0, 1, 2]
-    kept = trainable_batch(t, build_spec(base))
+    kept, _ = trainable_batch(t, build_spec(base))
     assert kept.num_rows == 4 and kept[B.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s, -0.5 * s, 0.5 * s], rel=1e-5)
-    soft = trainable_batch(t, build_spec({**base, "algorithm": {"overlong": {"mode": "soft_punish",
-                                                                              "buffer_tokens": 2}}}))
+    soft, figures = trainable_batch(t, build_spec({**base, "algorithm": {"overlong": {"mode": "soft_punish",
+                                                                                       "buffer_tokens": 2}}}))
     # lengths 2, 4, 1, 4 against a ramp over the last 2 tokens before 4: penalties 0, -1, 0, -1
     assert soft[B.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s, 0.0, 0.0], rel=1e-5)
+    assert figures == {"overlong_penalty": -0.5}
 
 
 def test_generation_chunks_fill_the_engine():

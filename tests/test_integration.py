@@ -28,9 +28,16 @@ def _train(tiny_model, tmp_path, engine, extra=()):
     return r, tmp_path / "it"
 
 
+# the HF run also holds beta by kl-target (far below the KL, so that beta moves every step) and
+# shapes the rewards with DAPO's soft overlong penalty over the whole response (buffer = 8 tokens)
+KL_TARGET_SOFT_PUNISH = ("supervisor.kl.mode=kl-target", "supervisor.kl.kl_target=1e-9", "supervisor.kl.horizon=5",
+                         "supervisor.kl.coef=1e-3", "algorithm.overlong.mode=soft_punish",
+                         "algorithm.overlong.buffer_tokens=8")
+
+
 @pytest.mark.parametrize("engine", ["vllm", "hf"])
 def test_train_few_steps(tiny_model, tmp_path, engine):
-    r, run = _train(tiny_model, tmp_path, engine)
+    r, run = _train(tiny_model, tmp_path, engine, KL_TARGET_SOFT_PUNISH if engine == "hf" else ())
     assert "validation accuracy (held-out)" in r.stdout  # the start-vs-end table
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]
@@ -64,6 +71,24 @@ def test_train_few_steps(tiny_model, tmp_path, engine):
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(last)
     assert (run / "spec.yaml").exists() and (run / "curves.png").stat().st_size > 10_000
+    if engine == "hf":
+        _check_kl_target_and_soft_punish(metrics)
+    else:
+        assert all(m["overlong_penalty"] is None for m in metrics)     # not measured: no penalty asked for
+
+
+def _check_kl_target_and_soft_punish(metrics):
+    """kl-target: beta follows Ziegler et al.'s rule from each trained step's KL, coef x (1 +
+    clip(kl / target - 1, +-0.2) / horizon); soft_punish: with the ramp over the whole response,
+    every trained response of length L > 0 adds -L/8 to its reward (the step's mean is recorded)."""
+    coef = 1e-3
+    for m in metrics:
+        assert m["kl_coef"] == pytest.approx(coef, rel=1e-12)
+        if m["trained_groups"]:
+            coef *= 1 + min(max(m["kl"] / 1e-9 - 1, -0.2), 0.2) / 5
+            assert -1 <= m["overlong_penalty"] < 0
+        assert m["kl_coef_next"] == pytest.approx(coef, rel=1e-12)
+    assert any(m["kl_coef_next"] > m["kl_coef"] for m in metrics)   # KL above its target: beta rose
 
 
 def test_five_families_files_and_held_out_tasks_through_ray(tiny_model, tmp_path):
@@ -157,18 +182,26 @@ def test_the_controller_can_move_the_reference_temperature(tiny_model, tmp_path)
     """kl.actuator=reference_temperature: beta stays at kl.coef while the reference's temperature
     scale rises (entropy below the target); the scale used is recorded per step; KL is 0 at step 1
     only while the scale is 1; resets do not wait for entropy, and at a reset the scale is chosen
-    again so that the new reference's entropy on the step's responses is the old one's."""
+    again so that the new reference's entropy on the step's responses is the old one's. Two tasks
+    of weights 1 and 3: the signal held is their entropies weighted 1:3, not the batch's mean."""
+    tasks = ("[{name: two, dataset: chain_sum, weight: 1.0, config: {min_terms: 2, max_terms: 2, min_digits: 1, "
+             "max_digits: 1}}, {name: three, dataset: chain_sum, weight: 3.0, config: {min_terms: 3, max_terms: 3, "
+             "min_digits: 1, max_digits: 1}}]")
     r, run = _train(tiny_model, tmp_path, "hf", extra=(
         "supervisor.kl.mode=entropy-target", "supervisor.kl.entropy_target_relative=3.0",
         "supervisor.kl.actuator=reference_temperature", "supervisor.kl.coef=0.5", "supervisor.kl.coef_min=0.8",
         "supervisor.kl.coef_max=1.5", "supervisor.kl.rate=0.05", "supervisor.kl.kp=0",
         "supervisor.resets.triggers=[scheduled]", "supervisor.resets.every_steps=2", "num_steps=3",
-        "supervisor.kl.entropy_signal=task_mean"))
+        "supervisor.kl.entropy_signal=task_mean", f"data.tasks={tasks}"))
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["kl_coef"] for m in metrics] == [0.5] * 3
-    (task,) = [k for k in metrics[0] if k.startswith("entropy/")]           # one task: its mean is the signal
+    both = 0
     for m in metrics:
-        assert m["entropy_signal"] == pytest.approx(m[task]) and m[task] == pytest.approx(m["entropy"], rel=1e-4)
+        h = {t: m.get(f"entropy/{t}") for t in ("two", "three")}
+        w = {t: {"two": 1.0, "three": 3.0}[t] for t in h if h[t] is not None}          # the tasks trained
+        assert w and m["entropy_signal"] == pytest.approx(sum(w[t] * h[t] for t in w) / sum(w.values()), rel=1e-9)
+        both += len(w) == 2
+    assert both, "no step trained both tasks: the weighting was not exercised"
     assert metrics[0]["entropy_target"] == pytest.approx(3.0 * metrics[0]["entropy_signal"])
     scale = [m["ref_temperature_scale"] for m in metrics]
     assert scale[0] == 1.0 and scale[1] == pytest.approx(math.exp(0.1))     # rate 0.05 x error 2 (clipped)

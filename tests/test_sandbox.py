@@ -62,11 +62,10 @@ def test_a_test_that_kills_its_process_does_not_take_the_others(sb):
                "if cmd == 'segv':\n    import ctypes; ctypes.string_at(0)\n"
                "print(cmd.upper())\n")
     tests = [TestCase.stdio(f"{c}\n", c.upper()) for c in ("a", "die", "b", "loop", "c", "segv", "d")]
-    t0 = time.monotonic()
     r = sb.run(program, tests)
     assert r.verdicts == ["pass", "error", "pass", "timeout", "pass", "killed", "pass"], r.details
     assert r.details[1] == "exit code 3" and r.details[5] == "killed by SIGSEGV"
-    assert 1.0 <= time.monotonic() - t0 < 3.0
+    assert r.details[3].startswith("over the wall-time limit")     # the loop was stopped at its limit
 
 
 def test_a_fresh_process_keeps_the_programs_own_tmp(sb):
@@ -86,7 +85,6 @@ def test_program_budget_stops_later_tests(sb):
     assert r.verdicts == ["timeout"] * 4
     assert all(d.startswith("over the wall-time limit") for d in r.details[:3])   # the third gets what is left
     assert r.details[3] == "not run: budget"
-    assert r.seconds < 2.0
 
 
 def test_programs_do_not_see_each_other(sb):
@@ -319,10 +317,8 @@ def test_signals_to_itself_act_as_in_plain_python(sb):
 def test_cpu_time_is_limited_per_test(sb):
     if "cpu" not in ISO.cgroup["roots"]:
         pytest.skip("no cgroup CPU accounting on this host: CPU is limited per process only")
-    t0 = time.monotonic()
-    r = sb.run("x = 0\nwhile True:\n    x += 1", [TestCase.stdio("", "x")], limits=Limits(wall_s=5, cpu_s=0.5))
-    assert r.verdicts == ["timeout"] and r.details == ["over the CPU-time limit"]
-    assert time.monotonic() - t0 < 2.0
+    r = sb.run("x = 0\nwhile True:\n    x += 1", [TestCase.stdio("", "x")], limits=Limits(wall_s=30, cpu_s=0.5))
+    assert r.verdicts == ["timeout"] and r.details == ["over the CPU-time limit"]   # not the wall-time one
 
 
 def test_third_party_packages_are_not_visible(sb):
@@ -539,11 +535,13 @@ def test_a_program_that_runs_out_of_budget_leaves_no_tmp_charge(sb):
 
 def test_closing_the_input_channel_does_not_spin_the_parent(sb):
     import resource
-    before = resource.getrusage(resource.RUSAGE_SELF)
+    before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
     r = sb.run("import os, time\nos.close(6)\ntime.sleep(0.9)\nprint(1)", [TestCase.stdio("", "1")] * 2)
-    after = resource.getrusage(resource.RUSAGE_SELF)
+    after, waited = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - t0
     assert r.verdicts[0] == "pass"
-    assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 0.3
+    # a parent spinning on the closed channel burns CPU for the whole wait; a waiting one nearly none
+    # (the bound is a third of the wait, far above the ~0.02 s a wait costs)
+    assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < waited / 3
 
 
 def test_the_program_is_compiled_as_its_own_module(sb):

