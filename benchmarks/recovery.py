@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prorl_actors.metrics import read_jsonl  # noqa: E402
-from tests.test_survival import Driver, _steps_done, _until  # noqa: E402
+from tests.test_survival import Driver, _steps_done  # noqa: E402
 
 KILLS = [("ray::GeneratorActor.generate", 1), ("ray::VerifierActor.verify", 2),
          ("ray::ReferenceActor.logprobs", 3), ("ray::LearnerActor.update", 4)]
@@ -40,13 +40,10 @@ def main() -> int:
     args = [sys.executable, "-m", "prorl_actors.cli", "train", "specs/tiny-cpu.yaml", f"output_dir={out}", "name=run",
             "num_steps=8", "checkpoint.every_steps=2", "validation.every_steps=0", *a.overrides]
     d = Driver(args, out / "log1.txt")
-    for title, after in KILLS:
-        _until(lambda: _steps_done(run) >= after, 900, f"step {after}", d, poll=0.2)
-        pid = d.catch(title, 900)
-        os.kill(pid, signal.SIGKILL)
+    for title, after in KILLS:        # in the first such call after that step is recorded
+        pid = d.kill(d.catch(title, when=lambda: _steps_done(run) >= after, timeout=900))
         print(f"killed {title} (pid {pid}) after step {after}", flush=True)
-    _until(lambda: _steps_done(run) >= 6, 900, "step 6", d, poll=0.2)
-    d.catch("ray::GeneratorActor.generate", 900)           # step 7's generation
+    d.catch("ray::GeneratorActor.generate", when=lambda: _steps_done(run) >= 6, timeout=900)   # step 7's generation
     t_term = time.time()
     os.kill(d.proc.pid, signal.SIGTERM)
     rc = d.wait(600)

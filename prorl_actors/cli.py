@@ -1,4 +1,4 @@
-"""`prorl train|validate|eval|monitor|convert|tasks|make-tiny-model`.
+"""`prorl train|validate|eval|monitor|convert|tasks|make-tiny-model|checkpoint verify`.
 
 `prorl train SPEC [dotted.key=value ...]` validates the spec first (exit 2 with every
 error, nothing started), then joins the Ray cluster named by `ray.address` or RAY_ADDRESS
@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from prorl_actors.errors import InputError
 from prorl_actors.spec import SpecError, load_spec, to_yaml
 
 
@@ -27,11 +28,18 @@ def _load(args):
     try:
         return load_spec(args.spec, args.overrides)
     except SpecError as e:
-        print(f"prorl: invalid spec {args.spec}\n{e}", file=sys.stderr)
-        sys.exit(2)
-    except FileNotFoundError as e:
-        print(f"prorl: {e}", file=sys.stderr)
-        sys.exit(2)
+        raise InputError(f"invalid spec {args.spec}\n{e}") from None
+
+
+def _check_sources(spec) -> list[str]:
+    """The model directory there and every data file of the spec read and every row checked,
+    before anything starts -> what each task holds."""
+    from prorl_actors.tasks import check_sources
+    if spec.model.path is not None and not (Path(spec.model.path) / "config.json").is_file():
+        raise InputError(f"model.path {spec.model.path}: not a model directory (no config.json there)")
+    return (["data.tasks:"] + [f"  {ln}" for ln in check_sources(spec.data.tasks)]
+            + (["validation.tasks:"] + [f"  {ln}" for ln in check_sources(spec.validation.tasks)]
+               if spec.validation.tasks else []))
 
 
 def connect_ray(spec) -> None:
@@ -50,31 +58,43 @@ def connect_ray(spec) -> None:
 
 def cmd_validate(args) -> int:
     spec = _load(args)
+    sources = _check_sources(spec)
     print(to_yaml(spec), end="")
+    print("".join(f"# {ln}\n" for ln in sources), end="")   # YAML comments: the output stays a spec
     return 0
 
 
-def _start_from(spec, log):
+def _start_from(spec, log) -> tuple[Path | None, list[tuple[Path, Path, str]]]:
     """The checkpoint this run continues from (None: a fresh start), after moving an earlier,
-    unresumable run's directory aside."""
-    from prorl_actors.checkpoint import format_problem, latest_checkpoint
+    unresumable run's directory aside, and the damaged checkpoints moved aside on the way
+    (checkpoint, where it went, what is wrong)."""
+    from prorl_actors.checkpoint import damage, format_problem, latest_checkpoint, newest_intact
     run_dir = spec.run_dir
-    ckpt, why = None, "resume: never"
+    ckpt, why, damaged = None, "resume: never", []
     if spec.resume == "auto":
         ckpt, why = latest_checkpoint(run_dir / "checkpoints"), "it has no complete checkpoint to resume from"
         if ckpt is not None and format_problem(ckpt):
             ckpt, why = None, f"its newest checkpoint cannot be resumed: {format_problem(ckpt)}"
+        elif ckpt is not None:
+            ckpt, bad = newest_intact(run_dir / "checkpoints")
+            if ckpt is None:
+                raise InputError(f"{run_dir}: every checkpoint is damaged, none to resume from: "
+                                 + "; ".join(w for _, w in bad) + " (resume=never starts afresh)")
+            for c, w in bad:    # newer than the intact one: kept for a look, out of the resume's way
+                aside = c.with_name(f"damaged-{c.name}")
+                os.replace(c, aside)
+                damaged.append((c, aside, w))
+                log(f"checkpoint {c} is damaged ({w}): moved to {aside}; resuming from an older one")
     elif spec.resume != "never":
         ckpt = Path(spec.resume).resolve()
-        if format_problem(ckpt):
-            print(f"prorl: resume={spec.resume}: {format_problem(ckpt)}", file=sys.stderr)
-            sys.exit(2)
+        if format_problem(ckpt) or damage(ckpt):
+            raise InputError(f"resume={spec.resume}: {format_problem(ckpt) or damage(ckpt)}")
     if ckpt is None and run_dir.exists() and any(run_dir.iterdir()):
         # never mix two runs' records
         old = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir.rename(old)
         log(f"{run_dir} held an earlier run ({why}): moved it to {old}")
-    return ckpt
+    return ckpt, damaged
 
 
 def _spec_changes(old_yaml: str, new_yaml: str) -> dict:
@@ -110,7 +130,8 @@ def cmd_train(args) -> int:
         stop.requested, stop.signal = True, signal.Signals(signum).name
         log(f"{stop.signal}: stopping at the next safe point, then a checkpoint")
 
-    ckpt = _start_from(spec, log)
+    _check_sources(spec)   # a bad data row stops the run here, before Ray and the actors start
+    ckpt, damaged = _start_from(spec, log)
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_yaml = to_yaml(spec)
     changes = {}
@@ -137,6 +158,8 @@ def cmd_train(args) -> int:
     import ray
     try:
         sup = Supervisor(spec, model_path, log=log, resume_from=ckpt, stop=stop)
+        for c, aside, why in damaged:
+            sup.records.event("checkpoint_damaged", sup.step, checkpoint=str(c), moved_to=str(aside), problem=why)
         if changes:
             sup.records.event("spec_changed", sup.step, changes=changes)
         try:
@@ -159,20 +182,22 @@ def cmd_train(args) -> int:
 def _eval_paths(args) -> tuple[Path, Path, Path | None]:
     """--model (a run directory: its newest checkpoint; a checkpoint; an HF model directory) ->
     (the model's directory, the spec file: --spec, else the run's spec.yaml, the run directory)."""
-    from prorl_actors.checkpoint import STATE_FILE, latest_checkpoint
+    from prorl_actors.checkpoint import STATE_FILE, damage, latest_checkpoint
     p, run_dir = Path(args.model).resolve(), None
     if (p / "spec.yaml").is_file() and (p / "checkpoints").is_dir():
         run_dir, p = p, latest_checkpoint(p / "checkpoints")
         if p is None:
-            sys.exit(f"prorl eval: {args.model} has no complete checkpoint")
+            raise InputError(f"{args.model} has no complete checkpoint")
     elif (p / STATE_FILE).is_file() and (p.parent.parent / "spec.yaml").is_file():
         run_dir = p.parent.parent
     if not (p / "config.json").is_file():
-        sys.exit(f"prorl eval: {args.model} is neither a run directory, a checkpoint nor a model directory "
-                 "(config.json)")
+        raise InputError(f"{args.model} is neither a run directory, a checkpoint nor a model directory "
+                         "(config.json)")
+    if (p / STATE_FILE).is_file() and damage(p):
+        raise InputError(f"checkpoint {p} is damaged: {damage(p)} (name an intact one with --model)")
     spec = args.spec or (run_dir / "spec.yaml" if run_dir else None)
     if spec is None:
-        sys.exit(f"prorl eval: {args.model} is not in a run directory: give the run spec with --spec")
+        raise InputError(f"{args.model} is not in a run directory: give the run spec with --spec")
     return p, Path(spec), run_dir
 
 
@@ -193,7 +218,7 @@ def cmd_eval(args) -> int:
         if not (base / "config.json").is_file():
             hint = (f"; to use the run's base model with the override {args.base}, write --base= {args.base}"
                     if "=" in args.base and not base.exists() else "")
-            sys.exit(f"prorl eval: --base {base} is not a model directory (config.json){hint}")
+            raise InputError(f"--base {base} is not a model directory (config.json){hint}")
     out = Path(args.out) if args.out else (run_dir or spec.run_dir) / "eval" / model.name
     connect_ray(spec)
     import ray
@@ -228,9 +253,29 @@ def cmd_convert(args) -> int:
     from prorl_actors.tasks.files import DataError
     try:
         convert_file(args.format, args.input, args.output, strict=args.strict)
-    except (DataError, FileNotFoundError) as e:
-        print(f"prorl convert: {e}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as e:
+        raise DataError(f"{args.input}: no such file") from e
+    return 0
+
+
+def cmd_checkpoint_verify(args) -> int:
+    """Every file of a checkpoint against its manifest, then every part loaded as a resume loads
+    it and the policy checked against its recorded digest."""
+    from prorl_actors.checkpoint import STATE_FILE, format_problem, read_state, verify_checkpoint
+    ckpt = Path(args.dir)
+    if not (ckpt / STATE_FILE).is_file():
+        raise InputError(f"{ckpt}: not a checkpoint (no {STATE_FILE})")
+    if format_problem(ckpt):
+        raise InputError(f"{ckpt}: {format_problem(ckpt)}")
+    try:
+        verify_checkpoint(ckpt)
+    except (ValueError, OSError) as e:
+        raise InputError(str(e)) from None
+    st = read_state(ckpt)
+    files = [p for p in ckpt.rglob("*") if p.is_file()]
+    print(f"{ckpt}: intact: step {st['step']}, {len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.1f} "
+          f"MiB" + (", every one as its manifest says" if st.get("manifest") else ", saved before manifests")
+          + f"; the policy's weights match their digest {st['weights_sha256'][:12]}")
     return 0
 
 
@@ -297,13 +342,22 @@ def main(argv=None) -> int:
     sp.add_argument("output", help=".jsonl or .parquet")
     sp.add_argument("--strict", action="store_true", help="stop at the first bad row instead of leaving it out")
     sp.set_defaults(fn=cmd_convert)
+    sp = sub.add_parser("checkpoint", help="check a checkpoint by hand")
+    csub = sp.add_subparsers(dest="action", required=True)
+    v = csub.add_parser("verify", help="every file against the checkpoint's manifest, then every part loaded")
+    v.add_argument("dir", help="a checkpoint directory (step_NNNNNN)")
+    v.set_defaults(fn=cmd_checkpoint_verify)
     sp = sub.add_parser("tasks", help="list the generators each task family can name as `dataset`")
     sp.add_argument("family", nargs="?", choices=["math", "code", "stem", "logic", "ifeval"])
     sp.add_argument("--yaml", action="store_true", help="print data.tasks entries for every generator but "
                                                         "the held-out evaluation ones (a default training mix)")
     sp.set_defaults(fn=cmd_tasks)
     args = p.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except InputError as e:   # the user's input: one message, no traceback (a bug keeps its traceback)
+        print(f"prorl {args.cmd}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ class RunRecords:
 
 # events about the run itself, not about its training steps: never rolled back
 LIFE_EVENTS = ("actor_died", "actor_restarted", "work_redispatched", "rolled_back", "run_resumed", "preempted",
-               "spec_changed", "checkpoint_discarded")
+               "spec_changed", "checkpoint_damaged")
 
 
 def roll_back_records(run_dir: Path, step: int, validated_to: int | None = None) -> int:

@@ -88,8 +88,8 @@ def cmd_monitor(args) -> int:
         try:
             wait_ready(url, proc)
         except RuntimeError as e:
-            print(f"prorl monitor: {e}; its log: {log}", file=sys.stderr)
-            return 1
+            print(f"prorl monitor: {e}; its log: {log}", file=sys.stderr)   # its config or its port
+            return 2
         runs = live_runs()
         print(f"Prometheus {url} ready (config {config}, data {storage}, log {log})")
         print(f"  graphs: {url}/graph   alerts: {url}/alerts   targets: {url}/targets")

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+from prorl_actors.errors import InputError
 
 
 def opt(default, *, ge=None, gt=None, le=None, lt=None, help=""):
@@ -677,7 +679,7 @@ def _source_key(t: TaskSpec) -> tuple:
 
 
 # ----------------------------------------------------------------------------- checking
-class SpecError(ValueError):
+class SpecError(InputError):
     """Every problem of a spec, each as (key path, value given, what is allowed)."""
 
     def __init__(self, errors: list[tuple[str, Any, str]]):
@@ -799,16 +801,45 @@ def build_spec(data: dict) -> RunSpec:
     return spec
 
 
+def _read_spec_file(path: str | Path) -> DictConfig:
+    """The YAML mapping of a spec file, or InputError saying what is wrong with the file."""
+    import yaml
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise InputError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not a text file ({e.reason} at byte {e.start})") from None
+    if not isinstance(cfg, DictConfig):
+        raise InputError(f"{path}: a run spec is a mapping of sections (model:, data:, learner:, ...); "
+                         f"this file holds a {type(OmegaConf.to_container(cfg)).__name__}")
+    return cfg
+
+
 def load_spec(path: str | Path | None, overrides: list[str] = ()) -> RunSpec:
     """YAML file (or the defaults when path is None) + `dotted.key=value` overrides."""
     errs = []
-    cfg = OmegaConf.load(path) if path is not None else OmegaConf.create({})
+    cfg = _read_spec_file(path) if path is not None else OmegaConf.create({})
+    parsed = []
     for o in overrides:
         if "=" not in o:
             errs.append((o, o, "overrides of the form dotted.key=value"))
+            continue
+        try:
+            parsed.append(OmegaConf.from_dotlist([o]))
+        except Exception as e:  # noqa: BLE001 - OmegaConf's grammar errors have no common base worth naming
+            errs.append((o.split("=", 1)[0], o.split("=", 1)[1],
+                         f"a value OmegaConf can parse ({str(e).splitlines()[0]})"))
     if errs:
         raise SpecError(errs)
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    try:
+        cfg = OmegaConf.merge(cfg, *parsed)
+    except Exception as e:  # noqa: BLE001 - e.g. a list given where the file has a mapping
+        raise SpecError([("<overrides>", list(overrides), f"values that fit the spec's structure ({e})")]) from None
     try:
         data = OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:  # a broken ${...} interpolation

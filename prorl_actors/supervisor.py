@@ -640,8 +640,9 @@ class Supervisor:
         self.interruptible = False
         path = None
         if self.step > 0:   # the checkpoint of this step, unless a validation was done since it was saved
-            current = self.restore_from and read_state(self.restore_from)["step"] == self.step and \
-                read_state(self.restore_from)["last_validation_step"] == self.last_validation_step
+            saved = read_state(self.restore_from) if self.restore_from else None
+            current = saved is not None and (saved["step"], saved["last_validation_step"]) == \
+                (self.step, self.last_validation_step)
             path = self.restore_from if current else self.checkpoint()
         self.records.event("preempted", self.step, signal=self.stop.signal,
                            checkpoint=str(path) if path else None)
@@ -671,8 +672,11 @@ class Supervisor:
     def shutdown(self) -> None:
         # stop the verifiers' helper processes (sandbox workers, math-verify) before the kill; not
         # through the group's calls, which would take a verifier that died before as a new death
-        closing = [a.close.remote() for a in self.verifiers.actors]
-        ray.wait(closing, num_returns=len(closing), timeout=60)
+        try:
+            closing = [a.close.remote() for a in self.verifiers.actors]
+            ray.wait(closing, num_returns=len(closing), timeout=60)
+        except Exception as e:  # noqa: BLE001 - the kill below still has to happen
+            self.log(f"closing verifiers: {type(e).__name__}: {e}")
         for grp in self.groups:
             grp.kill()
         self.placement.remove()

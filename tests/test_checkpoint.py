@@ -1,6 +1,7 @@
 """Checkpoint files and run records without Ray: atomic saves, rolled-back records, torn lines,
 the `resume` key, spec changes between starts."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,20 @@ def test_roll_back_moves_later_steps_aside_but_keeps_the_runs_life(tmp_path):
     assert roll_back_records(tmp_path, 2, validated_to=0) == 1
     assert [r["step"] for r in read_jsonl(tmp_path / "validation.jsonl")] == [0]
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+    # a rollback to the start (no checkpoint yet): validation 0 is done again too
+    assert roll_back_records(tmp_path, 0, validated_to=-1) == 4      # steps 1 and 2, validation 0, an event
+    assert read_jsonl(tmp_path / "validation.jsonl") == read_jsonl(tmp_path / "metrics.jsonl") == []
+
+
+def test_a_save_killed_between_its_renames_leaves_the_step_it_replaced(tmp_path):
+    """Saving a step again renames the old checkpoint aside, then the new one in: a kill between
+    the two leaves `.tmp-old-step_N` alone, which the next listing puts back."""
+    from prorl_actors.checkpoint import list_checkpoints
+    ckpt = tmp_path / "step_000002"
+    ckpt.mkdir()
+    (ckpt / "supervisor_state.json").write_text(json.dumps({"step": 2}))
+    os.replace(ckpt, tmp_path / ".tmp-old-step_000002")
+    assert list_checkpoints(tmp_path) == [ckpt] and not (tmp_path / ".tmp-old-step_000002").exists()
 
 
 def test_a_torn_last_line_is_dropped_a_bad_middle_line_is_an_error(tmp_path):

@@ -103,15 +103,16 @@ def test_hung_call_is_killed_and_sent_again(local_ray, tmp_path):
 
 
 def test_restart_limit(local_ray):
+    """max_restarts 1: the first death (0.3 s into a 5 s call) is survived, the second is not."""
     events = []
     grp = _group(1, events, max_restarts=1)
-    for _ in range(2):
-        _kill_later(ray.get(grp.actors[0].pid.remote()), 0.3)
-        if grp.restarts == 0:
-            grp.call_all("work", pa.table({"x": [1]}), 1.0)
-        else:
-            with pytest.raises(TooManyRestarts, match="max_actor_restarts"):
-                grp.call_all("work", pa.table({"x": [1]}), 1.0)
+    _kill_later(ray.get(grp.actors[0].pid.remote()), 0.3)
+    grp.call_all("work", pa.table({"x": [1]}), 5.0)          # replaced, and the call sent again
+    assert grp.restarts == 1
+    _kill_later(ray.get(grp.actors[0].pid.remote()), 0.3)
+    with pytest.raises(TooManyRestarts, match="max_actor_restarts"):
+        grp.call_all("work", pa.table({"x": [1]}), 5.0)
+    assert [k for k, _ in events] == ["actor_died", "actor_restarted", "actor_died"]
     grp.kill()
 
 

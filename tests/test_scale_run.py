@@ -4,20 +4,20 @@ colocated in the learner's bundles, weights broadcast over gloo. One run survive
 a generator mid-generation, of a generator mid-broadcast, of a learner rank mid-update (the
 whole group rolls back) and of the driver (its checkpoints, every rank's ZeRO partition,
 resume exactly): it ends with the uninterrupted run's weights."""
-import os
 import signal
 
 import pytest
 
 from prorl_actors.checkpoint import read_state
 from prorl_actors.metrics import read_jsonl
-from tests.test_survival import STEPS, Driver, _args, _check_complete, _kill_in, _steps_done, _until
+from tests.test_survival import STEPS, Driver, _args, _check_complete, _kill_in, _steps_done
 
 pytestmark = pytest.mark.integration
 
 SCALED = ("generator.engine=vllm", "learner.engine=deepspeed", "learner.num_actors=2", "learner.num_cpus=0.25",
           "generator.num_actors=2", "generator.num_cpus=0.25", "reference.num_actors=2", "reference.num_cpus=0.125",
-          "weight_sync.method=broadcast", "placement.colocate=[generator,reference]")
+          "weight_sync.method=broadcast", "placement.colocate=[generator,reference]",
+          "weight_sync.timeout_s=30")   # a broadcast that lost a member fails well within the tests' deadlines
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +53,10 @@ def test_one_scaled_run_survives_a_generator_a_broadcast_a_learner_rank_and_the_
     run = tmp_path / "run"
     d = Driver(_args(tiny_model, tmp_path, SCALED), tmp_path / "log1.txt")
     pids = [_kill_in(d, run, "ray::GeneratorActor.generate", 1)]
-    pids.append(d.catch("ray::GeneratorActor.receive_weights"))     # step 2's weights, to either generator
-    os.kill(pids[-1], signal.SIGKILL)
+    pids.append(_kill_in(d, run, "ray::GeneratorActor.receive_weights", 1))   # step 2's weights, either generator
     pids.append(_kill_in(d, run, "ray::LearnerActor.update", 2))    # one of the two ranks, in step 3
-    _until(lambda: _steps_done(run) >= 3, 300, "step 3 again", d, poll=0.05)
-    d.catch("ray::GeneratorActor.generate")                          # step 4's generation
-    os.kill(d.proc.pid, signal.SIGKILL)
+    d.catch("ray::GeneratorActor.generate", when=lambda: _steps_done(run) >= 3)      # step 4's generation
+    d.kill(d.proc.pid, signal.SIGKILL)
     d.wait()
     first = d.text()
     assert "weight broadcast to version 2 failed (attempt 1)" in first, first[-4000:]

@@ -47,6 +47,7 @@ class Driver:
         self.log = log
         self.proc = subprocess.Popen(args, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env)
         self.seen: dict[int, psutil.Process] = {}
+        self.killed: set[int] = set()
 
     def processes(self) -> list[psutil.Process]:
         try:
@@ -58,34 +59,50 @@ class Driver:
         return kids
 
     def find(self, title: str) -> psutil.Process | None:
-        """A child process whose title (Ray names a worker `ray::Class.method` while it runs one)
-        starts with `title`."""
+        """A live child process (not one this test killed) whose title (Ray names a worker
+        `ray::Class.method` while it runs one) starts with `title`."""
         for p in self.processes():
             try:
-                if p.cmdline() and p.cmdline()[0].startswith(title):
+                if p.pid not in self.killed and p.cmdline() and p.cmdline()[0].startswith(title):
                     return p
             except psutil.Error:
                 continue
         return None
 
-    def catch(self, title: str, timeout: float = 300) -> int:
-        """The pid of the actor process at the moment it runs `title` ("ray::Class.method"): the
-        actor's process is found once, then its /proc title is read in a tight loop, fast enough
-        to catch calls of a few milliseconds."""
+    def catch(self, title: str, when=None, timeout: float = 300) -> int:
+        """The pid of an actor process at the moment it starts running `title` ("ray::Class.method")
+        with `when()` true (a check of the records): the process is found once, then its /proc
+        title is read in a tight loop, fast enough to catch calls of a few milliseconds. `when`
+        is evaluated as each such call starts, so a call already under way when the records
+        change is not taken for the next one."""
         proc = _until(lambda: self.find(title.split(".")[0]), timeout, f"a {title.split('.')[0]} process", self)
         path, want = f"/proc/{proc.pid}/cmdline", title.encode()
-        t0 = time.time()
+        t0, skipping = time.time(), False
         while time.time() - t0 < timeout:
             try:
                 with open(path, "rb") as f:
-                    if f.read(len(want)) == want:
-                        return proc.pid
-            except FileNotFoundError:   # replaced meanwhile (another test's kill): find the new one
-                return self.catch(title, timeout - (time.time() - t0))
+                    head = f.read(len(want))
+            except FileNotFoundError:
+                head = b""
+            if not head:                # gone (a zombie's title is empty): find the live one
+                return self.catch(title, when, timeout - (time.time() - t0))
+            if head != want:
+                skipping = False
+            elif not skipping:
+                if when is None or when():
+                    return proc.pid
+                skipping = True         # a call that started before the records said so
             if self.proc.poll() is not None:
                 raise AssertionError(f"the driver exited before {title}\n" + self.text()[-4000:])
             time.sleep(0.0002)
         raise AssertionError(f"timed out waiting for {title}\n" + self.text()[-4000:])
+
+    def kill(self, pid: int, sig=signal.SIGKILL) -> int:
+        """Signal one of the run's processes; a SIGKILLed one is never found again."""
+        if sig == signal.SIGKILL:
+            self.killed.add(pid)
+        os.kill(pid, sig)
+        return pid
 
     def wait(self, timeout=600) -> int:
         try:
@@ -125,11 +142,9 @@ def _steps_done(run: Path) -> int:
 
 
 def _kill_in(driver: Driver, run: Path, title: str, after_step: int) -> int:
-    """SIGKILL the process running `title` once `after_step` steps are recorded -> its pid."""
-    _until(lambda: _steps_done(run) >= after_step, 300, f"step {after_step}", driver, poll=0.05)
-    pid = driver.catch(title)
-    os.kill(pid, signal.SIGKILL)
-    return pid
+    """SIGKILL the process running `title` in its first call after `after_step` steps are
+    recorded -> its pid."""
+    return driver.kill(driver.catch(title, when=lambda: _steps_done(run) >= after_step))
 
 
 def _final(run: Path) -> dict:
@@ -182,8 +197,7 @@ def test_stateless_and_rebuildable_actors_killed_mid_step(tiny_model, tmp_path, 
     run = tmp_path / "run"
     d = Driver(_args(tiny_model, tmp_path), tmp_path / "log.txt")
     pids = [_kill_in(d, run, "ray::GeneratorActor.generate", 1)]
-    pids.append(d.catch("ray::VerifierActor.verify"))              # the same step's verification
-    os.kill(pids[-1], signal.SIGKILL)
+    pids.append(_kill_in(d, run, "ray::VerifierActor.verify", 1))     # the same step's verification
     pids.append(_kill_in(d, run, "ray::ReferenceActor.logprobs", 2))
     assert d.wait() == 0, d.text()[-4000:]
     events = _check_complete(run, baseline)
@@ -199,7 +213,6 @@ def test_stateless_and_rebuildable_actors_killed_mid_step(tiny_model, tmp_path, 
     assert [[m[f"actor_restarts/{r}"] for r in roles] for m in metrics] == [[0, 0, 0], [1, 1, 0], [1, 1, 1],
                                                                              [1, 1, 1]]
     assert all(m["actor_restarts/learner"] == 0 for m in metrics)
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
 
 
 def test_learner_killed_mid_update_rolls_back_to_the_checkpoint(tiny_model, tmp_path, baseline):
@@ -242,41 +255,42 @@ def test_a_run_stopped_five_ways_ends_as_if_never_stopped(tiny_model, tmp_path, 
     extra = ["checkpoint.every_steps=0", "validation.num_prompts_per_task=64"]
     ckpts = lambda: [p.name for p in list_checkpoints(run / "checkpoints")]  # noqa: E731
 
+    saved_validation = lambda: read_state(run / "checkpoints" / "step_000002")["last_validation_step"]  # noqa: E731
+
     d = Driver(_args(tiny_model, tmp_path, extra), log(1))
-    _until(lambda: _steps_done(run) >= 2, 300, "step 2", d, 0.05)
-    d.catch("ray::GeneratorActor.generate")                 # step 2's validation
-    os.kill(d.proc.pid, signal.SIGINT)
+    d.catch("ray::GeneratorActor.generate", when=lambda: _steps_done(run) >= 2)       # step 2's validation
+    d.kill(d.proc.pid, signal.SIGINT)
     assert d.wait(120) == 0, d.text()[-4000:]
     assert "stopped by SIGINT after step 2" in d.text() and not _validated(run, 2)
-    assert ckpts() == ["step_000002"] and _preempted(run) == [("SIGINT", 2)]
+    assert ckpts() == ["step_000002"] and _preempted(run) == [("SIGINT", 2)] and saved_validation() == 0
 
     d = Driver(_args(tiny_model, tmp_path, extra), log(2))
-    _until(lambda: _validated(run, 2), 300, "step 2's validation again", d, 0.05)
-    d.catch("ray::GeneratorActor.generate")                 # step 3's generation
-    os.kill(d.proc.pid, signal.SIGTERM)
+    d.catch("ray::GeneratorActor.generate", when=lambda: _validated(run, 2))         # step 3's generation
+    d.kill(d.proc.pid, signal.SIGTERM)
     assert d.wait(120) == 0, d.text()[-4000:]
     assert "stopped by SIGTERM after step 2" in d.text() and _steps_done(run) == 2
     assert ckpts() == ["step_000002"] and _preempted(run) == [("SIGINT", 2), ("SIGTERM", 2)]
+    assert saved_validation() == 2           # saved again: the validation done since is not done a third time
 
     d = Driver(_args(tiny_model, tmp_path, extra), log(3))
-    d.catch("ray::LearnerActor.update")                     # step 3's
-    os.kill(d.proc.pid, signal.SIGINT)
-    _until(lambda: "SIGINT: stopping at the next safe point" in d.text(), 60, "the first Ctrl-C's answer", d, 0.001)
-    os.kill(d.proc.pid, signal.SIGINT)
+    learner = d.catch("ray::LearnerActor.update")                                      # step 3's
+    d.kill(learner, signal.SIGSTOP)          # the update lasts until both Ctrl-Cs have landed
+    d.kill(d.proc.pid, signal.SIGINT)
+    _until(lambda: "SIGINT: stopping at the next safe point" in d.text(), 60, "the first Ctrl-C's answer", d, 0.01)
+    d.kill(d.proc.pid, signal.SIGINT)
     assert d.wait(120) != 0 and "KeyboardInterrupt" in d.text() and "stopped by" not in d.text()
     assert ckpts() == ["step_000002"] and len(_preempted(run)) == 2
 
     d = Driver(_args(tiny_model, tmp_path, extra), log(4))
-    d.catch("ray::LearnerActor.update")                     # step 3's again
-    os.kill(d.proc.pid, signal.SIGTERM)
+    d.catch("ray::LearnerActor.update")                                                # step 3's again
+    d.kill(d.proc.pid, signal.SIGTERM)
     assert d.wait(120) == 0, d.text()[-4000:]
     assert "stopped by SIGTERM after step 3" in d.text() and _steps_done(run) == 3
     assert ckpts() == ["step_000002", "step_000003"] and _preempted(run)[-1] == ("SIGTERM", 3)
 
     d = Driver(_args(tiny_model, tmp_path, extra), log(5))
-    _until(lambda: _steps_done(run) >= 4, 300, "step 4", d, 0.05)
-    d.catch("ray::GeneratorActor.generate")                 # the final validation
-    os.kill(d.proc.pid, signal.SIGKILL)
+    d.catch("ray::GeneratorActor.generate", when=lambda: _steps_done(run) >= 4)       # the final validation
+    d.kill(d.proc.pid, signal.SIGKILL)
     d.wait()
     step4 = [r for r in read_jsonl(run / "metrics.jsonl") if r["step"] == 4]
     saved = read_state(run / "checkpoints" / "step_000003")
@@ -296,6 +310,8 @@ def test_a_run_stopped_five_ways_ends_as_if_never_stopped(tiny_model, tmp_path, 
     assert [r for r in moved if r["file"] == "metrics.jsonl"] == [{**step4[0], "file": "metrics.jsonl",
                                                                    "rolled_back_to": 3}]
     assert all(r["step"] == 4 for r in moved) and resumed[-1]["rolled_back_lines"] == len(moved)
+    # no validation was ever done twice (step 2's, interrupted in stop 1, was redone once)
+    assert not [r for r in read_jsonl(run / "rolled_back.jsonl") if r["file"] == "validation.jsonl"]
 
 
 def test_kill_during_checkpoint_write_leaves_the_previous_one(tiny_model, tmp_path):
@@ -371,6 +387,21 @@ def test_a_finished_run_says_so_and_raising_num_steps_prolongs_it(tiny_model, tm
     assert read_state(run / "checkpoints" / "step_000006")["weights_sha256"] == sha6
     assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == list(range(1, 7))
     assert [r["step"] for r in read_jsonl(run / "rolled_back.jsonl") if r["file"] == "metrics.jsonl"] == [5, 6]
+
+    # a file of the newest checkpoint damaged after its commit: the checkpoint is moved aside, the
+    # next older one resumed, and the run ends where it would have (steps 5 and 6 once more)
+    weights = run / "checkpoints" / "step_000006" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    d6 = Driver(_args(tiny_model, tmp_path, ("num_steps=6",)), tmp_path / "log6.txt")
+    assert d6.wait() == 0, d6.text()[-4000:]
+    aside = run / "checkpoints" / "damaged-step_000006"
+    assert f"checkpoint {weights.parent} is damaged ({weights}: its sha256 is not the manifest's): moved to " \
+           f"{aside}" in d6.text() and f"resuming {run} from {step4} (step 4)" in d6.text()
+    (bad,) = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "checkpoint_damaged"]
+    assert bad["checkpoint"] == str(weights.parent) and str(weights) in bad["problem"] and aside.is_dir()
+    assert read_state(run / "checkpoints" / "step_000006")["weights_sha256"] == sha6
 
     # a resume with another learner layout is refused, both layouts named
     d4 = Driver(_args(tiny_model, tmp_path, ("num_steps=8", "learner.engine=deepspeed")), tmp_path / "log4.txt")

@@ -85,13 +85,10 @@ class _FileSource:
     seed) are kept for validation."""
 
     def __init__(self, spec: TaskSpec, seed: int, split: str):
-        loaded = _load_file(spec.path, spec.family, spec.bad_rows)
+        loaded = _file_rows(spec)
         self.skipped = loaded.skipped
         order = list(range(len(loaded.rows)))
         random.Random(HOLDOUT_SEED).shuffle(order)
-        if spec.holdout_rows >= len(order):
-            raise ValueError(f"{spec.path}: holdout_rows {spec.holdout_rows} leaves no training row "
-                             f"({len(order)} usable rows)")
         held, train = order[:spec.holdout_rows], order[spec.holdout_rows:]
         self.rows, self.seed = loaded.rows, seed
         self.overlaps_training = split == "validation" and not held
@@ -122,6 +119,31 @@ def _load_file(path: str, family: str, bad_rows: str):
     from pathlib import Path
     st = Path(path).stat() if Path(path).exists() else None
     return _load_file_cached(str(Path(path).resolve()), st and (st.st_mtime_ns, st.st_size), family, bad_rows)
+
+
+def _file_rows(spec: TaskSpec):
+    """A file task's rows, checked as a run needs them (DataError naming the file and row)."""
+    from prorl_actors.tasks.files import DataError
+    loaded = _load_file(spec.path, spec.family, spec.bad_rows)
+    if spec.holdout_rows >= len(loaded.rows):
+        raise DataError(f"{spec.path}: holdout_rows {spec.holdout_rows} leaves no training row "
+                        f"({len(loaded.rows)} usable rows)")
+    return loaded
+
+
+def check_sources(tasks: list[TaskSpec]) -> list[str]:
+    """Every task's source opened and checked as a run does at start-up (each row of each file)
+    -> a line per task saying what it holds; DataError naming the file and row otherwise."""
+    lines = []
+    for t in tasks:
+        if t.source != "file":
+            lines.append(f"{t.name} ({t.family}): generator {t.dataset}, endless")
+            continue
+        loaded = _file_rows(t)
+        lines.append(f"{t.name} ({t.family}): {len(loaded.rows)} rows from {t.path}"
+                     + (f", {len(loaded.skipped)} bad rows skipped" if loaded.skipped else "")
+                     + (f", {t.holdout_rows} held out for validation" if t.holdout_rows else ""))
+    return lines
 
 
 @functools.lru_cache(maxsize=16)

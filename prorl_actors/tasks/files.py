@@ -16,10 +16,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prorl_actors.errors import InputError
+
 COLUMNS = ("task", "prompt", "reference", "metadata")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     pass
 
 
@@ -43,13 +45,22 @@ def read_records(path: Path):
     or JSONL ("line N", blank lines skipped); a record that is not JSON comes back as a
     DataError for the caller to report with its label."""
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
-        for i, rec in enumerate(pq.read_table(path).to_pylist(), start=1):
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a Parquet file ({str(e).splitlines()[0]})") from None
+        for i, rec in enumerate(table.to_pylist(), start=1):
             yield f"row {i}", rec
         return
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(f"{path}: unknown file type {path.suffix!r} (use .jsonl, .json or .parquet)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text, as {path.suffix} files are ({e.reason} at byte {e.start})") \
+            from None
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
