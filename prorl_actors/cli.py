@@ -87,8 +87,8 @@ def _start_from(spec, log) -> tuple[Path | None, list[tuple[Path, Path, str]]]:
                 log(f"checkpoint {c} is damaged ({w}): moved to {aside}; resuming from an older one")
     elif spec.resume != "never":
         ckpt = Path(spec.resume).resolve()
-        if format_problem(ckpt) or damage(ckpt):
-            raise InputError(f"resume={spec.resume}: {format_problem(ckpt) or damage(ckpt)}")
+        if problem := format_problem(ckpt) or damage(ckpt):      # damage reads every file: once
+            raise InputError(f"resume={spec.resume}: {problem}")
     if ckpt is None and run_dir.exists() and any(run_dir.iterdir()):
         # never mix two runs' records
         old = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
@@ -193,8 +193,8 @@ def _eval_paths(args) -> tuple[Path, Path, Path | None]:
     if not (p / "config.json").is_file():
         raise InputError(f"{args.model} is neither a run directory, a checkpoint nor a model directory "
                          "(config.json)")
-    if (p / STATE_FILE).is_file() and damage(p):
-        raise InputError(f"checkpoint {p} is damaged: {damage(p)} (name an intact one with --model)")
+    if (p / STATE_FILE).is_file() and (why := damage(p)):     # damage reads every file: once
+        raise InputError(f"checkpoint {p} is damaged: {why} (name an intact one with --model)")
     spec = args.spec or (run_dir / "spec.yaml" if run_dir else None)
     if spec is None:
         raise InputError(f"{args.model} is not in a run directory: give the run spec with --spec")
@@ -261,17 +261,16 @@ def cmd_convert(args) -> int:
 def cmd_checkpoint_verify(args) -> int:
     """Every file of a checkpoint against its manifest, then every part loaded as a resume loads
     it and the policy checked against its recorded digest."""
-    from prorl_actors.checkpoint import STATE_FILE, format_problem, read_state, verify_checkpoint
+    from prorl_actors.checkpoint import STATE_FILE, format_problem, verify_checkpoint
     ckpt = Path(args.dir)
     if not (ckpt / STATE_FILE).is_file():
         raise InputError(f"{ckpt}: not a checkpoint (no {STATE_FILE})")
-    if format_problem(ckpt):
-        raise InputError(f"{ckpt}: {format_problem(ckpt)}")
+    if problem := format_problem(ckpt):
+        raise InputError(f"{ckpt}: {problem}")
     try:
-        verify_checkpoint(ckpt)
+        st = verify_checkpoint(ckpt)
     except (ValueError, OSError) as e:
         raise InputError(str(e)) from None
-    st = read_state(ckpt)
     files = [p for p in ckpt.rglob("*") if p.is_file()]
     print(f"{ckpt}: intact: step {st['step']}, {len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.1f} "
           f"MiB" + (", every one as its manifest says" if st.get("manifest") else ", saved before manifests")
