@@ -48,6 +48,7 @@ cpu-adam: setup
 bench: setup
 	$(BIN)/python benchmarks/step_time.py
 	$(BIN)/python benchmarks/learner.py
+	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/sandbox_throughput.py
 	$(BIN)/python benchmarks/verifiers.py
 	$(BIN)/python benchmarks/recovery.py

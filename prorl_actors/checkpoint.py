@@ -3,6 +3,8 @@
     config.json, model.safetensors, tokenizer files   the policy in HF format (transformers, vLLM)
     learner_state.pt                                  AdamW moments, LR schedule, learner RNG, counters
     reference/                                        the reference policy in HF format
+    rollouts/                                         batches made ahead of the learner (Arrow IPC;
+                                                      supervisor.max_staleness > 0), not yet trained on
     supervisor_state.json                             step, policy version, KL controller, reset
                                                       history, data sampler, RNG states, weights digest
 
@@ -56,10 +58,12 @@ def _fsync_tree(path: Path) -> None:
 
 
 def save_checkpoint(root: Path, step: int, save_policy: Callable[[str], str], save_reference: Callable[[str], None],
-                    state: dict, keep_last: int, tokenizer_from: Path | None = None) -> Path:
+                    state: dict, keep_last: int, tokenizer_from: Path | None = None,
+                    save_extra: Callable[[str], None] | None = None) -> Path:
     """save_policy(dir) writes the policy and the learner's state and returns the weights'
-    digest; save_reference(dir) writes the reference; `state` (JSON) is written last, with
-    the digest. -> the committed checkpoint directory."""
+    digest; save_reference(dir) writes the reference; save_extra(dir) anything else (the
+    rollouts made ahead); `state` (JSON) is written last, with the digest. -> the committed
+    checkpoint directory."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step_*"):     # a save killed half-way
         shutil.rmtree(stale, ignore_errors=True)
@@ -69,6 +73,8 @@ def save_checkpoint(root: Path, step: int, save_policy: Callable[[str], str], sa
     digest = save_policy(str(tmp))
     (tmp / REFERENCE_DIR).mkdir()
     save_reference(str(tmp / REFERENCE_DIR))
+    if save_extra is not None:
+        save_extra(str(tmp))
     for name in TOKENIZER_FILES:
         if tokenizer_from is not None and (Path(tokenizer_from) / name).exists():
             shutil.copy2(Path(tokenizer_from) / name, tmp / name)

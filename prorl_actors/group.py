@@ -61,6 +61,10 @@ class ActorGroup:
         self._args_for = args if callable(args) else (lambda rank: args)
         self._placement = placement or (lambda rank: {})
         self.restarts = 0
+        # background(timeout, refs): other work to move on while this group's calls run (the rollout
+        # producer's, while the learner and the reference work); it waits up to `timeout` for its
+        # own work or for `refs`, and returns False when it cannot run now (re-entered)
+        self.background: Callable[[float, list], bool] | None = None
         self.actors = [self._spawn(rank) for rank in range(num_actors)]
 
     def _spawn(self, rank: int):
@@ -80,7 +84,11 @@ class ActorGroup:
         while waiting:
             if self.should_stop():
                 raise Preempted(f"{self.role}: stop requested")
-            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=POLL_S)
+            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0 if self.background else POLL_S)
+            if self.background is not None and len(ready) < len(waiting):
+                if not self.background(POLL_S, [r for r in waiting if r not in ready]):
+                    time.sleep(0.01)
+                ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
             for ref in ready:
                 key = waiting.pop(ref)
                 try:
@@ -177,43 +185,15 @@ class ActorGroup:
         results in chunk order. Each actor works on one chunk at a time and takes the next one
         when it is done, so a faster actor takes more (load balancing); which actor ran a chunk
         does not change its result. A chunk whose actor dies goes to its replacement."""
-        units = table.num_rows // rows_per_unit
-        n = max(1, min(num_chunks or len(self.actors), units))
-        bounds = np.linspace(0, units, n + 1).round().astype(int) * rows_per_unit
-        chunks = [table.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
-        queue, results = list(range(len(chunks))), {}
-        running: dict = {}                                  # ref -> (rank, chunk, started)
-        idle = list(range(len(self.actors)))
-        while queue or running:
-            while queue and idle:
-                rank, c = idle.pop(0), queue.pop(0)
-                ref = getattr(self.actors[rank], method).remote(chunks[c], *args)
-                running[ref] = (rank, c, time.monotonic())
-            if self.should_stop():
-                raise Preempted(f"{self.role}: stop requested")
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
-            dead = {}
-            for ref in ready:
-                rank, c, _ = running.pop(ref)
-                try:
-                    results[c] = ray.get(ref)
-                    idle.append(rank)
-                except RayActorError as e:
-                    if getattr(e, "actor_init_failed", False):   # its constructor raised: not a death
-                        raise
-                    dead[rank] = (c, _cause(e))
-            if self.call_timeout_s:
-                for ref, (rank, c, t0) in list(running.items()):
-                    if time.monotonic() - t0 > self.call_timeout_s:   # hung: killed, replaced like a dead one
-                        ray.kill(self.actors[rank], no_restart=True)
-                        running.pop(ref)
-                        dead[rank] = (c, f"no answer in {self.call_timeout_s:g} s (killed)")
-            for rank, (c, cause) in sorted(dead.items()):
-                self._lost(rank, cause, step)
-                self.on_event("work_redispatched", role=self.role, rank=rank, method=method,
-                              rows=chunks[c].num_rows, step=step)
-                queue.insert(0, c)
-                idle.insert(0, rank)
+        chunks = split_table(table, rows_per_unit, num_chunks or len(self.actors))
+        pool = WorkPool(self)
+        for c, chunk in enumerate(chunks):
+            pool.submit(c, method, chunk, *args)
+        results = {}
+        while pool.pending():
+            results.update(pool.poll(0.0 if self.background else POLL_S, step))
+            if self.background is not None and pool.pending() and not self.background(POLL_S, pool.refs()):
+                results.update(pool.poll(POLL_S, step))
         return pa.concat_tables([results[c] for c in range(len(chunks))])
 
     def ping(self, timeout_s: float = 60.0) -> list[str]:
@@ -225,6 +205,105 @@ class ActorGroup:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+
+
+def split_table(table: pa.Table, rows_per_unit: int, num_chunks: int) -> list[pa.Table]:
+    """`table` as at most `num_chunks` contiguous chunks of whole units of `rows_per_unit` rows,
+    as equal as they can be (at least one chunk)."""
+    units = table.num_rows // rows_per_unit
+    n = max(1, min(num_chunks, units))
+    bounds = np.linspace(0, units, n + 1).round().astype(int) * rows_per_unit
+    return [table.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+class WorkPool:
+    """Pieces of work for a stateless group, each actor running one piece at a time, results
+    collected as they come (`poll`), so that a caller can do other things in between: the
+    rollout producer streams generation into verification with it, and map_table waits on it.
+
+    A piece whose actor dies (or runs past the group's call_timeout_s) goes first to the
+    replacement; a piece whose method raises is a bug and raises. `busy_s` adds up the
+    actor-seconds spent on pieces (for idle fractions)."""
+
+    def __init__(self, group: ActorGroup):
+        self.group = group
+        self.queue: list = []                               # keys waiting for an actor
+        self.work: dict = {}                                # key -> (method, args)
+        self.running: dict = {}                             # ref -> (rank, key, started)
+        self.idle = list(range(len(group.actors)))
+        self.busy_s = 0.0
+        self.held = False                                   # True: nothing new is handed out
+
+    def submit(self, key, method: str, *args) -> None:
+        self.work[key] = (method, args)
+        self.queue.append(key)
+
+    def pending(self) -> int:
+        """Pieces submitted and not yet returned by poll."""
+        return len(self.queue) + len(self.running)
+
+    def refs(self) -> list:
+        return list(self.running)
+
+    def _dispatch(self) -> None:
+        while self.queue and self.idle and not self.held:
+            rank, key = self.idle.pop(0), self.queue.pop(0)
+            method, args = self.work[key]
+            ref = getattr(self.group.actors[rank], method).remote(*args)
+            self.running[ref] = (rank, key, time.monotonic())
+
+    def poll(self, timeout: float, step: int | None = None, stoppable: bool = True,
+             also: list | None = None) -> dict:
+        """Hand out waiting pieces, wait up to `timeout` s for one to finish (or for one of the
+        refs in `also`) -> {key: result} of the pieces done. A stop request (the group's
+        should_stop) raises Preempted when `stoppable`; nothing is lost by it (poll again)."""
+        g = self.group
+        self._dispatch()
+        if stoppable and g.should_stop():
+            raise Preempted(f"{g.role}: stop requested")
+        waiting = list(self.running)
+        if not waiting:
+            if also and timeout > 0:
+                ray.wait(list(also), num_returns=1, timeout=timeout)
+            return {}
+        ray.wait(waiting + list(also or ()), num_returns=1, timeout=timeout)
+        ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
+        done, dead = {}, {}
+        now = time.monotonic()
+        for ref in ready:
+            rank, key, t0 = self.running.pop(ref)
+            self.busy_s += now - t0
+            try:
+                done[key] = ray.get(ref)
+                self.idle.append(rank)
+            except RayActorError as e:
+                if getattr(e, "actor_init_failed", False):   # its constructor raised: not a death
+                    raise
+                dead[rank] = (key, _cause(e))
+        if g.call_timeout_s:
+            for ref, (rank, key, t0) in list(self.running.items()):
+                if now - t0 > g.call_timeout_s:   # hung: killed, replaced like a dead one
+                    ray.kill(g.actors[rank], no_restart=True)
+                    self.running.pop(ref)
+                    self.busy_s += now - t0
+                    dead[rank] = (key, f"no answer in {g.call_timeout_s:g} s (killed)")
+        for rank, (key, cause) in sorted(dead.items()):
+            g._lost(rank, cause, step)
+            method, args = self.work[key]
+            g.on_event("work_redispatched", role=g.role, rank=rank, method=method,
+                       rows=args[0].num_rows if args and isinstance(args[0], pa.Table) else None, step=step)
+            self.queue.insert(0, key)
+            self.idle.insert(0, rank)
+        for key in done:
+            del self.work[key]
+        self._dispatch()
+        return done
+
+    def abandon(self) -> None:
+        """Forget every piece (a rollback or resume makes them moot); actors still running one
+        finish it and take new work after it."""
+        self.queue, self.work, self.running = [], {}, {}
+        self.idle = list(range(len(self.group.actors)))
 
 
 class LearnerGroup(ActorGroup):

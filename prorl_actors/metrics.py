@@ -16,9 +16,13 @@ import time
 from functools import partial
 from pathlib import Path
 
-# the phases of a step, timed in every metrics.jsonl line as time/<phase>_s (with time/other_s)
-PHASES = ("generate", "verify", "reference", "learn", "sync")
+# the phases of a step, timed in every metrics.jsonl line as time/<phase>_s (with time/other_s):
+# generate and verify are the step's batch's own (made ahead, in the background, when
+# supervisor.max_staleness > 0); wait is how long the step waited for it; wait + reference + learn
+# + sync + other is the step's wall time (sync: staging the new version, and pushing the batch's)
+PHASES = ("generate", "verify", "wait", "reference", "learn", "sync")
 RECORD_PHASES = (*PHASES, "other")
+STEP_PHASES = ("wait", "reference", "learn", "sync", "other")   # these add up to step_s
 
 # the keys every metrics.jsonl line has (others are added per task: reward/<task>, ...)
 STEP_KEYS = ("step", "reward_mean", "accuracy", "entropy", "kl", "kl_coef", "clip_frac_low",

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from prorl_actors.algo.resets import trigger_of
-from prorl_actors.metrics import RECORD_PHASES, read_jsonl
+from prorl_actors.metrics import STEP_PHASES, read_jsonl
 
 RESET_COLORS = {"scheduled": "tab:green", "validation": "tab:orange", "kl": "tab:red"}
 
@@ -96,8 +96,11 @@ def plot_run(run_dir: Path) -> list[Path]:
     pad = ax[0, 0].twinx()
     pad.plot(steps, _series(m, "pad_frac"), color="tab:gray", ls="--")
     pad.set_ylabel("learner padding share (grey, dashed)")
-    phases = [[0.0 if math.isnan(x) else x for x in _series(m, f"time/{p}_s")] for p in RECORD_PHASES]
-    ax[0, 1].stackplot(steps, phases, labels=RECORD_PHASES, alpha=0.8)
+    phases = [[0.0 if math.isnan(x) else x for x in _series(m, f"time/{p}_s")] for p in STEP_PHASES]
+    ax[0, 1].stackplot(steps, phases, labels=[f"{p} (for the batch)" if p == "wait" else p for p in STEP_PHASES],
+                       alpha=0.8)
+    ax[0, 1].plot(steps, [g + v for g, v in zip(_series(m, "time/generate_s"), _series(m, "time/verify_s"))],
+                  color="black", ls=":", label="generate + verify (the batch's own)")
     ax[0, 1].set_title("time per phase (s, stacked: the step)")
     ax[1, 0].plot(steps, _series(m, "kept_groups_frac"), label="groups kept")
     ax[1, 0].plot(steps, _series(m, "keep_rate"), label="running keep rate (sizes the rounds)")

@@ -203,6 +203,19 @@ class OverlongSpec:
 
 
 @dataclass
+class OffPolicySpec:
+    """The correction for tokens sampled by another policy than the learner's (algo/offpolicy.py)."""
+    mode: Literal["none", "tis", "icepop", "seq_mask_tis"] = opt("none", help=(
+        "each token's policy-gradient term is multiplied by a weight from r = pi_learner / pi_sampler (the "
+        "learner's log-probs before the update over the generator's): none = 1; tis = min(r, high) (truncated "
+        "importance sampling); icepop = r inside [low, high], 0 outside (ICE-POP); seq_mask_tis = min(r, high), "
+        "0 for whole sequences whose geometric-mean r leaves [low, high] (NeMo-RL's ProRL v2). The vLLM "
+        "sampler's kernels are not the learner's, and with supervisor.max_staleness > 0 its weights are older"))
+    low: float = opt(0.5, ge=0, le=1, help="icepop, seq_mask_tis: the lower bound of r")
+    high: float = opt(5.0, ge=1, help="tis, seq_mask_tis: the truncation; icepop: the upper bound of r")
+
+
+@dataclass
 class AlgorithmSpec:
     adv_estimator: Literal["grpo", "dr_grpo"] = opt("grpo", help="grpo divides by the group std; dr_grpo (Dr.GRPO) does not")
     eps_low: float = opt(0.2, ge=0, lt=1)
@@ -218,6 +231,7 @@ class AlgorithmSpec:
         "no cap"))
     entropy_coef: float = opt(0.0, ge=0, help="entropy bonus: loss -= entropy_coef * entropy (0 = none, the paper's)")
     overlong: OverlongSpec = opt(OverlongSpec())
+    off_policy_correction: OffPolicySpec = opt(OffPolicySpec())
 
 
 @dataclass
@@ -310,6 +324,12 @@ class ResetSpec:
 @dataclass
 class SupervisorSpec:
     num_prompts_per_step: int = opt(256, ge=1)
+    max_staleness: int = opt(0, ge=0, help=(
+        "how many policy versions old a rollout may be when it is trained on: step k's batch is sampled with "
+        "the weights of step k - 1 - max_staleness. 0 = synchronous (generation waits for the learner's "
+        "weights, the learner for the batch); 1 = one-step-off (the next batch is sampled while the learner "
+        "trains); more lets generation run further ahead. A fixed schedule: runs stay reproducible, resumes "
+        "exact. Rows sampled by older weights are corrected by algorithm.off_policy_correction"))
     dynamic_sampling: DynamicSamplingSpec = opt(DynamicSamplingSpec())
     kl: KLControlSpec = opt(KLControlSpec())
     resets: ResetSpec = opt(ResetSpec())
@@ -641,6 +661,10 @@ class RunSpec:
             errs.append(("weight_sync.method", "broadcast", "object_store with the generators colocated on the "
                                                             "learner's GPU (NCCL cannot broadcast between two "
                                                             "processes on one GPU)"))
+        if self.weight_sync.method == "broadcast" and self.supervisor.max_staleness > 0:
+            errs.append(("weight_sync.method", "broadcast", "object_store with supervisor.max_staleness > 0 (the "
+                                                            "generators take a version the learner has moved past: "
+                                                            "it is kept in the object store)"))
         if self.weight_sync.method == "broadcast" and (ln.num_gpus > 0) != (g.num_gpus > 0):
             errs.append(("weight_sync.method", "broadcast", "object_store when only one of learner and generator "
                                                             "has GPUs (one broadcast runs on NCCL or on gloo)"))

@@ -40,15 +40,15 @@ from prorl_actors.actors.generator import GENERATOR_ENV, GeneratorActor
 from prorl_actors.actors.learner import LearnerActor
 from prorl_actors.actors.reference import ReferenceActor
 from prorl_actors.actors.verifier import VerifierActor
-from prorl_actors.algo import (KeepRate, KLController, ResetPolicy, get_adv_estimator, informative_groups,
-                               kl_share, mixture_entropy, overlong_penalty, pass_at_k_mean, round_size,
-                               scale_for_entropy)
+from prorl_actors.algo import (KLController, ResetPolicy, get_adv_estimator, kl_share, mixture_entropy, overlong_penalty,
+                               pass_at_k_mean, scale_for_entropy)
 from prorl_actors.checkpoint import REFERENCE_DIR, read_state, save_checkpoint
 from prorl_actors.engines.generation import SamplingSpec, generation_chunks
 from prorl_actors.exporter import Exporter
 from prorl_actors.group import ActorGroup, ActorLost, LearnerGroup, Preempted
 from prorl_actors.metrics import PHASES, RunRecords, read_jsonl
 from prorl_actors.placement import Placement
+from prorl_actors.runtime.producer import Fill, RolloutProducer, check_staleness, valid_rows
 from prorl_actors.spec import RunSpec
 from prorl_actors.sync import WeightSync
 from prorl_actors.tasks import Item, TaskMixture, validation_items
@@ -93,11 +93,10 @@ class Supervisor:
         self.train_task_names = {t.name for t in spec.data.tasks}
         self.resets = make_reset_policy(spec)
         self.kl = make_kl_controller(spec)
-        self.keep_rate = KeepRate(spec.supervisor.dynamic_sampling.keep_rate_decay)
         self.version = 0
         self.reference_version = 0
-        self.next_group_id = 0
-        self.num_item_rejects = 0
+        self.next_group_id = 0       # of the validation prompts (the training prompts' are the producer's)
+        self.num_item_rejects = 0    # training items whose generator raised, in the batches trained so far
         self.step = 0
         self.last_validation_step = -1
         self.complete = False
@@ -156,28 +155,37 @@ class Supervisor:
                  f"{len(self.verifiers)} verifier, {len(self.learner)} learner ({ln.engine}"
                  + (f", ZeRO-{ln.deepspeed.zero_stage}" if ln.engine == "deepspeed" else "")
                  + f"), {len(self.reference)} reference; weights by {spec.weight_sync.method}")
+        self.producer = RolloutProducer(spec, self.generators, self.verifiers, self.mixture, self.tokenizer, self.sync,
+                                        log=log)
+        self.producer.next_group_id = self.next_group_id
+        for grp in (self.learner, self.reference):   # rollouts are made while the learner and reference work
+            grp.background = self.producer.pump
+        self._last_step_end = (time.monotonic(), 0.0, 0.0)   # (when, generator busy s, bound-held s then)
         self.initial_state = self.state_dict()   # what a rollback with no checkpoint yet returns to
         if resume_state is not None:
             self._resume(resume_state, rolled_back_lines)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """The supervisor's part of a checkpoint (the actors save theirs)."""
+        """The supervisor's part of a checkpoint (the actors save theirs): its own, and the rollout
+        producer's (the sampler, and the batches made ahead, whose rows `checkpoint` saves)."""
+        return {**self._own_state(), **self.producer.state_dict()}
+
+    def _own_state(self) -> dict:
         return {"step": self.step, "policy_version": self.version, "reference_version": self.reference_version,
-                "kl": self.kl.state_dict(), "resets": self.resets.state_dict(), "data": self.mixture.state_dict(),
-                "keep_rate": self.keep_rate.state_dict(),
-                "next_group_id": self.next_group_id, "num_item_rejects": self.num_item_rejects,
-                "last_validation_step": self.last_validation_step, "complete": self.complete,
+                "kl": self.kl.state_dict(), "resets": self.resets.state_dict(),
+                "num_item_rejects": self.num_item_rejects, "last_validation_step": self.last_validation_step, "complete": self.complete,
                 "rng": {"python": json.dumps(random.getstate()), "numpy": _np_rng_state(),
                         "torch": torch.get_rng_state().tolist()}}
 
-    def load_state_dict(self, st: dict) -> None:
+    def load_state_dict(self, st: dict, ckpt: Path | None = None) -> None:
+        """A checkpoint's state (its rollouts read from `ckpt`), or `_own_state` alone."""
         self.step, self.version, self.reference_version = st["step"], st["policy_version"], st["reference_version"]
         self.kl.load_state_dict(st["kl"])
         self.resets.load_state_dict(st["resets"])
-        self.keep_rate.load_state_dict(st["keep_rate"])
-        self.mixture.load_state_dict(st["data"])
-        self.next_group_id, self.num_item_rejects = st["next_group_id"], st["num_item_rejects"]
+        self.num_item_rejects = st["num_item_rejects"]
+        if "data" in st:
+            self.producer.load_state_dict(st, ckpt, step=self.step)
         self.last_validation_step, self.complete = st["last_validation_step"], st["complete"]
         version, internal, gauss = json.loads(st["rng"]["python"])
         random.setstate((version, tuple(internal), gauss))
@@ -218,9 +226,26 @@ class Supervisor:
         self.records.event(kind, self.step if step is None else step, **fields)
         self.log(f"step {self.step}: {kind.replace('_', ' ')}: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
 
-    def _broadcast_weights(self) -> dict:
-        """The learner's weights, as version self.version, to every generator -> sync figures."""
-        return self.sync.push(self.version, step=self.step)
+    def _publish(self, resumed: bool = False) -> None:
+        """This step is done and the learner's weights are version self.version: staged in the object
+        store (object_store method) for the generators, which take them when the producer's schedule
+        says. After a resume or rollback the producer starts over from here."""
+        if self.spec.weight_sync.method == "object_store":
+            self.sync.stage(self.version, step=self.step)
+        if resumed:
+            self.producer.set_published(self.step, self.version)
+            return
+        self.producer.publish(self.step, self.version)
+        if self.spec.supervisor.max_staleness == 0 or self.step == self.spec.num_steps:
+            self._generators_at_current()  # what the next batch (or the final validation) is sampled with
+        else:
+            self.producer.pump(0.0)        # a batch waiting for these weights may start now
+
+    def _generators_at_current(self) -> None:
+        """The generators on the learner's weights (for a validation): every batch sampled with
+        older ones made first."""
+        self.producer.drain_before(self.step)
+        self.producer.push(self.version, step=self.step)
 
     def _reference_call(self, method: str, *args):
         """A reference call: logprobs spread over the reference actors, a reset or load to every
@@ -240,10 +265,10 @@ class Supervisor:
         """Continue the run from the checkpoint in restore_from: the learner already holds its
         weights (it was built from them); its optimizer and RNG, the supervisor's state, the
         generators' weights follow."""
-        self.load_state_dict(st)
+        self.load_state_dict(st, self.restore_from)
         self.complete = self.complete and self.step >= self.spec.num_steps   # num_steps raised: go on
         self._restore_learner()
-        self._broadcast_weights()
+        self._publish(resumed=True)
         self.history = [m for m in read_jsonl(self.run_dir / "metrics.jsonl") if m["step"] <= self.step]
         events = read_jsonl(self.run_dir / "events.jsonl")
         for grp in self.groups:   # restarts count over the whole run, across resumes
@@ -270,10 +295,10 @@ class Supervisor:
         ckpt = self.restore_from          # the newest checkpoint saved or resumed from (None: the start)
         state = read_state(ckpt) if ckpt else self.initial_state
         self.learner.replace(0, lost.cause, step=from_step)     # built from restore_from, then its state
-        self.load_state_dict(state)
+        self.load_state_dict(state, ckpt)
         self.reference_weights_ref = None
         self._reference_call("load", self._reference_path(), self.reference_version)
-        self._broadcast_weights()
+        self._publish(resumed=True)
         moved = self.records.roll_back_to(self.step, self.last_validation_step)
         self.history = [m for m in self.history if m["step"] <= self.step]
         self.records.event("rolled_back", from_step, to_step=self.step, checkpoint=str(ckpt) if ckpt else None,
@@ -282,7 +307,7 @@ class Supervisor:
                  f"and going on from there ({moved} record lines moved to rolled_back.jsonl)")
 
     # ------------------------------------------------------------------ prompts
-    def _prompt_table(self, items: list[Item], split: str = "train", record: bool = True) -> pa.Table:
+    def _prompt_table(self, items: list[Item], split: str, record: bool = True) -> pa.Table:
         table, rejected = B.make_prompts(items, self.tokenizer, self.max_prompt_tokens, self.next_group_id)
         self.next_group_id += table.num_rows
         for it, why in rejected if record else ():
@@ -290,55 +315,14 @@ class Supervisor:
                                reason=why)
         return table
 
-    def _rollouts(self, prompts: pa.Table, sp: SamplingSpec, timer: PhaseTimer) -> pa.Table:
-        """Generate and verify."""
-        with timer("generate"):
-            g = self.spec.generator
-            fill = g.vllm.max_num_seqs if g.engine == "vllm" else g.hf_batch_size
-            chunks = generation_chunks(prompts.num_rows, sp.n, g.num_actors, g.chunks_per_actor, fill)
-            rollouts = self.generators.map_table("generate", prompts, sp, num_chunks=chunks, step=self.step)
-            refuse_other_versions(rollouts, self.version, self.step)
-        with timer("verify"):
-            rollouts = self.verifiers.map_table("verify", rollouts, rows_per_unit=sp.n, step=self.step)
-        return rollouts
-
-    # ------------------------------------------------------------------ one step
-    def collect(self, timer: PhaseTimer) -> tuple[pa.Table | None, list[pa.Table], int, int]:
-        """Dynamic sampling: -> (training batch of at most P groups, every rollout made, rounds,
-        informative groups made).
-        Each round asks for the prompts that fill the batch at the running keep rate (`round_size`);
-        the informative groups beyond P are surplus (counted, not trained on)."""
-        sup, g, G = self.spec.supervisor, self.spec.generator, self.spec.group_size
-        ds, P = sup.dynamic_sampling, sup.num_prompts_per_step
-        kept, everything, n_kept, rounds = [], [], 0, 0
-        while n_kept < P and rounds < ds.max_rounds:
-            n_new = round_size(P - n_kept, self.keep_rate.rate, ds.fill_confidence, ds.max_oversample) \
-                if ds.enabled else P
-            sp = SamplingSpec(n=G, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
-                              seed=(self.spec.seed * 1_000_003 + self.step) * 101 + rounds)  # fresh per round
-            items = self.mixture.sample(n_new)
-            for bad in self.mixture.take_rejected():
-                self.num_item_rejects += 1
-                self.records.event("item_rejected", self.step, split="train", **bad)
-            prompts = self._prompt_table(items)
-            rounds += 1
-            if prompts.num_rows == 0:
-                continue
-            rollouts = self._rollouts(prompts, sp, timer)
-            everything.append(rollouts)
-            if not ds.enabled:
-                kept.append(rollouts)
-                n_kept += rollouts.num_rows // G
-                break
-            rewards = torch.tensor(rollouts[B.REWARD].to_numpy(), dtype=torch.float32)
-            keep = informative_groups(rewards, G)                                   # (groups,)
-            self.keep_rate.observe(int(keep.sum()), len(keep))
-            kept.append(B.select_rows(rollouts, keep.repeat_interleave(G).numpy()))
-            n_kept += int(keep.sum())
-        batch = B.concat(kept)
-        if batch is not None and batch.num_rows > P * G:
-            batch = batch.slice(0, P * G)
-        return (batch if batch is not None and batch.num_rows else None), everything, rounds, n_kept
+    def _rollouts(self, prompts: pa.Table, sp: SamplingSpec) -> pa.Table:
+        """Generate and verify (a validation: the generators hold the current version)."""
+        g = self.spec.generator
+        fill = g.vllm.max_num_seqs if g.engine == "vllm" else g.hf_batch_size
+        chunks = generation_chunks(prompts.num_rows, sp.n, g.num_actors, g.chunks_per_actor, fill)
+        rollouts = self.generators.map_table("generate", prompts, sp, num_chunks=chunks, step=self.step)
+        check_staleness(rollouts, self.version, 0, self.step)
+        return self.verifiers.map_table("verify", rollouts, rows_per_unit=sp.n, step=self.step)
 
     def reference_needed(self) -> bool:
         """Whether the step needs the reference's log-probs: a KL penalty in the loss, or a
@@ -348,18 +332,36 @@ class Supervisor:
                     and "kl" not in self.spec.supervisor.resets.triggers)
 
     def train_step(self) -> dict:
+        """One step of the recipe: its batch (made ahead by the producer, within the staleness
+        bound) -> advantages -> reference log-probs -> update -> the new version published ->
+        controllers and resets."""
         spec, G = self.spec, self.spec.group_size
         timer = PhaseTimer()
         t0 = time.perf_counter()
-        batch, everything, rounds, informative = self.collect(timer)
+        with timer("wait"):
+            fill = self.producer.take(self.step)
+        try:
+            return self._train_on(fill, timer, t0)
+        except Preempted:
+            self.producer.untake(fill)     # stopped before the update: the batch is trained on after the resume
+            raise
+
+    def _train_on(self, fill: Fill, timer: PhaseTimer, t0: float) -> dict:
+        spec, G = self.spec, self.spec.group_size
+        for kind, fields in fill.events:
+            if kind == "item_rejected":
+                self.num_item_rejects += 1
+            self.records.event(kind, fill.step, **fields)
+        batch = fill.batch(spec.supervisor.num_prompts_per_step, G)
         n_groups = batch.num_rows // G if batch is not None else 0
         if n_groups < spec.supervisor.num_prompts_per_step:
             self.records.event("batch_short", self.step, groups=n_groups,
-                               wanted=spec.supervisor.num_prompts_per_step, rounds=rounds)
-        stats = {}
+                               wanted=spec.supervisor.num_prompts_per_step, rounds=fill.rounds)
+        stats, stale = {}, None
         if batch is None:
-            self.records.event("no_informative_groups", self.step, rounds=rounds)
+            self.records.event("no_informative_groups", self.step, rounds=fill.rounds)
         else:
+            stale = check_staleness(batch, self.version, spec.supervisor.max_staleness, self.step)   # (B,)
             batch, shaping = trainable_batch(batch, spec)
             ref_scale = self.ref_temperature_scale()
             if batch.num_rows and self.reference_needed():
@@ -380,10 +382,13 @@ class Supervisor:
             stats.update(shaping)
         if stats and stats["optimizer_steps"] == 0:  # every update was non-finite: weights unchanged
             self.records.event("update_skipped", self.step, skipped_updates=stats["skipped_updates"])
-        elif stats:
+            self._publish()                 # the step is done, on the same version
+        elif not stats:
+            self._publish()
+        else:
             with timer("sync"):
                 self.version += 1
-                stats.update(self._broadcast_weights())
+                self._publish()
             # the controller sets the coefficient of the next step from this step's entropy and KL
             self.kl.update(stats["entropy_signal"], stats.get("kl", math.nan))
             self.resets.observe_step(stats.get("kl", math.nan), stats["entropy_signal"])
@@ -397,23 +402,31 @@ class Supervisor:
                 event = "reference_reset_skipped" if decision[0] == "skip" else "reference_reset_waits"
                 self.records.event(event, self.step, reason=decision[1], entropy_target=self.kl.target)
                 self.log(f"step {self.step}: {event.replace('_', ' ')} ({decision[1]})")
-        return self._step_metrics(everything, n_groups, informative, stats, rounds, timer, time.perf_counter() - t0)
+        return self._step_metrics(fill, n_groups, stats, stale, timer, time.perf_counter() - t0)
 
-    def _step_metrics(self, everything, n_kept, informative, stats, rounds, timer, step_s) -> dict:
+    def _step_metrics(self, fill: Fill, n_kept: int, stats: dict, stale, timer: PhaseTimer, step_s: float) -> dict:
         G = self.spec.group_size
-        if not everything:
-            raise RuntimeError(f"step {self.step}: no usable prompt in {rounds} rounds (see events.jsonl)")
-        allr = B.concat(everything)
+        if not fill.made:
+            raise RuntimeError(f"step {self.step}: no usable prompt in {fill.rounds} rounds (see events.jsonl)")
+        allr = B.concat(fill.made)
+        valid = valid_rows(allr).numpy()                     # a failed verification is no reward at all
         rewards = allr[B.REWARD].to_numpy()
         resp_len = pc.list_value_length(allr[B.RESPONSE_IDS]).to_numpy()
         tasks = np.array(allr[B.TASK].to_pylist())
         beta_next, bonus_next = self.coefs()
         entropy_target = self.kl.mode == "entropy-target"
         trained_tokens = stats.get("trained_tokens", 0)
+        now, (last_end, last_busy, last_bound) = time.monotonic(), self._last_step_end
+        busy, bound = self.producer.gen.busy_s, self.producer.bound_seconds()
+        window = max(now - last_end, 1e-9)      # since the last step ended (its validation, checkpoint included)
+        self._last_step_end = (now, busy, bound)
+        frac = lambda x: min(1.0, max(0.0, x))  # noqa: E731
+        pushes = self.producer.take_pushes()
+        mean_of = lambda x, keep: float(x[keep].mean()) if keep.any() else math.nan  # noqa: E731
         m = {
             "step": self.step, "time": time.time(), "policy_version": self.version,
             "reference_version": self.reference_version,
-            "reward_mean": float(rewards.mean()), "accuracy": float((rewards >= 1.0).mean()),
+            "reward_mean": mean_of(rewards, valid), "accuracy": mean_of(rewards >= 1.0, valid),
             "entropy": stats.get("entropy", math.nan), "entropy_signal": stats.get("entropy_signal", math.nan),
             "kl": stats.get("kl", math.nan),
             "kl_coef": stats.get("kl_coef_used", beta_next), "kl_coef_next": beta_next,
@@ -425,9 +438,20 @@ class Supervisor:
             **{k: stats.get(k, math.nan) for k in (
                 "pg_loss", "clip_frac_low", "clip_frac_high", "clip_frac", "dual_clip_frac", "approx_kl",
                 "grad_norm", "lr", "optimizer_steps", "sampler_logp_gap", "kl_capped_frac", "pad_frac",
-                "overlong_penalty")},
-            "kept_groups_frac": informative / (allr.num_rows // G), "trained_groups": n_kept, "gen_rounds": rounds,
-            "surplus_groups": informative - n_kept, "keep_rate": self.keep_rate.rate,
+                "overlong_penalty", "unverified_rows", "is_weight_mean", "is_masked_frac", "logp_mismatch_k3", "logp_gap_max",
+                "logp_gap_over_log2_frac")},
+            "kept_groups_frac": fill.n_kept / (allr.num_rows // G), "trained_groups": n_kept, "gen_rounds": fill.rounds,
+            "surplus_groups": fill.n_kept - n_kept, "keep_rate": fill.keep_rate,
+            # how old the trained rows were (policy versions behind the learner's), how far ahead
+            # generation runs, and who waited for whom
+            "max_staleness": self.spec.supervisor.max_staleness,
+            "staleness_mean": float(stale.mean()) if stale is not None else math.nan,
+            "staleness_max": int(stale.max()) if stale is not None else math.nan,
+            "buffered_batches": self.producer.buffered(),
+            "generator_idle_frac": frac(1.0 - (busy - last_busy) / (len(self.generators) * window)),
+            "generator_bound_wait_frac": frac((bound - last_bound) / window),
+            "learner_idle_frac": frac(1.0 - (timer.s["learn"] + timer.s["sync"]) / window),
+            "learner_wait_frac": frac(timer.s["wait"] / window),
             "response_len_mean": float(resp_len.mean()),
             "answer_format_frac": float(allr[B.FORMATTED].to_numpy(zero_copy_only=False).mean()),
             "truncated_frac": float(allr[B.TRUNCATED].to_numpy(zero_copy_only=False).mean()),
@@ -443,23 +467,27 @@ class Supervisor:
             "last_checkpoint_step": self.last_checkpoint_step(),
             "step_s": step_s,
             "gen_tokens": int(resp_len.sum()),
-            "gen_tokens_per_s": float(resp_len.sum()) / max(timer.s["generate"], 1e-9),
+            "gen_tokens_per_s": float(resp_len.sum()) / max(fill.times["generate"], 1e-9),
             "trained_tokens": trained_tokens,
             "train_tokens_per_s": trained_tokens / timer.s["learn"] if trained_tokens else math.nan,
-            "sync_mb": stats.get("sync_mb", math.nan),
-            "sync_mb_per_s": stats["sync_mb"] / stats["sync_s"] if stats.get("sync_s") else math.nan,
+            # the weights pushed to the generators during the step (a version, when a batch starts on it)
+            "sync_mb": pushes[-1]["sync_mb"] if pushes else math.nan,
+            "sync_mb_per_s": sum(p["sync_mb"] for p in pushes) / max(sum(p["sync_s"] for p in pushes), 1e-9)
+            if pushes else math.nan,
         }
         errors = allr[B.VERIFY_ERROR].to_numpy(zero_copy_only=False)
         timeouts = allr[B.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False)
         for t in sorted(set(tasks)):
-            m[f"reward/{t}"] = float(rewards[tasks == t].mean())
-            m[f"accuracy/{t}"] = float((rewards[tasks == t] >= 1.0).mean())
+            m[f"reward/{t}"] = mean_of(rewards, valid & (tasks == t))
+            m[f"accuracy/{t}"] = mean_of(rewards >= 1.0, valid & (tasks == t))
             m[f"verify_errors/{t}"] = int(errors[tasks == t].sum())
             m[f"verify_timeouts/{t}"] = int(timeouts[tasks == t].sum())
             m[f"entropy/{t}"] = stats.get(f"entropy/{t}", math.nan)    # trained tokens of the task
+        timer.s["generate"], timer.s["verify"] = fill.times["generate"], fill.times["verify"]   # the batch's own
         for p in PHASES:
             m[f"time/{p}_s"] = timer.s[p]
-        m["time/other_s"] = step_s - sum(timer.s.values())
+        # what the step waited on: its batch (the generation the learner could not hide), then its own phases
+        m["time/other_s"] = step_s - sum(timer.s[p] for p in ("wait", "reference", "learn", "sync"))
         return m
 
     def coefs(self) -> tuple[float, float]:
@@ -509,7 +537,7 @@ class Supervisor:
             rows = batch.take(np.linspace(0, batch.num_rows - 1, min(batch.num_rows, 128)).round().astype(np.int64))
             T, scale_before = self.spec.generator.temperature, self.ref_temperature_scale()
             ref_entropy = self._reference_call("entropy", rows, T * scale_before)
-        self.reference_weights_ref, self.reference_version = self.sync.weights_ref(), self.version
+        self.reference_weights_ref, self.reference_version = self.sync.weights_ref(self.version), self.version
         self._reference_call("reset_to", self.reference_weights_ref, self.version)
         if rs.reset_optimizer:
             self.learner.call_one("reset_optimizer", step=self.step)
@@ -533,7 +561,9 @@ class Supervisor:
         v, g = self.spec.validation, self.spec.generator
         sp = SamplingSpec(n=v.num_samples, temperature=v.temperature, top_p=v.top_p,
                           max_new_tokens=g.max_new_tokens, seed=self.spec.seed)
-        rollouts = self._rollouts(self.val_prompts, sp, PhaseTimer())
+        self._generators_at_current()
+        with self.producer.generators_held():
+            rollouts = self._rollouts(self.val_prompts, sp)
         correct = (rollouts[B.REWARD].to_numpy() >= 1.0).reshape(-1, v.num_samples)  # (prompts, n)
         rewards = rollouts[B.REWARD].to_numpy().reshape(-1, v.num_samples)          # (prompts, n)
         tasks = np.array(rollouts[B.TASK].to_pylist()[::v.num_samples])               # (prompts,)
@@ -599,13 +629,13 @@ class Supervisor:
     def _one_step(self) -> None:
         """One training step, its records, and the validation and checkpoint due after it. A stop
         request before the learner update leaves the state as the previous step ended it."""
-        spec, before = self.spec, self.state_dict()
+        spec, before = self.spec, self._own_state()
         self.interruptible = True
         try:
             self.step += 1
             m = self.train_step()
         except Preempted:
-            self.load_state_dict(before)   # the sampler and counters as the last complete step left them
+            self.load_state_dict(before)   # the counters as the last complete step left them (the batch went back)
             raise
         self.records.metrics.write(m)
         self.history.append(m)
@@ -658,10 +688,12 @@ class Supervisor:
         reference, the supervisor's state (controllers, sampler, RNG, counters)."""
         t0 = time.perf_counter()
         self.interruptible = False        # a save in progress is finished, not abandoned
+        self.producer.drain_before(self.step)   # batches of older weights are saved made, not in progress
         path = save_checkpoint(self.run_dir / "checkpoints", self.step,
                                lambda d: self.learner.call_one("save", d, step=self.step),
                                lambda d: self._reference_call("save", d), self.state_dict(),
-                               self.spec.checkpoint.keep_last, tokenizer_from=self.model_path)
+                               self.spec.checkpoint.keep_last, tokenizer_from=self.model_path,
+                               save_extra=self.producer.save)
         self.records.event("checkpoint", self.step, path=str(path), seconds=round(time.perf_counter() - t0, 3),
                            complete=self.complete)
         # from now on a rebuilt reference (or a rollback) starts from here: it holds the
@@ -714,21 +746,13 @@ def make_reset_policy(spec: RunSpec) -> ResetPolicy:
                        max_wait_steps=r.max_wait_steps, entropy_window=r.entropy_window)
 
 
-def refuse_other_versions(rollouts: pa.Table, version: int, step: int) -> None:
-    """Raise if any row was sampled from another policy version than `version` (a generator
-    that missed a sync: the learner's ratios would be off-policy)."""
-    stale = pc.sum(pc.not_equal(rollouts[B.POLICY_VERSION], version)).as_py() or 0
-    if stale:
-        raise RuntimeError(f"step {step}: {stale} rollouts sampled from another policy version than {version} "
-                           f"({sorted(set(rollouts[B.POLICY_VERSION].to_pylist()))})")
-
-
 def trainable_batch(batch: pa.Table, spec: RunSpec) -> tuple[pa.Table, dict]:
     """The kept groups -> (what the reference and the learner get, its figures): ADV added
-    (group-relative, on the rewards, with DAPO's soft overlong penalty when asked, whose mean
-    over the rows is the figure `overlong_penalty`); under overlong mode "mask" the truncated
-    responses leave here (after their group's advantages, which they count in), so that neither
-    the reference nor the learner spends a pass on them."""
+    (group-relative, on the rewards of the rows whose verification succeeded, with DAPO's soft
+    overlong penalty when asked, whose mean over the rows is the figure `overlong_penalty`);
+    the rows whose verification failed leave here (`unverified_rows`), and under overlong mode
+    "mask" the truncated responses (after their group's advantages, which they count in), so
+    that neither the reference nor the learner spends a pass on them."""
     G, ol = spec.group_size, spec.algorithm.overlong
     rewards = torch.tensor(batch[B.REWARD].to_numpy(), dtype=torch.float32)               # (B,)
     figures = {}
@@ -737,10 +761,15 @@ def trainable_batch(batch: pa.Table, spec: RunSpec) -> tuple[pa.Table, dict]:
         penalty = overlong_penalty(lengths, spec.generator.max_new_tokens, ol.buffer_tokens)  # (B,) in [-1, 0]
         rewards = rewards + penalty
         figures["overlong_penalty"] = float(penalty.mean())
-    adv = get_adv_estimator(spec.algorithm.adv_estimator)(rewards, G)                     # (B,)
+    valid = valid_rows(batch)                                                              # (B,)
+    adv = get_adv_estimator(spec.algorithm.adv_estimator)(rewards, G, valid=valid)         # (B,)
     batch = B.with_column(batch, B.ADV, adv.numpy())
+    keep = valid.numpy()                  # a failed verification has no reward: no gradient either
     if ol.mode == "mask":   # truncated responses get no gradient
-        batch = B.select_rows(batch, ~batch[B.TRUNCATED].to_numpy(zero_copy_only=False))
+        keep = keep & ~batch[B.TRUNCATED].to_numpy(zero_copy_only=False)
+    if not keep.all():
+        batch = B.select_rows(batch, keep)
+    figures["unverified_rows"] = int((~valid).sum())
     return batch, figures
 
 

@@ -11,9 +11,12 @@
   group is formed again and the weights sent again.
 
 Every generator answers the version it now holds; each rollout row carries it
-(`policy_version`), and the supervisor refuses rows sampled from another version.
-A replacement generator and the reference's resets take the weights from the object store
-(`weights_ref`, put at most once per version). The weights travel in the generators' dtype
+(`policy_version`), and the supervisor refuses rows sampled longer ago than
+supervisor.max_staleness versions. A replacement generator and the reference's resets take the
+weights from the object store (`weights_ref`, put at most once per version). With rollouts
+made ahead of the learner (max_staleness > 0) the generators hold an older version than the
+learner: each version is staged in the object store when the learner makes it (`stage`) and
+kept until the generators have moved past it. The weights travel in the generators' dtype
 (model.dtype: bf16 halves the bytes), not the learner's float32 master weights.
 """
 from __future__ import annotations
@@ -36,26 +39,35 @@ class WeightSync:
         """dtype: what the weights are sent in, the generators' model.dtype (None: the learner's float32)."""
         self.spec, self.learner, self.generators, self.log, self.dtype = spec, learner, generators, log, dtype
         self.workers_per_generator, self.backend = workers_per_generator, backend
-        self.version = 0
-        self._ref, self._ref_version = None, -1
+        self.version = 0                     # the generators' version (the last one pushed)
+        self._refs: dict = {}                # version -> its weights in the object store
         self._meta = None
         self._group_ok = False
         self._pushing = False
 
-    def weights_ref(self):
-        """The current version's weights in the object store (put once per version)."""
-        if self._ref_version != self.version:
-            self._ref, self._ref_version = ray.put(self.learner.call_one("get_weights", self.dtype)), self.version
-        return self._ref
+    def stage(self, version: int, step: int | None = None) -> None:
+        """The learner's weights now are `version`: put them in the object store (once)."""
+        if version not in self._refs:
+            self._refs[version] = ray.put(self.learner.call_one("get_weights", self.dtype, step=step))
+
+    def weights_ref(self, version: int | None = None):
+        """`version`'s weights (default: the generators') in the object store; a version not staged
+        is taken from the learner now, which must hold it."""
+        version = self.version if version is None else version
+        self.stage(version)
+        return self._refs[version]
 
     def push(self, version: int, step: int | None = None) -> dict:
-        """Every generator to `version` (the learner's weights now) -> {sync_s, sync_mb}."""
+        """Every generator to `version` (staged, or the learner's weights now) -> {sync_s, sync_mb}.
+        Older staged versions are dropped: the generators never go back (a rollback starts over)."""
         t0 = time.perf_counter()
         self.version = version
         if self._meta is None:
             self._meta = self.learner.call_one("weights_meta", self.dtype, step=step)
+        for old in [v for v in self._refs if v < version]:
+            del self._refs[old]
         if self.spec.method == "object_store":
-            held = self.generators.call_all("set_weights", self.weights_ref(), version, step=step)
+            held = self.generators.call_all("set_weights", self.weights_ref(version), version, step=step)
         else:
             held = self._broadcast(version, step)
         if set(held) != {version}:
@@ -74,7 +86,7 @@ class WeightSync:
         """New learner processes: the broadcast group is formed again at the next push, and the
         cached weights are dropped (a rollback replays versions, maybe with other weights)."""
         self._group_ok = False
-        self._ref, self._ref_version = None, -1
+        self._refs = {}
 
     # ------------------------------------------------------------------ broadcast
     def _form_group(self, step) -> None:

@@ -13,6 +13,10 @@ TEST_OVERRIDES = [
     "metrics.prometheus.targets_dir=/tmp/prorl-tests/prometheus",
     "data.tasks=[{name: chain_sum, dataset: chain_sum, config: {min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}}]",
     "validation.tasks=[]",   # the demo's held-out tasks: tests that want one name their own
+    # the synchronous loop, exactly as it was before rollouts were made ahead (tests of
+    # max_staleness > 0 and of the correction say so), with the learner's two threads
+    "supervisor.max_staleness=0", "algorithm.off_policy_correction.mode=none",
+    "learner.num_threads=2", "reference.num_threads=2",
 ]
 
 

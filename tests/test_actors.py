@@ -62,22 +62,29 @@ def test_generator_batch_shape(parts):
         assert eos not in ids[:-1]  # nothing after the end of a response
 
 
-def test_rows_of_another_policy_version_are_refused(parts, tiny_model):
+def test_rows_outside_the_staleness_bound_are_refused(parts, tiny_model):
     """Every row carries the version its generator held; the supervisor refuses a batch with any
-    row of another version than the learner's (a generator that missed a sync)."""
-    from prorl_actors.supervisor import refuse_other_versions
+    row sampled more than max_staleness versions before the learner's, or after it (a generator
+    that missed a sync, or a schedule bug)."""
+    from prorl_actors.runtime.producer import check_staleness
     spec, tok, r = parts
     gen = GeneratorActor(str(tiny_model), "float32", spec.generator, 0)
     assert gen.set_weights(load_causal_lm(tiny_model, "float32").state_dict(), 3) == 3
     prompts = prompt_table(tok, validation_items(spec.data, 2))
     rows = gen.generate(prompts, SamplingSpec(n=G, temperature=1.2, top_p=1.0, max_new_tokens=4, seed=0))
     assert rows[B.POLICY_VERSION].to_pylist() == [3] * 2 * G
-    refuse_other_versions(rows, 3, step=7)
-    with pytest.raises(RuntimeError, match=r"step 7: 8 rollouts sampled from another policy version than 4 \(\[3\]\)"):
-        refuse_other_versions(rows, 4, step=7)
+    assert check_staleness(rows, 3, 0, step=7).tolist() == [0] * 2 * G
+    assert check_staleness(rows, 5, 2, step=7).tolist() == [2] * 2 * G
+    with pytest.raises(RuntimeError, match=r"step 7: 8 rollouts sampled from policy versions \[3\], outside 4\.\.4 "
+                                           r"\(supervisor.max_staleness 0\)"):
+        check_staleness(rows, 4, 0, step=7)
+    with pytest.raises(RuntimeError, match=r"outside 5\.\.6"):
+        check_staleness(rows, 6, 1, step=7)
+    with pytest.raises(RuntimeError, match=r"8 rollouts .* versions \[3\], outside 1\.\.2"):   # from the future
+        check_staleness(rows, 2, 1, step=7)
     mixed = B.concat([rows, r.slice(0, 1)])                     # one row of version 0 among them
-    with pytest.raises(RuntimeError, match=r"1 rollouts .* than 3 \(\[0, 3\]\)"):
-        refuse_other_versions(mixed, 3, step=7)
+    with pytest.raises(RuntimeError, match=r"1 rollouts .* versions \[0\], outside 2\.\.3"):
+        check_staleness(mixed, 3, 1, step=7)
 
 
 def test_response_logp_matches_unpadded_forward(parts, tiny_model):

@@ -556,3 +556,93 @@ def test_token_objective_by_hand():
     assert_close(terms["kl"], t([0.0, 1 - ln2]))
     no_ref, terms = token_objective(logp, torch.zeros(2), t([2.0, -1.0]), t([0.5, 0.5]))
     assert no_ref.item() == pytest.approx(0.5 * -2.8 + 0.5 * 0.8) and "kl" not in terms
+
+
+# ---------------------------------------------------------------- off-policy correction
+def _r_table():
+    """Two sequences, r = pi_learner / pi_sampler per token: row 0 (2, 1/2, 1), row 1 (1/8, 1, pad)."""
+    sample = torch.log(t([[0.25, 0.5, 0.5], [0.5, 0.25, 0.9]]))
+    old = torch.log(t([[0.5, 0.25, 0.5], [0.0625, 0.25, 0.1]]))
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    return old, sample, mask
+
+
+@pytest.mark.parametrize("mode, low, high, want", [
+    ("none", 0.5, 5.0, [[1, 1, 1], [1, 1, 0]]),
+    ("tis", 0.5, 1.5, [[1.5, 0.5, 1], [0.125, 1, 0]]),                 # min(r, 1.5)
+    ("icepop", 0.5, 1.5, [[0, 0.5, 1], [0, 1, 0]]),                   # r inside [0.5, 1.5], else 0
+    ("icepop", 0.1, 2.0, [[2, 0.5, 1], [0.125, 1, 0]]),               # bounds inclusive
+    # row 0's geometric mean (2 * 1/2 * 1)^(1/3) = 1 stays (tokens truncated at 1.5); row 1's
+    # (1/8 * 1)^(1/2) = 0.354 < 0.5: the whole row goes
+    ("seq_mask_tis", 0.5, 1.5, [[1.5, 0.5, 1], [0, 0, 0]]),
+    ("seq_mask_tis", 0.3, 1.5, [[1.5, 0.5, 1], [0.125, 1, 0]]),
+])
+def test_off_policy_weights_by_hand(mode, low, high, want):
+    from prorl_actors.algo import off_policy_weights
+    old, sample, mask = _r_table()
+    w, st = off_policy_weights(old, sample, mask, mode, low, high)
+    assert_close(w, t(want))
+    assert not w.requires_grad
+    assert st["is_weight_mean"].item() == pytest.approx(sum(map(sum, want)) / 5)
+    assert st["is_masked_frac"].item() == pytest.approx(sum(x == 0 for row in want for x in row[:3]) / 5 - 1 / 5)
+    # k3 = r - 1 - log r over the 5 real tokens; |log r| > log 2 only for 1/8 (2 is exactly log 2)
+    k3 = [r - 1 - math.log(r) for r in (2, 0.5, 1, 0.125, 1)]
+    assert st["logp_mismatch_k3"].item() == pytest.approx(sum(k3) / 5, rel=1e-5)
+    assert st["logp_gap_max"].item() == pytest.approx(math.log(8), rel=1e-5)
+    assert st["logp_gap_over_log2_frac"].item() == pytest.approx(1 / 5)
+
+
+def test_off_policy_weights_flat_equal_padded_and_reject_bad_input():
+    from prorl_actors.algo import off_policy_weights, token_weights
+    old, sample, mask = _r_table()
+    m = mask.bool()
+    for mode in ("tis", "icepop", "seq_mask_tis"):
+        w, _ = off_policy_weights(old, sample, mask, mode, 0.5, 1.5)
+        flat, _ = token_weights(old[m], sample[m], t([7, 7, 7, 3, 3]).long(), mode, 0.5, 1.5)   # any row ids
+        assert_close(flat, w[m])
+    with pytest.raises(ValueError, match="valid: \\['none', 'tis', 'icepop', 'seq_mask_tis'\\]"):
+        off_policy_weights(old, sample, mask, "is")
+    with pytest.raises(ValueError, match="need 0 <= low <= 1 <= high"):
+        off_policy_weights(old, sample, mask, "tis", 0.5, 0.9)
+    with pytest.raises(ValueError, match="must all be \\(B, T\\)"):
+        off_policy_weights(old, sample[:, :2], mask)
+
+
+def test_token_objective_weights_only_the_policy_gradient_term():
+    """Decoupled PPO: the correction multiplies the clipped surrogate (whose ratio stays pi / pi_old),
+    not the KL penalty or the entropy bonus."""
+    from prorl_actors.algo import token_objective
+    logp = torch.log(t([1.5, 0.5])).requires_grad_(True)
+    ref = t([math.log(1.5), math.log(0.5) + math.log(2.0)])
+    kw = dict(kl_coef=0.1, entropy_coef=0.01)
+    base, _ = token_objective(logp, torch.zeros(2), t([2.0, -1.0]), t([0.5, 0.5]), ref, t([1.0, 2.0]), **kw)
+    loss, terms = token_objective(logp, torch.zeros(2), t([2.0, -1.0]), t([0.5, 0.5]), ref, t([1.0, 2.0]),
+                                  t([0.5, 0.0]), **kw)
+    # pg terms -2.8 and 0.8 become -1.4 and 0: the loss moves by 0.5 * (1.4 + -0.8)
+    assert loss.item() == pytest.approx(base.item() + 0.5 * 1.4 - 0.5 * 0.8, rel=1e-5)
+    assert_close(terms["pg"].detach(), t([-1.4, 0.0]))
+    loss.backward()
+    g = logp.grad.clone()
+    logp.grad = None
+    kl_only, _ = token_objective(logp, torch.zeros(2), t([2.0, -1.0]), t([0.5, 0.5]), ref, t([1.0, 2.0]),
+                                 t([0.0, 0.0]), **kw)
+    kl_only.backward()
+    assert logp.grad[1].item() == pytest.approx(g[1].item())        # token 2: weight 0 leaves the KL's gradient
+
+
+# ---------------------------------------------------------------- verification failures
+def test_failed_verifications_are_left_out_of_baselines_and_the_filter():
+    """A failed verification is no reward, not a 0: the group's mean and std are over its valid rows,
+    the failed rows get advantage 0, and a group needs two valid rows to be informative."""
+    r = t([1, 0, 1, 0, 1, 1, 0, 0, 1, 0, 0, 0])
+    v = torch.tensor([1, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 0]).bool()
+    adv = group_advantages(r, 4, valid=v)
+    # group 0 over (1, 0, 1): mean 2/3, unbiased std sqrt(1/3)
+    s = math.sqrt(1 / 3)
+    assert_close(adv[:4], t([(1 / 3) / (s + 1e-6), (-2 / 3) / (s + 1e-6), (1 / 3) / (s + 1e-6), 0.0]))
+    assert adv[4:].tolist() == [0.0] * 8     # group 1: its valid rows agree; group 2: one valid row
+    assert informative_groups(r, 4, v).tolist() == [True, False, False]
+    assert informative_groups(r, 4).tolist() == [True, True, True]              # as if failures were wrong
+    assert_close(group_advantages(r, 4, valid=torch.ones(12).bool()), group_advantages(r, 4))   # all valid: as before
+    dr = get_adv_estimator("dr_grpo")(r, 4, valid=v)
+    assert_close(dr[:4], t([1 / 3, -2 / 3, 1 / 3, 0.0]))

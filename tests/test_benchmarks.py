@@ -100,6 +100,18 @@ def test_verifiers(tmp_path):
         assert checks == 4 and positive(serial, pooled) and 0 <= reward <= 1 and errors == 0, (family, out)
 
 
+def test_pipeline(tiny_model, tmp_path):
+    out = bench("pipeline.py", "--staleness", 0, 1, "--steps", 3, "--out", tmp_path / "pipeline",
+                "--png", tmp_path / "pipeline.png", *TEST_OVERRIDES, f"model.path={tiny_model}", *SMALL_RUN,
+                tmp_path=tmp_path)
+    table = {s: row(out, rf"{s}\s") for s in (0, 1)}          # the rows of max_staleness 0 and 1
+    for s, (samples_per_s, speed_up, step_s, gen_idle, learner_idle, staleness, k3, acc, first) in table.items():
+        assert positive(samples_per_s, speed_up, step_s) and 0 <= gen_idle <= 1 and 0 <= learner_idle <= 1
+        assert 0 <= acc <= 1 and 0 <= first <= 1 and k3 >= 0
+    assert table[0][5] == 0 and 0 < table[1][5] <= 1        # mean staleness: none, then at most one version
+    assert "held-out accuracy after" in out and (tmp_path / "pipeline.png").stat().st_size > 10_000
+
+
 def test_recovery(tiny_model, tmp_path):
     out = bench("recovery.py", "--out", tmp_path / "recovery", *TEST_OVERRIDES, f"model.path={tiny_model}",
                 *SMALL_RUN, tmp_path=tmp_path)

@@ -334,9 +334,10 @@ def test_trainable_batch_advantages_then_truncated_rows_leave():
                         task=["t"] * 4, item_index=[0] * 4, reference=["{}"] * 4, group_id=[0, 0, 1, 1],
                         truncated=[False, True, False, True], policy_version=[0] * 4)
     t = B.with_column(t, B.REWARD, [1.0, 0.0, 0.0, 1.0])
+    t = B.with_column(B.with_column(t, B.VERIFY_ERROR, [False] * 4), B.VERIFY_TIMEOUT, [False] * 4)
     base = {"generator": {"num_samples_per_prompt": 2, "max_new_tokens": 4}}
     masked, figures = trainable_batch(t, build_spec({**base, "algorithm": {"overlong": {"mode": "mask"}}}))
-    assert figures == {}
+    assert figures == {"unverified_rows": 0}
     s = 1 / math.sqrt(0.5)                     # (r - mean) / unbiased std of {0, 1}
     assert masked[B.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s], rel=1e-5)   # rows 0, 2 stay (std + 1e-6)
     assert masked[B.GROUP_ID].to_pylist() == [0, 1] and B.group_bounds(masked).tolist() == [0, 1, 2]
@@ -346,7 +347,12 @@ def test_trainable_batch_advantages_then_truncated_rows_leave():
                                                                                        "buffer_tokens": 2}}}))
     # lengths 2, 4, 1, 4 against a ramp over the last 2 tokens before 4: penalties 0, -1, 0, -1
     assert soft[B.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s, 0.0, 0.0], rel=1e-5)
-    assert figures == {"overlong_penalty": -0.5}
+    assert figures == {"overlong_penalty": -0.5, "unverified_rows": 0}
+    # a verification that raised is no reward: its row leaves, its group has no baseline left
+    failed = B.with_column(t, B.VERIFY_ERROR, [False, False, True, False])
+    out, figures = trainable_batch(failed, build_spec(base))
+    assert out[B.GROUP_ID].to_pylist() == [0, 0, 1] and figures["unverified_rows"] == 1
+    assert out[B.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s, 0.0], rel=1e-5)
 
 
 def test_generation_chunks_fill_the_engine():

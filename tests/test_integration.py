@@ -35,9 +35,14 @@ KL_TARGET_SOFT_PUNISH = ("supervisor.kl.mode=kl-target", "supervisor.kl.kl_targe
                          "algorithm.overlong.buffer_tokens=8")
 
 
+# the vLLM run makes its batches two steps ahead of the learner, corrected by sequence-masked TIS
+TWO_AHEAD = ("supervisor.max_staleness=2", "algorithm.off_policy_correction.mode=seq_mask_tis",
+             "algorithm.off_policy_correction.high=2.0")
+
+
 @pytest.mark.parametrize("engine", ["vllm", "hf"])
 def test_train_few_steps(tiny_model, tmp_path, engine):
-    r, run = _train(tiny_model, tmp_path, engine, KL_TARGET_SOFT_PUNISH if engine == "hf" else ())
+    r, run = _train(tiny_model, tmp_path, engine, KL_TARGET_SOFT_PUNISH if engine == "hf" else TWO_AHEAD)
     assert "validation accuracy (held-out)" in r.stdout  # the start-vs-end table
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]
@@ -50,7 +55,17 @@ def test_train_few_steps(tiny_model, tmp_path, engine):
     assert trained, "no step trained (no informative group in 3 steps)"
     assert all(m["entropy"] > 0 and m["kl"] >= 0 for m in trained)
     assert all(m["optimizer_steps"] == -(-m["trained_groups"] // 4) for m in trained)  # mini-batches of 4
-    assert all(m["sampler_logp_gap"] < 0.05 for m in trained)  # the sampler runs the learner's weights
+    for m in trained:   # the correction's figures, in range
+        assert 0 <= m["is_masked_frac"] <= 1 and m["logp_mismatch_k3"] >= 0 and m["logp_gap_max"] >= 0
+        assert 0 <= m["generator_idle_frac"] <= 1 and 0 <= m["learner_idle_frac"] <= 1
+    if engine == "hf":
+        assert all(m["sampler_logp_gap"] < 0.05 for m in trained)  # the sampler runs the learner's weights
+        assert all(m["staleness_max"] == 0 and m["is_weight_mean"] == 1.0 for m in trained)
+    else:
+        # batches 1 to 3 are all sampled with version 0, made ahead while the learner trains
+        stale = [m["policy_version"] - (1 if m["optimizer_steps"] else 0) for m in metrics]
+        assert [m["staleness_max"] for m in trained] == [v for v, m in zip(stale, metrics) if m in trained]
+        assert max(m["staleness_max"] for m in trained) <= 2
     val = read_jsonl(run / "validation.jsonl")
     assert [v["step"] for v in val] == [0, 2, 3]
     assert all(0 <= v["pass@1/chain_sum"] <= v["pass@4/chain_sum"] <= 1 for v in val)
@@ -68,6 +83,12 @@ def test_train_few_steps(tiny_model, tmp_path, engine):
     last = run / "checkpoints" / "step_000003"
     state = json.loads((last / "supervisor_state.json").read_text())
     assert state["step"] == 3 and state["policy_version"] == len(trained)
+    made_ahead = json.loads((run / "checkpoints" / "step_000002" / "supervisor_state.json").read_text())["ready"]
+    if engine == "vllm":   # the checkpoint of step 2 holds batch 3, made and not yet trained on
+        assert [f["step"] for f in made_ahead] == [3] and made_ahead[0]["version"] == 0
+        assert (run / "checkpoints" / "step_000002" / "rollouts" / "made_000003.arrow").is_file()
+    else:
+        assert made_ahead == []
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(last)
     assert (run / "spec.yaml").exists() and (run / "curves.png").stat().st_size > 10_000

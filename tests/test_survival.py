@@ -189,6 +189,15 @@ def baseline(baselines):
     return baselines("hf")
 
 
+@pytest.fixture(scope="module")
+def baseline_one_step_off(tiny_model, tmp_path_factory):
+    """An uninterrupted run at supervisor.max_staleness 1 (one-step-off)."""
+    out = tmp_path_factory.mktemp("baseline-s1")
+    d = Driver(_args(tiny_model, out, ("supervisor.max_staleness=1",)), out / "log.txt")
+    assert d.wait() == 0, d.text()[-4000:]
+    return out / "run"
+
+
 def test_stateless_and_rebuildable_actors_killed_mid_step(tiny_model, tmp_path, baseline):
     """In one run: the generator killed in step 2's generation, the verifier in step 2's
     verification, the reference in step 3's scoring (it was reset at step 2). Each step completes
@@ -433,3 +442,39 @@ def test_a_death_over_the_limit_fails_the_run_with_its_cause(tiny_model, tmp_pat
     assert f"({limit.split('=')[0]})" in text and f"pid: {pid}" in text, text[-4000:]
     died = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["event"] == "actor_died"]
     assert [e["role"] for e in died] == [role] and _steps_done(tmp_path / "run") == 0
+
+
+def test_one_step_off_survives_every_role_and_a_driver_kill(tiny_model, tmp_path, baseline_one_step_off):
+    """At max_staleness 1 the next batch is sampled while the learner trains, with weights one
+    version old. In one run: a generator killed in a generation made ahead (fill 3, sampled with
+    version 1 while step 2 trains), a verifier in a verification made ahead, the reference in step
+    3's scoring, the learner in step 3's update (rolled back to the checkpoint of step 2, which
+    holds batch 3, made and not yet trained on), then the driver SIGKILLed in step 4's update
+    (resumed from step 2 again). The run ends with the weights, records and sampler of the
+    uninterrupted one-step-off run: no group lost, none trained twice, the schedule unbroken."""
+    run = tmp_path / "run"
+    args = lambda: _args(tiny_model, tmp_path, ("supervisor.max_staleness=1",))  # noqa: E731
+    d = Driver(args(), tmp_path / "log1.txt")
+    pids = [_kill_in(d, run, "ray::GeneratorActor.generate", 1)]
+    pids.append(_kill_in(d, run, "ray::VerifierActor.verify", 1))
+    pids.append(_kill_in(d, run, "ray::ReferenceActor.logprobs", 2))
+    pids.append(_kill_in(d, run, "ray::LearnerActor.update", 2))
+    d.catch("ray::LearnerActor.update", when=lambda: _steps_done(run) >= 3)            # step 4's update
+    d.kill(d.proc.pid, signal.SIGKILL)
+    d.wait()
+    assert (run / "checkpoints" / "step_000002" / "rollouts" / "kept_000003.arrow").is_file()
+    saved = read_state(run / "checkpoints" / "step_000002")
+    assert [f["step"] for f in saved["ready"]] == [3] and saved["ready"][0]["version"] == 1
+    assert saved["next_fill_step"] == 4           # batch 4 (version 2) is made again after a resume
+    d = Driver(args(), tmp_path / "log2.txt")
+    assert d.wait() == 0, d.text()[-4000:]
+    events = _check_complete(run, baseline_one_step_off)
+    died = [e for e in events if e["event"] == "actor_died"]
+    assert [e["role"] for e in died] == ["generator", "verifier", "reference", "learner"], died
+    assert all(f"pid: {pid}" in e["cause"] for e, pid in zip(died, pids)), died
+    rb = [e for e in events if e["event"] == "rolled_back"]
+    assert len(rb) == 1 and rb[0]["to_step"] == 2
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["staleness_max"] for m in metrics] == [0, 1, 1, 1]    # batches 1 and 2 both sampled with version 0
+    assert [m["staleness_max"] for m in metrics] == [m["staleness_max"] for m in read_jsonl(
+        baseline_one_step_off / "metrics.jsonl")]

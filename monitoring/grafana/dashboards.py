@@ -169,8 +169,12 @@ def overview() -> dict:
             right=("learner padding share",), units={"learner padding share": "percentunit"},
             description="Generated and trained tokens per second; the share of the positions the learner "
                         "computed that were padding (learner.max_tokens_per_micro_batch keeps it low)."),
-        panel("Time per phase", [q(f"prorl_supervisor_phase_seconds{{{R}}}", "{{phase}}")], w=8, unit="s",
-              stack=True, description="Where each step's time goes (stacked: the step time)."),
+        panel("Time per phase", [q(f'prorl_supervisor_phase_seconds{{{R}, phase!~"generate|verify"}}', "{{phase}}"),
+                                 q(f'sum(prorl_supervisor_phase_seconds{{{R}, phase=~"generate|verify"}})',
+                                   "generate + verify (the batch's own)")], w=8, unit="s", stack=True,
+              description="Where each step's time goes (stacked: the step time): waiting for its batch, the "
+                          "reference, the update, the weights. The batch's own generation and verification "
+                          "overlap the previous steps when supervisor.max_staleness > 0."),
         panel("Progress", [
             q(f"prorl_supervisor_step{{{R}}}", "step"),
             q(f"prorl_supervisor_num_steps{{{R}}}", "of"),
@@ -179,6 +183,33 @@ def overview() -> dict:
             q(f"sum(prorl_supervisor_reference_resets_total{{{R}}})", "reference resets"),
             q(f"time() - prorl_supervisor_last_progress_timestamp_seconds{{{R}}}", "since last step (s)")],
             w=8, kind="stat"),
+        row("Pipeline"),
+        panel("Staleness", [
+            q(f"prorl_supervisor_staleness_mean{{{R}}}", "mean"),
+            q(f"prorl_supervisor_staleness_max{{{R}}}", "max"),
+            q(f"prorl_supervisor_max_staleness{{{R}}}", "bound"),
+            q(f"prorl_supervisor_buffered_batches{{{R}}}", "batches made ahead")], w=8, unit="none",
+            description="Policy versions between the weights that sampled the trained rows and the learner's "
+                        "(never above supervisor.max_staleness), and the batches waiting for the learner."),
+        panel("Who waits for whom", [
+            q(f"prorl_generator_idle_frac{{{R}}}", "generators idle"),
+            q(f"prorl_generator_bound_wait_frac{{{R}}}", "next batch held by the bound"),
+            q(f"prorl_learner_idle_frac{{{R}}}", "learner idle"),
+            q(f"prorl_learner_wait_frac{{{R}}}", "step waiting for its batch")], w=8, unit="percentunit",
+            min_=0, max_=1,
+            description="Generators idle because the learner has not made the weights the next batch needs: "
+                        "the learner is the bottleneck (raise max_staleness or give it more GPUs). The step "
+                        "waiting for its batch: generation is (more generators)."),
+        panel("Sampler vs learner", [
+            q(f"prorl_learner_logp_mismatch_k3{{{R}}}", "KL(sampler || learner), k3"),
+            q(f"prorl_learner_logp_gap_over_log2_frac{{{R}}}", "tokens > 2x apart"),
+            q(f"prorl_learner_is_weight_mean{{{R}}}", "mean correction weight"),
+            q(f"prorl_learner_is_masked_frac{{{R}}}", "tokens masked by the correction"),
+            q(f"prorl_learner_logp_gap_max{{{R}}}", "largest |log ratio|")], w=8, unit="none", log=False,
+            right=("mean correction weight", "largest |log ratio|"),
+            description="How far the generator's token probabilities are from the learner's (other kernels, "
+                        "and older weights when max_staleness > 0), and what the off-policy correction "
+                        "(algorithm.off_policy_correction) does about it."),
         row("Health"),
         panel("Actor restarts", [
             q(f"increase(prorl_supervisor_actor_restarts_total{{{R}}}[$__rate_interval])", "{{role}}"),

@@ -39,7 +39,7 @@ import pyarrow as pa
 import torch
 
 from prorl_actors import batch as B
-from prorl_actors.algo import loss_row_scale, mask_truncated, token_objective
+from prorl_actors.algo import loss_row_scale, mask_truncated, token_objective, token_weights
 from prorl_actors.checkpoint import weights_digest
 from prorl_actors.engines import weight_sync as ws
 from prorl_actors.engines.torch_policy import DTYPES, TokenScorer, chunk_tokens, load_causal_lm, pick_device, score_tokens
@@ -125,6 +125,8 @@ class LearnerActor:
         stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=self.device)
         row_ent = torch.zeros(len(tok_len), dtype=torch.float64, device=self.device)  # (B,) epoch 0 entropy sums
         grad_norms, steps, skipped, model = [], 0, 0, self.engine.module
+        opc = a.off_policy_correction
+        gap_max = torch.zeros((), dtype=torch.float64, device=self.device)       # max |old - sample| over tokens
         for epoch, mini_batches in enumerate(schedule):
             if epoch == 1:   # the first mini-batch's rows are off-policy from now on: their old_logp
                 old_tok = torch.where(torch.from_numpy(first)[tok_row], self._sum_ranks(first_old), old_tok)
@@ -138,6 +140,7 @@ class LearnerActor:
                 row_scale[rows] = scale * self.world_size   # DeepSpeed averages the ranks' gradients
                 self.engine.zero_grad()
                 mb_stats, mb_ent = torch.zeros_like(stats), torch.zeros_like(row_ent)
+                mb_max = torch.zeros((), dtype=torch.float64, device=self.device)
                 micro = B.plan_micro_batches(rows, gid, plen, rlen, self.world_size, s.max_tokens_per_micro_batch,
                                              s.micro_batch_size, s.share_prompts)[self.rank]
                 for m, units in enumerate(micro):
@@ -153,9 +156,14 @@ class LearnerActor:
                     else:
                         old = old_tok[tok].to(self.device)                                                   # (n,)
                     w = row_scale[tok_row[tok]].to(self.device) * float(real)                                # (n,)
+                    sample = sample_tok[tok].to(self.device)                                                 # (n,)
+                    # the sampler's tokens, weighted towards the proximal policy's (decoupled PPO)
+                    is_w, gap = token_weights(old, sample, tok_row[tok].to(self.device), opc.mode, opc.low,
+                                              opc.high)                                                      # (n,)
                     loss, terms = token_objective(
                         logp, old, adv_tok[tok].to(self.device), w,
-                        ref_tok[tok].to(self.device) if has_ref else None, ent, eps_low=a.eps_low,
+                        ref_tok[tok].to(self.device) if has_ref else None, ent,
+                        is_w if opc.mode != "none" else None, eps_low=a.eps_low,
                         eps_high=a.eps_high, dual_clip_c=a.dual_clip_c, kl_coef=kl_coef, kl_estimator=a.kl_estimator,
                         k3_cap=a.k3_cap, entropy_coef=ent_coef)
                     # a non-finite loss makes non-finite gradients: the step below is skipped on
@@ -167,8 +175,10 @@ class LearnerActor:
                         figures = self._figures(terms, w, ent, units, plen, rlen)
                         if epoch == 0:   # per task; the sampler's logprobs vs the learner's, same weights
                             mb_ent.index_add_(0, tok_row[tok].to(self.device), ent.detach().double())
-                            figures["sampler_logp_gap"] = (old - sample_tok[tok].to(self.device)).abs().sum()
+                            figures["sampler_logp_gap"] = (old - sample).abs().sum()
                             figures["gap_tokens"] = len(tok)
+                            figures.update({k: gap[k] for k in GAP_SUMS})
+                            mb_max = torch.maximum(mb_max, gap["logp_gap_max"].double())
                         mb_stats += _stat_vector(figures, self.device)
                 grad_norm = self.engine.step()
                 if grad_norm is None:
@@ -178,17 +188,22 @@ class LearnerActor:
                 grad_norms.append(grad_norm)
                 stats += mb_stats
                 row_ent += mb_ent
+                gap_max = torch.maximum(gap_max, mb_max)
         stats, row_ent = self._all_ranks(stats, row_ent)
+        gap_max = self._max_ranks(gap_max)
         self.num_skipped_updates += skipped
         self.num_optimizer_steps += steps
         st = dict(zip(STAT_KEYS, stats.tolist()))
         n, n_kl, n_gap = st.pop("tokens"), st.pop("kl_tokens"), st.pop("gap_tokens")
         pos, real_pos = st.pop("positions"), st.pop("real_positions")
         pg_sum = st.pop("pg_loss")
+        gap = {name: st.pop(k) for k, name in GAP_SUMS.items()}
         out = {k: (v / n if n else math.nan) for k, v in st.items()}
         for k in ("kl", "kl_capped_frac"):
             out[k] = st[k] / n_kl if n_kl else math.nan
         out["sampler_logp_gap"] = st["sampler_logp_gap"] / n_gap if n_gap else math.nan
+        out.update({name: v / n_gap if n_gap else math.nan for name, v in gap.items()})
+        out["logp_gap_max"] = float(gap_max) if n_gap else math.nan
         out["pg_loss"] = pg_sum / steps if steps else math.nan     # the aggregated loss, mean over the steps
         tasks = np.array(rollouts[B.TASK].to_pylist())
         row_tok = tok_len.numpy()
@@ -238,6 +253,14 @@ class LearnerActor:
         """Each rank's sums of figures (and per-row entropy sums) -> the sums over all ranks, on the CPU."""
         both = self._sum_ranks(torch.cat([stats, row_ent]))
         return both[:len(stats)], both[len(stats):]
+
+    def _max_ranks(self, x: torch.Tensor) -> float:
+        """Each rank's 0-dim `x` -> the largest over the ranks."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+            x = x.to(self.device)
+            dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return float(x)
 
     def _sum_ranks(self, x: torch.Tensor) -> torch.Tensor:
         """Each rank's `x` -> the sum over the ranks, on the CPU (one all-reduce)."""
@@ -372,7 +395,10 @@ def _cast(sd: dict[str, torch.Tensor] | None, dtype: str | None) -> dict[str, to
 # the figures an update sums over its tokens and micro-batches (one vector, one all-reduce)
 STAT_KEYS = ("tokens", "pg_loss", "entropy", "clip_frac_low", "clip_frac_high", "clip_frac", "dual_clip_frac",
              "approx_kl", "kl", "kl_tokens", "kl_capped_frac", "sampler_logp_gap", "gap_tokens", "positions",
-             "real_positions")
+             "real_positions", "is_weight_sum", "is_masked_sum", "logp_mismatch_k3_sum", "logp_gap_over_log2_sum")
+# the off-policy figures summed over the first epoch's tokens (offpolicy.token_weights) -> their means
+GAP_SUMS = {"is_weight_sum": "is_weight_mean", "is_masked_sum": "is_masked_frac",
+            "logp_mismatch_k3_sum": "logp_mismatch_k3", "logp_gap_over_log2_sum": "logp_gap_over_log2_frac"}
 
 
 def _stat_vector(figures: dict, device: torch.device) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Pure-torch RL math for ProRL: advantages, policy loss, KL, entropy, dynamic sampling,
-pass@k and the boundary verdict, n-gram novelty, the KL-coefficient controller, overlong handling and the reference-reset policy.
+the off-policy correction, pass@k and the boundary verdict, n-gram novelty, the KL-coefficient controller, overlong handling and the reference-reset policy.
 No Ray, no I/O."""
 
 from prorl_actors.algo.advantages import ADV_ESTIMATORS, get_adv_estimator, group_advantages
@@ -23,6 +23,7 @@ from prorl_actors.algo.passk import VERDICTS, boundary_verdict, pass_at_k, pass_
 from prorl_actors.algo.resets import ResetPolicy, kl_share, reset_due, validation_dropped, validation_stalled
 from prorl_actors.algo.logprobs import token_logp_entropy
 from prorl_actors.algo.objective import token_objective
+from prorl_actors.algo.offpolicy import OFF_POLICY_MODES, off_policy_weights, token_weights
 from prorl_actors.algo.sampling import KeepRate, informative_groups, round_size
 
 __all__ = [
@@ -47,6 +48,9 @@ __all__ = [
     "round_size",
     "token_logp_entropy",
     "token_objective",
+    "token_weights",
+    "off_policy_weights",
+    "OFF_POLICY_MODES",
     "kl_coef_for_entropy",
     "kl_coef_for_kl",
     "kl_share",

@@ -10,6 +10,9 @@ Algorithmic choices:
   whose rewards are all equal (exact ``max == min`` test; mean rounding would otherwise
   leave ~1e-8 residues divided by a ~1e-8 std).
 - Rewards must be finite (None/NaN rewards are the verifier's business, not ours).
+- A response whose verification failed (raised, timed out) has no reward at all, not a 0: with
+  ``valid`` given, such rows are left out of their group's mean and std and get advantage 0;
+  a group with fewer than two valid rows has no baseline (all 0).
 """
 
 from __future__ import annotations
@@ -36,13 +39,17 @@ def group_advantages(
     group_size: int,
     normalize_std: bool = True,
     eps: float = 1e-6,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Group-normalised advantages.
 
     rewards: (B,), each run of ``group_size`` consecutive entries is one group.
     normalize_std: True = GRPO (divide by unbiased group std + eps), False = Dr.GRPO.
-    Returns (B,) float advantages; 0 for groups of size 1 and all-equal groups.
+    valid: (B,) bool or None (all valid): rows with a reward (see the module docstring).
+    Returns (B,) float advantages; 0 for groups of size 1, all-equal groups and invalid rows.
     """
+    if valid is not None and not bool(valid.all()):
+        return _valid_only(rewards, group_size, normalize_std, eps, valid)
     r = _grouped(rewards, group_size)  # (N, G)
     r = r.to(torch.promote_types(r.dtype, torch.float32)) if r.is_floating_point() else r.float()
     if group_size == 1:
@@ -53,6 +60,25 @@ def group_advantages(
     constant = r.amax(dim=-1, keepdim=True) == r.amin(dim=-1, keepdim=True)  # (N, 1)
     adv = torch.where(constant, torch.zeros_like(adv), adv)  # (N, G)
     return adv.reshape(-1)  # (B,)
+
+
+def _valid_only(rewards: torch.Tensor, group_size: int, normalize_std: bool, eps: float,
+                valid: torch.Tensor) -> torch.Tensor:
+    """group_advantages over the valid rows of each group; 0 elsewhere."""
+    v = _grouped(valid.bool(), group_size)                                  # (N, G)
+    r = torch.where(v, _grouped(rewards, group_size), torch.zeros(()))      # (N, G) invalid rewards never read
+    r = r.to(torch.promote_types(r.dtype, torch.float32)) if r.is_floating_point() else r.float()
+    n = v.sum(-1, keepdim=True)                                             # (N, 1) valid rows per group
+    mean = r.sum(-1, keepdim=True) / n.clamp(min=1)                         # (N, 1)
+    adv = r - mean                                                          # (N, G)
+    if normalize_std:
+        var = ((adv * v) ** 2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)  # (N, 1) unbiased
+        adv = adv / (var.sqrt() + eps)
+    big, small = torch.finfo(r.dtype).max, torch.finfo(r.dtype).min
+    hi = torch.where(v, r, torch.full_like(r, small)).amax(-1, keepdim=True)
+    lo = torch.where(v, r, torch.full_like(r, big)).amin(-1, keepdim=True)
+    zero = (n < 2) | (hi == lo) | ~v                                        # (N, G) no baseline / no signal
+    return torch.where(zero, torch.zeros_like(adv), adv).reshape(-1)       # (B,)
 
 
 _ADV_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {

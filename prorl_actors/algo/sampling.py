@@ -27,16 +27,22 @@ import torch
 from prorl_actors.algo.advantages import _grouped
 
 
-def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """rewards: (B,) with groups of ``group_size`` consecutive entries.
+def informative_groups(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """rewards: (B,) with groups of ``group_size`` consecutive entries; valid: (B,) bool or None
+    (all valid): the rows whose verification gave a reward (a failure is not a wrong answer).
 
-    Returns a bool tensor (B // group_size,): True where the group's rewards differ.
-    Expand to samples with ``keep.repeat_interleave(group_size)`` -> (B,).
+    Returns a bool tensor (B // group_size,): True where the group's valid rewards differ (so it
+    has at least two valid rows). Expand to samples with ``keep.repeat_interleave(group_size)``.
     """
     r = _grouped(rewards, group_size)  # (N, G)
     if group_size == 1:
         return torch.zeros(r.shape[0], dtype=torch.bool, device=r.device)  # (N,)
-    return r.amax(dim=-1) != r.amin(dim=-1)  # (N,)
+    if valid is None:
+        return r.amax(dim=-1) != r.amin(dim=-1)  # (N,)
+    v = _grouped(valid.bool(), group_size)                                                   # (N, G)
+    hi = torch.where(v, r, torch.full_like(r, -math.inf)).amax(dim=-1)                      # (N,)
+    lo = torch.where(v, r, torch.full_like(r, math.inf)).amin(dim=-1)                       # (N,)
+    return (v.sum(-1) >= 2) & (hi != lo)                                                     # (N,)
 
 
 def round_size(missing: int, keep_rate: float, confidence: float, max_oversample: float) -> int:
