@@ -329,7 +329,9 @@ class SupervisorSpec:
         "the weights of step k - 1 - max_staleness. 0 = synchronous (generation waits for the learner's "
         "weights, the learner for the batch); 1 = one-step-off (the next batch is sampled while the learner "
         "trains); more lets generation run further ahead. A fixed schedule: runs stay reproducible, resumes "
-        "exact. Rows sampled by older weights are corrected by algorithm.off_policy_correction"))
+        "exact (with weight_sync.method broadcast, up to 1: beyond, a batch may be sampled with weights newer "
+        "than the schedule's, whichever the learner holds when the generators are free). Rows sampled by older "
+        "weights are corrected by algorithm.off_policy_correction"))
     dynamic_sampling: DynamicSamplingSpec = opt(DynamicSamplingSpec())
     kl: KLControlSpec = opt(KLControlSpec())
     resets: ResetSpec = opt(ResetSpec())
@@ -661,10 +663,6 @@ class RunSpec:
             errs.append(("weight_sync.method", "broadcast", "object_store with the generators colocated on the "
                                                             "learner's GPU (NCCL cannot broadcast between two "
                                                             "processes on one GPU)"))
-        if self.weight_sync.method == "broadcast" and self.supervisor.max_staleness > 0:
-            errs.append(("weight_sync.method", "broadcast", "object_store with supervisor.max_staleness > 0 (the "
-                                                            "generators take a version the learner has moved past: "
-                                                            "it is kept in the object store)"))
         if self.weight_sync.method == "broadcast" and (ln.num_gpus > 0) != (g.num_gpus > 0):
             errs.append(("weight_sync.method", "broadcast", "object_store when only one of learner and generator "
                                                             "has GPUs (one broadcast runs on NCCL or on gloo)"))

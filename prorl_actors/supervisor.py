@@ -1,11 +1,13 @@
 """The supervisor: owns the run and reads like the recipe.
 
-One step =
-  sample prompts -> generate (G per prompt) -> verify
-    -> dynamic sampling: drop groups whose rewards are all equal, sample more prompts,
-       up to `max_rounds` rounds; then train on what there is (and record a short batch)
-  -> group advantages -> reference logprobs -> learner update (KL penalty in the loss)
-  -> new weights to the generators -> reference reset when due -> metrics.
+The rollout producer (runtime/producer.py) makes the batches: prompts -> generate (G per
+prompt) -> verify -> dynamic sampling (groups whose rewards are all equal dropped, more
+prompts sampled, up to `max_rounds` rounds), sampled with the weights of step
+k - 1 - supervisor.max_staleness, so that with a staleness above 0 they are made while the
+learner trains. One step (the consumer) =
+  its batch (recorded short if it is) -> group advantages -> reference logprobs
+  -> learner update (KL penalty in the loss, off-policy correction) -> the new version
+  published to the producer -> reference reset when due -> metrics.
 Validation (accuracy and pass@k per task on held-out prompts) runs at step 0, every
 `validation.every_steps` and at the end.
 
@@ -22,6 +24,7 @@ Surviving (see group.py for the stateless roles):
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -150,7 +153,8 @@ class Supervisor:
             grp.ping(timeout_s=600)
         self.sync = WeightSync(spec.weight_sync, self.learner, self.generators,
                                workers_per_generator=g.vllm.tensor_parallel_size if g.engine == "vllm" else 1,
-                               backend="nccl" if ln.num_gpus > 0 else "gloo", log=log, dtype=spec.model.dtype)
+                               backend="nccl" if ln.num_gpus > 0 else "gloo", log=log, dtype=spec.model.dtype,
+                               ahead=spec.supervisor.max_staleness > 0)
         self.log(f"actors up in {time.time() - t0:.1f}s: {len(self.generators)} generator ({g.engine}), "
                  f"{len(self.verifiers)} verifier, {len(self.learner)} learner ({ln.engine}"
                  + (f", ZeRO-{ln.deepspeed.zero_stage}" if ln.engine == "deepspeed" else "")
@@ -158,8 +162,10 @@ class Supervisor:
         self.producer = RolloutProducer(spec, self.generators, self.verifiers, self.mixture, self.tokenizer, self.sync,
                                         log=log)
         self.producer.next_group_id = self.next_group_id
-        for grp in (self.learner, self.reference):   # rollouts are made while the learner and reference work
-            grp.background = self.producer.pump
+        # rollouts are made while the reference and the learner work (no broadcast is started while
+        # the learner updates: it is the learner that sends it)
+        self.reference.background = self.producer.pump
+        self.learner.background = functools.partial(self.producer.pump, may_push=False)
         self._last_step_end = (time.monotonic(), 0.0, 0.0)   # (when, generator busy s, bound-held s then)
         self.initial_state = self.state_dict()   # what a rollback with no checkpoint yet returns to
         if resume_state is not None:

@@ -10,6 +10,10 @@
   the dead generator is replaced, the survivors' calls fail with the group's timeout, the
   group is formed again and the weights sent again.
 
+With rollouts made ahead (supervisor.max_staleness > 0) a broadcast is only started while the
+learner is idle (the producer's pushes wait for it), so that what it sends is the version it
+names; learner rank 0 keeps a copy of it for a generator that replaces a dead one meanwhile.
+
 Every generator answers the version it now holds; each rollout row carries it
 (`policy_version`), and the supervisor refuses rows sampled longer ago than
 supervisor.max_staleness versions. A replacement generator and the reference's resets take the
@@ -35,15 +39,20 @@ MAX_ATTEMPTS = 3
 
 class WeightSync:
     def __init__(self, spec: WeightSyncSpec, learner: ActorGroup, generators: ActorGroup, workers_per_generator: int,
-                 backend: str, log=print, dtype: str | None = None):
-        """dtype: what the weights are sent in, the generators' model.dtype (None: the learner's float32)."""
+                 backend: str, log=print, dtype: str | None = None, ahead: bool = False):
+        """dtype: what the weights are sent in, the generators' model.dtype (None: the learner's
+        float32); ahead: rollouts are made ahead of the learner (max_staleness > 0), so the
+        generators may hold a version the learner has moved past (a broadcast keeps a copy of
+        what it sent on learner rank 0, for a replacement generator)."""
         self.spec, self.learner, self.generators, self.log, self.dtype = spec, learner, generators, log, dtype
+        self.ahead = ahead
         self.workers_per_generator, self.backend = workers_per_generator, backend
         self.version = 0                     # the generators' version (the last one pushed)
         self._refs: dict = {}                # version -> its weights in the object store
         self._meta = None
         self._group_ok = False
         self._pushing = False
+        self._moot = False
 
     def stage(self, version: int, step: int | None = None) -> None:
         """The learner's weights now are `version`: put them in the object store (once)."""
@@ -61,7 +70,7 @@ class WeightSync:
         """Every generator to `version` (staged, or the learner's weights now) -> {sync_s, sync_mb}.
         Older staged versions are dropped: the generators never go back (a rollback starts over)."""
         t0 = time.perf_counter()
-        self.version = version
+        self.version, self._moot = version, False
         if self._meta is None:
             self._meta = self.learner.call_one("weights_meta", self.dtype, step=step)
         for old in [v for v in self._refs if v < version]:
@@ -75,18 +84,25 @@ class WeightSync:
         return {"sync_s": time.perf_counter() - t0, "sync_mb": meta_mb(self._meta)}
 
     def on_generator_restart(self, actor) -> None:
-        """A replacement generator: the current weights from the object store (unless a broadcast
-        is under way, whose retry reaches it); it is not in the broadcast group yet."""
+        """A replacement generator: the generators' version from the object store, or, broadcast
+        with the learner moved on, the copy learner rank 0 kept of its last broadcast (unless a
+        broadcast is under way, whose retry reaches it); it is not in the broadcast group yet."""
         self._group_ok = False
-        if self._pushing or self.version == 0:
+        if self._pushing or self.version == 0 or self._moot:
             return
-        ray.get(actor.set_weights.remote(self.weights_ref(), self.version))
+        if self.spec.method == "broadcast" and self.ahead:
+            weights = self.learner.actors[0].pushed_weights.remote()   # after the update it may be in
+        else:
+            weights = self.weights_ref()
+        ray.get(actor.set_weights.remote(weights, self.version))
 
     def on_learner_restart(self) -> None:
         """New learner processes: the broadcast group is formed again at the next push, and the
-        cached weights are dropped (a rollback replays versions, maybe with other weights)."""
+        cached weights are dropped (a rollback replays versions, maybe with other weights); a
+        generator replaced before that push is left as it starts (the push reaches it)."""
         self._group_ok = False
         self._refs = {}
+        self._moot = True       # what the generators hold is moot until the next push
 
     # ------------------------------------------------------------------ broadcast
     def _form_group(self, step) -> None:
@@ -115,7 +131,7 @@ class WeightSync:
                 try:
                     if not self._group_ok:
                         self._form_group(step)
-                    refs = {("learner", r): a.push_weights.remote(self._meta, bucket, self.dtype)
+                    refs = {("learner", r): a.push_weights.remote(self._meta, bucket, self.dtype, self.ahead)
                             for r, a in enumerate(self.learner.actors)}
                     refs.update({("generator", i): g.receive_weights.remote(self._meta, bucket, version)
                                  for i, g in enumerate(self.generators.actors)})

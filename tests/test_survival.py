@@ -63,10 +63,11 @@ class Driver:
         `ray::Class.method` while it runs one) starts with `title`."""
         for p in self.processes():
             try:
-                if p.pid not in self.killed and p.cmdline() and p.cmdline()[0].startswith(title):
-                    return p
+                cmd = p.cmdline()         # once: a process that exits in between has none
             except psutil.Error:
                 continue
+            if p.pid not in self.killed and cmd and cmd[0].startswith(title):
+                return p
         return None
 
     def catch(self, title: str, when=None, timeout: float = 300) -> int:
@@ -198,46 +199,36 @@ def baseline_one_step_off(tiny_model, tmp_path_factory):
     return out / "run"
 
 
-def test_stateless_and_rebuildable_actors_killed_mid_step(tiny_model, tmp_path, baseline):
+def test_every_role_killed_mid_step(tiny_model, tmp_path, baseline):
     """In one run: the generator killed in step 2's generation, the verifier in step 2's
-    verification, the reference in step 3's scoring (it was reset at step 2). Each step completes
-    with no group lost: the actor is replaced, brought up to date and sent its work again; the run
-    ends as if nothing had happened, and says it happened."""
+    verification, the reference in step 3's scoring (it was reset at step 2), then the learner in
+    step 3's update. Each stateless or rebuildable actor is replaced, brought up to date and sent
+    its work again, inside its step, with no group lost; the learner's optimizer state dies with
+    it, so the run goes back to the checkpoint of step 2 in-process and does step 3 again. The
+    run ends as if nothing had happened, records each step once, and says what happened."""
     run = tmp_path / "run"
     d = Driver(_args(tiny_model, tmp_path), tmp_path / "log.txt")
     pids = [_kill_in(d, run, "ray::GeneratorActor.generate", 1)]
     pids.append(_kill_in(d, run, "ray::VerifierActor.verify", 1))     # the same step's verification
     pids.append(_kill_in(d, run, "ray::ReferenceActor.logprobs", 2))
+    pids.append(_kill_in(d, run, "ray::LearnerActor.update", 2))      # after the reference, in step 3
     assert d.wait() == 0, d.text()[-4000:]
     events = _check_complete(run, baseline)
     died = [e for e in events if e["event"] == "actor_died"]
     restarted = [e for e in events if e["event"] == "actor_restarted"]
-    roles = ["generator", "verifier", "reference"]
+    roles = ["generator", "verifier", "reference", "learner"]
     assert [e["role"] for e in died] == roles and [e["role"] for e in restarted] == roles
-    assert [e["step"] for e in died] == [2, 2, 3] and all("ActorDiedError" in e["cause"] for e in died)
+    assert [e["step"] for e in died] == [2, 2, 3, 3] and all("ActorDiedError" in e["cause"] for e in died)
     assert all(f"pid: {pid}" in e["cause"] for e, pid in zip(died, pids)), died     # which process died
     # a stateless role's shard is sent again; a dead reference's call is repeated
     assert [e["role"] for e in events if e["event"] == "work_redispatched"] == ["generator", "verifier"]
-    metrics = read_jsonl(run / "metrics.jsonl")
-    assert [[m[f"actor_restarts/{r}"] for r in roles] for m in metrics] == [[0, 0, 0], [1, 1, 0], [1, 1, 1],
-                                                                             [1, 1, 1]]
-    assert all(m["actor_restarts/learner"] == 0 for m in metrics)
-
-
-def test_learner_killed_mid_update_rolls_back_to_the_checkpoint(tiny_model, tmp_path, baseline):
-    """The learner's optimizer state dies with it: the run goes back to the checkpoint of step 2
-    in-process and does step 3 again; the records hold each step once."""
-    d = Driver(_args(tiny_model, tmp_path), tmp_path / "log.txt")
-    _kill_in(d, tmp_path / "run", "ray::LearnerActor.update", 2)
-    assert d.wait() == 0, d.text()[-4000:]
-    events = _check_complete(tmp_path / "run", baseline)
     rb = [e for e in events if e["event"] == "rolled_back"]
     assert len(rb) == 1 and rb[0]["step"] == 3 and rb[0]["to_step"] == 2
-    assert rb[0]["checkpoint"].endswith("step_000002")
-    assert [e["role"] for e in events if e["event"] == "actor_restarted"] == ["learner"]
-    m = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
-    assert m["actor_restarts/learner"] == 1 and m["rollbacks"] == 1
-    assert "rolled back to step 2" in d.text()
+    assert rb[0]["checkpoint"].endswith("step_000002") and "rolled back to step 2" in d.text()
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [[m[f"actor_restarts/{r}"] for r in roles] for m in metrics] == [[0, 0, 0, 0], [1, 1, 0, 0],
+                                                                             [1, 1, 1, 1], [1, 1, 1, 1]]
+    assert [m["rollbacks"] for m in metrics] == [0, 0, 1, 1]
 
 
 def _validated(run: Path, step: int) -> bool:

@@ -74,6 +74,7 @@ class LearnerActor:
         self.num_skipped_updates = 0
         self.num_optimizer_steps = 0
         self._sync_store, self._sync_pg = None, None
+        self._pushed = None
 
     @property
     def opt(self) -> torch.optim.Optimizer:
@@ -321,12 +322,19 @@ class LearnerActor:
         sd = self.get_weights(dtype)
         return ws.weights_meta(sd) if sd is not None else None
 
-    def push_weights(self, meta: ws.Meta, bucket_bytes: int, dtype: str | None = None) -> None:
+    def push_weights(self, meta: ws.Meta, bucket_bytes: int, dtype: str | None = None, keep: bool = False) -> None:
         """Broadcast the current weights, in `dtype`, to the group (rank 0 sends; under ZeRO-3
-        every rank takes part in gathering them)."""
+        every rank takes part in gathering them). keep: rank 0 keeps a copy of what it sent
+        (`pushed_weights`), for a generator that replaces a dead one while this learner has moved
+        on to newer weights (rollouts made ahead, supervisor.max_staleness > 0)."""
         sd = self.get_weights(dtype)
         if sd is not None:
             ws.broadcast_weights(self._sync_pg, meta, sd, self.device, bucket_bytes)
+            self._pushed = {k: v.clone() for k, v in sd.items()} if keep else None
+
+    def pushed_weights(self) -> dict[str, torch.Tensor] | None:
+        """Rank 0: the weights of the last broadcast made with keep=True."""
+        return self._pushed
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str) -> str | None:

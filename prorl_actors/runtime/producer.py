@@ -103,6 +103,7 @@ class RolloutProducer:
         self.tokenizer, self.sync, self.log = tokenizer, sync, log
         g = spec.generator
         self.S = spec.supervisor.max_staleness
+        self.broadcast = spec.weight_sync.method == "broadcast"
         self.G, self.P = spec.group_size, spec.supervisor.num_prompts_per_step
         self.max_prompt_tokens = g.max_model_len - g.max_new_tokens
         self.keep_rate = KeepRate(spec.supervisor.dynamic_sampling.keep_rate_decay)
@@ -239,15 +240,17 @@ class RolloutProducer:
     def refs(self) -> list:
         return self.gen.refs() + self.ver.refs()
 
-    def pump(self, timeout: float = 0.0, also: list | None = None, stoppable: bool = False) -> bool:
+    def pump(self, timeout: float = 0.0, also: list | None = None, stoppable: bool = False,
+             may_push: bool = True) -> bool:
         """Move the work on: collect what finished, start what may start; wait up to `timeout`
-        for something to finish (or for one of `also`). -> False when already running (an actor
-        restart inside it waits on another group, which calls back here)."""
+        for something to finish (or for one of `also`). may_push: False while the learner updates
+        (a broadcast, which the learner sends, waits for it). -> False when already running (an
+        actor restart inside it waits on another group, which calls back here)."""
         if self._busy:
             return False
         self._busy = True
         try:
-            self._start_work()
+            self._start_work(may_push)
             step = self.current.step if self.current is not None else None
             for key, rollouts in self.gen.poll(0.0, step, stoppable).items():
                 self._generated(key, rollouts)
@@ -257,7 +260,7 @@ class RolloutProducer:
                 self._generated(key, rollouts)
             if self._round is not None and len(self._round.verified) == self._round.chunks:
                 self._end_round()
-            self._start_work()
+            self._start_work(may_push)
         finally:
             self._busy = False
         return True
@@ -269,7 +272,7 @@ class RolloutProducer:
             r.generated_at = time.monotonic()
         self.ver.submit(key, "verify", rollouts)
 
-    def _start_work(self) -> None:
+    def _start_work(self, may_push: bool = True) -> None:
         """A new fill when the last is done and its version exists; a new round when a fill has none."""
         if self.current is None and self.next_step <= self.spec.num_steps:
             j = self.next_step
@@ -281,9 +284,17 @@ class RolloutProducer:
             if self._bound_since is not None:
                 self._bound_s += time.monotonic() - self._bound_since
                 self._bound_since = None
-            # (a checkpoint of before this producer made batches ahead holds no older weights: the
-            # oldest it has, fresher than the bound asks for)
-            v = self.versions[src] if src in self.versions else self.versions[min(self.versions)]
+            if self.broadcast:
+                # a broadcast sends the learner's weights as they are, the newest version: the
+                # schedule's at max_staleness 1 (pushes wait for an idle learner, which is then at
+                # the source step), fresher than it beyond
+                if not may_push and self.generator_version != self.versions[self.published]:
+                    return
+                v = self.versions[self.published]
+            else:
+                # (a checkpoint of before this producer made batches ahead holds no older weights:
+                # the oldest it has, fresher than the bound asks for)
+                v = self.versions[src] if src in self.versions else self.versions[min(self.versions)]
             fill = Fill(step=j, version=v, source=src, start=self._own_state())
             self.push(v, step=j)
             self.current, self.next_step = fill, j + 1
