@@ -159,8 +159,7 @@ class Supervisor:
                  f"{len(self.verifiers)} verifier, {len(self.learner)} learner ({ln.engine}"
                  + (f", ZeRO-{ln.deepspeed.zero_stage}" if ln.engine == "deepspeed" else "")
                  + f"), {len(self.reference)} reference; weights by {spec.weight_sync.method}")
-        self.producer = RolloutProducer(spec, self.generators, self.verifiers, self.mixture, self.tokenizer, self.sync,
-                                        log=log)
+        self.producer = RolloutProducer(spec, self.generators, self.verifiers, self.mixture, self.tokenizer, self.sync)
         self.producer.next_group_id = self.next_group_id
         # rollouts are made while the reference and the learner work (no broadcast is started while
         # the learner updates: it is the learner that sends it)
@@ -341,7 +340,6 @@ class Supervisor:
         """One step of the recipe: its batch (made ahead by the producer, within the staleness
         bound) -> advantages -> reference log-probs -> update -> the new version published ->
         controllers and resets."""
-        spec, G = self.spec, self.spec.group_size
         timer = PhaseTimer()
         t0 = time.perf_counter()
         with timer("wait"):

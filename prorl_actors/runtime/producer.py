@@ -69,7 +69,6 @@ class Fill:
     events: list = field(default_factory=list)        # [(kind, fields)] recorded when the step is trained
     times: dict = field(default_factory=lambda: {"generate": 0.0, "verify": 0.0})
     keep_rate: float = 1.0              # the running keep rate when it was done
-    done: bool = False
 
     def batch(self, P: int, G: int) -> pa.Table | None:
         """The kept groups, at most P (in the order they were made)."""
@@ -86,8 +85,6 @@ class Fill:
 
 @dataclass
 class _Round:
-    prompts: pa.Table
-    sp: SamplingSpec
     chunks: int                         # generation pieces
     started: float
     generated: dict = field(default_factory=dict)    # chunk -> rollouts
@@ -97,10 +94,10 @@ class _Round:
 
 class RolloutProducer:
     def __init__(self, spec: RunSpec, generators: ActorGroup, verifiers: ActorGroup, mixture: TaskMixture,
-                 tokenizer, sync, log=print):
+                 tokenizer, sync):
         """sync: the WeightSync that moves a version to the generators (its `push`)."""
         self.spec, self.generators, self.verifiers, self.mixture = spec, generators, verifiers, mixture
-        self.tokenizer, self.sync, self.log = tokenizer, sync, log
+        self.tokenizer, self.sync = tokenizer, sync
         g = spec.generator
         self.S = spec.supervisor.max_staleness
         self.broadcast = spec.weight_sync.method == "broadcast"
@@ -145,7 +142,7 @@ class RolloutProducer:
             fill = Fill(step=info["step"], version=info["version"], source=info["source"], start={},
                         rounds=info["rounds"],
                         n_kept=info["n_kept"], events=[tuple(e) for e in info["events"]], times=info["times"],
-                        keep_rate=info["keep_rate"], done=True)
+                        keep_rate=info["keep_rate"])
             for name in ("kept", "made"):
                 path = Path(ckpt) / ROLLOUTS_DIR / f"{name}_{fill.step:06d}.arrow"
                 if path.exists():
@@ -237,9 +234,6 @@ class RolloutProducer:
         return len(self.ready)
 
     # ------------------------------------------------------------------ the work
-    def refs(self) -> list:
-        return self.gen.refs() + self.ver.refs()
-
     def pump(self, timeout: float = 0.0, also: list | None = None, stoppable: bool = False,
              may_push: bool = True) -> bool:
         """Move the work on: collect what finished, start what may start; wait up to `timeout`
@@ -321,7 +315,7 @@ class RolloutProducer:
         fill_n = g.vllm.max_num_seqs if g.engine == "vllm" else g.hf_batch_size
         chunks = split_table(prompts, 1, generation_chunks(prompts.num_rows, sp.n, g.num_actors, g.chunks_per_actor,
                                                            fill_n))
-        self._round = _Round(prompts, sp, len(chunks), time.monotonic())
+        self._round = _Round(len(chunks), time.monotonic())
         for c, chunk in enumerate(chunks):
             self.gen.submit(c, "generate", chunk, sp)
 
@@ -357,7 +351,7 @@ class RolloutProducer:
 
     def _finish_fill(self) -> None:
         fill = self.current
-        fill.done, fill.keep_rate = True, self.keep_rate.rate
+        fill.keep_rate = self.keep_rate.rate
         self.ready[fill.step] = fill
         self.current = None
 
