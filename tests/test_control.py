@@ -300,19 +300,19 @@ def test_the_supervisor_holds_the_signal_the_spec_names():
     from types import SimpleNamespace
 
     from prorl_actors.spec import build_spec
-    from prorl_actors.supervisor import Supervisor
+    from prorl_actors.runtime.consumer import Consumer
     tasks = [{"name": "a", "dataset": "chain_sum", "weight": 1.0}, {"name": "b", "dataset": "chain_sum", "weight": 3.0}]
     stats = {"entropy": 0.3, "entropy/a": 0.2, "entropy/b": 0.4}
     for signal, want in (("batch", 0.3), ("task_mean", 0.35)):
         spec = build_spec({"data": {"tasks": tasks}, "supervisor": {"kl": {"entropy_signal": signal}}})
-        assert Supervisor.entropy_signal(SimpleNamespace(spec=spec), stats) == pytest.approx(want)
+        assert Consumer.entropy_signal(SimpleNamespace(spec=spec), stats) == pytest.approx(want)
 
 
 def test_the_reference_is_skipped_only_when_nothing_reads_the_kl():
     from types import SimpleNamespace
 
     from prorl_actors.spec import build_spec
-    from prorl_actors.supervisor import Supervisor
+    from prorl_actors.runtime.consumer import Consumer
     cases = [({"kl": {"mode": "fixed", "coef": 0.0}}, False),                          # beta 0: no pass
              ({"kl": {"mode": "fixed", "coef": 1e-4}}, True),
              ({"kl": {"mode": "fixed", "coef": 0.0}, "resets": {"triggers": ["kl"], "kl_ceiling": 0.1}}, True),
@@ -320,7 +320,7 @@ def test_the_reference_is_skipped_only_when_nothing_reads_the_kl():
              ({"kl": {"mode": "entropy-target", "coef": 0.0, "entropy_target": 0.3}}, True)]
     for sup, needed in cases:
         spec = build_spec({"supervisor": sup})
-        assert Supervisor.reference_needed(SimpleNamespace(spec=spec)) is needed, sup
+        assert Consumer.reference_needed(SimpleNamespace(spec=spec)) is needed, sup
 
 
 def test_trainable_batch_advantages_then_truncated_rows_leave():
@@ -328,7 +328,7 @@ def test_trainable_batch_advantages_then_truncated_rows_leave():
     the batch before the reference and the learner; soft_punish shapes the rewards instead."""
     from prorl_actors import batch as B
     from prorl_actors.spec import build_spec
-    from prorl_actors.supervisor import trainable_batch
+    from prorl_actors.runtime.consumer import trainable_batch
     t = B.make_rollouts(prompt_ids=[[1]] * 4, response_ids=[[5, 6], [5, 6, 7, 8], [5], [5, 6, 7, 8]],
                         sample_logp=[[0.0, 0.0], [0.0] * 4, [0.0], [0.0] * 4], response_text=[""] * 4,
                         task=["t"] * 4, item_index=[0] * 4, reference=["{}"] * 4, group_id=[0, 0, 1, 1],

@@ -1,1 +1,1 @@
-"""How a run lives: the rollout producer (and, later, the fleet and the run lifecycle)."""
+"""How a run lives: the rollout producer, the consumer of its batches, and the run's lifecycle."""

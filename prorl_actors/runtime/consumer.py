@@ -1,0 +1,237 @@
+"""The consumer of rollouts: a step's kept groups -> advantages -> reference log-probs -> the
+learner's update -> the controllers (KL coefficient, entropy) and reference resets.
+
+Interface (what the supervisor's step uses):
+    trainable_batch(batch, spec)         -> (rows for the reference and learner, figures)
+    Consumer.with_reference(batch, step, timer) -> the rows with the reference's log-probs
+    Consumer.update(batch, step, timer)  -> the learner's stats ({} when nothing was trainable);
+                                            the policy version moves when the weights did
+    Consumer.control(stats, batch, step) -> the controllers see the step; a reset when one is due
+    Consumer.state_dict / load_state_dict
+and, for the run's lifecycle, `reference_call` (every call to the reference, a dead one rebuilt).
+
+The consumer owns the policy version and the reference's: `version` counts the learner's
+updates, `reference_version` is the version the reference was last reset to.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+
+from prorl_actors import batch as B
+from prorl_actors.algo import (KLController, ResetPolicy, get_adv_estimator, kl_share, mixture_entropy, overlong_penalty,
+                               scale_for_entropy)
+from prorl_actors.group import ActorGroup, ActorLost, LearnerGroup
+from prorl_actors.runtime.producer import valid_rows
+from prorl_actors.spec import RunSpec
+
+
+class Consumer:
+    def __init__(self, spec: RunSpec, learner: LearnerGroup, reference: ActorGroup, records, log=print):
+        self.spec, self.learner, self.reference, self.records, self.log = spec, learner, reference, records, log
+        self.sync = None                    # the weight sync, once the groups are up (set_sync)
+        self.kl = make_kl_controller(spec)
+        self.resets = make_reset_policy(spec)
+        self.version = 0                    # the learner's: one per update that changed the weights
+        self.reference_version = 0
+        self.reference_weights_ref = None   # the weights of the reference's last reset (None: a checkpoint's/base)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"policy_version": self.version, "reference_version": self.reference_version,
+                "kl": self.kl.state_dict(), "resets": self.resets.state_dict()}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.version, self.reference_version = st["policy_version"], st["reference_version"]
+        self.kl.load_state_dict(st["kl"])
+        self.resets.load_state_dict(st["resets"])
+
+    # ------------------------------------------------------------------ the reference
+    def reference_needed(self) -> bool:
+        """Whether the step needs the reference's log-probs: a KL penalty in the loss, or a
+        controller or reset trigger that reads the KL (beta 0, fixed, no kl trigger: skipped)."""
+        k = self.spec.supervisor.kl
+        return not (k.mode == "fixed" and k.actuator == "kl_coef" and k.coef == 0
+                    and "kl" not in self.spec.supervisor.resets.triggers)
+
+    def reference_call(self, method: str, *args, step: int):
+        """A reference call: logprobs spread over the reference actors, a reset or load to every
+        one, anything else to actor 0. A dead reference is rebuilt (from a checkpoint's reference
+        or the weights of its last reset) and the call repeated."""
+        while True:
+            try:
+                if method == "logprobs":
+                    return self.reference.map_table(method, *args, rows_per_unit=self.spec.group_size, step=step)
+                if method in ("reset_to", "load"):
+                    return self.reference.call_all(method, *args, step=step)[0]
+                return self.reference.call_one(method, *args, step=step)
+            except ActorLost as e:
+                self.reference.replace(e.rank, e.cause, step=step)
+
+    def restore_reference(self, actor) -> None:
+        """A rebuilt reference actor: the weights of the last reset, if there was one since the
+        checkpoint it was built from."""
+        if self.reference_weights_ref is not None:
+            ray.get(actor.reset_to.remote(self.reference_weights_ref, self.reference_version))
+
+    # ------------------------------------------------------------------ the update
+    def with_reference(self, batch: pa.Table | None, step: int, timer) -> pa.Table | None:
+        """The reference's log-probs added to the rows of `trainable_batch`, when the step needs
+        them (None: nothing to train)."""
+        if batch is None or not self.reference_needed():
+            return batch
+        with timer("reference"):
+            T = self.spec.generator.temperature * self.ref_temperature_scale()
+            return self.reference_call("logprobs", batch, T, step=step)
+
+    def update(self, batch: pa.Table | None, step: int, timer) -> dict:
+        """The learner's update on `batch` (None: nothing to train) -> its stats ({} when there
+        was none), with the coefficients used and the controller's signal. The version moves
+        when the weights did."""
+        if batch is None:
+            return {}
+        with timer("learn"):
+            kl_coef, entropy_coef = self.coefs()
+            stats = self.learner.call_one("update", batch, kl_coef, entropy_coef, step=step)
+        stats["kl_coef_used"], stats["entropy_coef_used"] = kl_coef, entropy_coef
+        stats["ref_temperature_scale_used"] = self.ref_temperature_scale()
+        stats["entropy_signal"] = self.entropy_signal(stats)
+        stats["kl_share"] = kl_share(stats.get("pg_loss", math.nan), stats.get("kl", math.nan), kl_coef)
+        if stats["optimizer_steps"] > 0:   # 0: every update was non-finite, the weights unchanged
+            self.version += 1
+        return stats
+
+    def control(self, stats: dict, batch: pa.Table, step: int) -> None:
+        """After an update: the controller sets the next step's coefficient from this step's
+        entropy and KL; the reset policy sees the step and resets the reference when due."""
+        self.kl.update(stats["entropy_signal"], stats.get("kl", math.nan))
+        self.resets.observe_step(stats.get("kl", math.nan), stats["entropy_signal"])
+        floor, ceiling = self.reset_entropy_limits()
+        decision = self.resets.decide(step, pg_loss=stats.get("pg_loss", math.nan), kl=stats.get("kl", math.nan),
+                                      kl_coef=stats["kl_coef_used"], entropy_floor=floor, entropy_ceiling=ceiling)
+        if decision and decision[0] == "reset":
+            self.reset_reference(decision[1], step, batch)
+        elif decision and (decision[0] == "skip" or self.resets.waiting_since == step):
+            event = "reference_reset_skipped" if decision[0] == "skip" else "reference_reset_waits"
+            self.records.event(event, step, reason=decision[1], entropy_target=self.kl.target)
+            self.log(f"step {step}: {event.replace('_', ' ')} ({decision[1]})")
+
+    # ------------------------------------------------------------------ controls
+    def coefs(self) -> tuple[float, float]:
+        """(beta, entropy bonus coefficient) for the next update: the controller moves one of them
+        (or neither: the reference's temperature, ref_temperature_scale)."""
+        k = self.spec.supervisor.kl
+        if k.actuator == "entropy_coef":
+            return k.coef, self.kl.coef
+        if k.actuator == "reference_temperature":
+            return k.coef, self.spec.algorithm.entropy_coef
+        return self.kl.coef, self.spec.algorithm.entropy_coef
+
+    def entropy_signal(self, stats: dict) -> float:
+        """The entropy the controller holds (supervisor.kl.entropy_signal): the batch's token mean,
+        or the tasks' token means weighted by their mixture weights (NaN if none was trained)."""
+        if self.spec.supervisor.kl.entropy_signal == "batch":
+            return stats.get("entropy", math.nan)
+        return mixture_entropy({k[len("entropy/"):]: v for k, v in stats.items() if k.startswith("entropy/")},
+                               {t.name: t.weight for t in self.spec.data.tasks})
+
+    def ref_temperature_scale(self) -> float:
+        """The reference's logprobs are taken at the sampling temperature x this (kl.actuator
+        reference_temperature moves it; otherwise reference.temperature_scale)."""
+        if self.spec.supervisor.kl.actuator == "reference_temperature":
+            return self.kl.coef
+        return self.spec.reference.temperature_scale
+
+    def reset_entropy_limits(self) -> tuple[float | None, float | None]:
+        """A due reset waits while recent entropy is outside [floor, ceiling] (entropy-target
+        mode moving beta, with resets.wait_for_entropy; None = no limit): the target plus
+        margins in band widths, as the KL penalty holds entropy near the reference's."""
+        rs = self.spec.supervisor.resets
+        if not (self.kl.mode == "entropy-target" and self.spec.supervisor.kl.actuator == "kl_coef"
+                and rs.wait_for_entropy and self.kl.target is not None):
+            return None, None
+        high = None if rs.entropy_margin_high is None else self.kl.target + rs.entropy_margin_high * self.kl.band
+        return self.kl.target + rs.entropy_margin * self.kl.band, high
+
+    def reset_reference(self, reason: str, step: int, batch: pa.Table | None = None) -> None:
+        """Reference <- current policy; optimizer state re-initialised and the KL coefficient
+        restored when the spec says so (or, moving the reference's temperature, the scale chosen
+        so that the reference's entropy on this step's responses stays where it was); recorded
+        with its reason."""
+        rs, k = self.spec.supervisor.resets, self.spec.supervisor.kl
+        match = k.actuator == "reference_temperature" and rs.match_reference_entropy and batch is not None
+        entropy = lambda rows, scale: self.reference_call("entropy", rows, T * scale, step=step)  # noqa: E731
+        if match:   # at most 128 rows spread over the batch: the entropy of both references on them
+            rows = batch.take(np.linspace(0, batch.num_rows - 1, min(batch.num_rows, 128)).round().astype(np.int64))
+            T, scale_before = self.spec.generator.temperature, self.ref_temperature_scale()
+            ref_entropy = entropy(rows, scale_before)
+        self.reference_weights_ref, self.reference_version = self.sync.weights_ref(self.version), self.version
+        self.reference_call("reset_to", self.reference_weights_ref, self.version, step=step)
+        if rs.reset_optimizer:
+            self.learner.call_one("reset_optimizer", step=step)
+        if rs.restore_kl_coef:
+            self.kl.restore_initial()
+        extra = {}
+        if match:
+            self.kl.set_coef(scale_for_entropy(lambda sc: entropy(rows, sc), ref_entropy, k.coef_min, k.coef_max))
+            after = self.ref_temperature_scale()
+            extra = {"ref_temperature_scale_before": scale_before, "ref_temperature_scale": after,
+                     "ref_entropy_before": ref_entropy, "ref_entropy": entropy(rows, after)}
+        self.resets.record(step, reason)
+        self.records.event("reference_reset", step, reason=reason, policy_version=self.version,
+                           optimizer_reset=rs.reset_optimizer, kl_coef=self.coefs()[0], **extra)
+        self.log(f"step {step}: reference reset ({reason})")
+
+
+def make_kl_controller(spec: RunSpec) -> KLController:
+    """The controller of the coefficient that supervisor.kl.actuator names."""
+    k = spec.supervisor.kl
+    target = k.entropy_target if k.mode == "entropy-target" else k.kl_target
+    start = {"kl_coef": k.coef, "entropy_coef": spec.algorithm.entropy_coef,
+             "reference_temperature": spec.reference.temperature_scale}[k.actuator]
+    if k.actuator != "kl_coef":
+        start = min(max(start, k.coef_min), k.coef_max)
+    return KLController(mode=k.mode, coef=start, target=target, target_relative=k.entropy_target_relative,
+                        band=k.band, rate=k.rate, kp=k.kp, coef_min=k.coef_min, coef_max=k.coef_max,
+                        smoothing=k.smoothing, horizon=k.horizon)
+
+
+def make_reset_policy(spec: RunSpec) -> ResetPolicy:
+    r = spec.supervisor.resets
+    inf = math.inf
+    return ResetPolicy(triggers=tuple(r.triggers), every_steps=r.every_steps, patience=r.patience,
+                       min_delta=r.min_delta, max_drop=r.max_drop or inf, max_kl_share=r.max_kl_share or inf,
+                       kl_ceiling=r.kl_ceiling or inf, kl_steps=r.kl_steps, min_gap=r.min_gap,
+                       max_wait_steps=r.max_wait_steps, entropy_window=r.entropy_window)
+
+
+def trainable_batch(batch: pa.Table, spec: RunSpec) -> tuple[pa.Table, dict]:
+    """The kept groups -> (what the reference and the learner get, its figures): ADV added
+    (group-relative, on the rewards of the rows whose verification succeeded, with DAPO's soft
+    overlong penalty when asked, whose mean over the rows is the figure `overlong_penalty`);
+    the rows whose verification failed leave here (`unverified_rows`), and under overlong mode
+    "mask" the truncated responses (after their group's advantages, which they count in), so
+    that neither the reference nor the learner spends a pass on them."""
+    G, ol = spec.group_size, spec.algorithm.overlong
+    rewards = torch.tensor(batch[B.REWARD].to_numpy(), dtype=torch.float32)               # (B,)
+    figures = {}
+    if ol.mode == "soft_punish":   # DAPO: a length penalty shapes the advantages, not the filter
+        lengths = torch.tensor(pc.list_value_length(batch[B.RESPONSE_IDS]).to_numpy())
+        penalty = overlong_penalty(lengths, spec.generator.max_new_tokens, ol.buffer_tokens)  # (B,) in [-1, 0]
+        rewards = rewards + penalty
+        figures["overlong_penalty"] = float(penalty.mean())
+    valid = valid_rows(batch)                                                              # (B,)
+    adv = get_adv_estimator(spec.algorithm.adv_estimator)(rewards, G, valid=valid)         # (B,)
+    batch = B.with_column(batch, B.ADV, adv.numpy())
+    keep = valid.numpy()                  # a failed verification has no reward: no gradient either
+    if ol.mode == "mask":   # truncated responses get no gradient
+        keep = keep & ~batch[B.TRUNCATED].to_numpy(zero_copy_only=False)
+    if not keep.all():
+        batch = B.select_rows(batch, keep)
+    figures["unverified_rows"] = int((~valid).sum())
+    return batch, figures
