@@ -28,11 +28,14 @@ ITEM_INDEX = "item_index"          # int64        item index in the task's strea
 REFERENCE = "reference"            # string       JSON the task's verifier needs
 GROUP_ID = "group_id"              # int64        one id per prompt within a step
 TRUNCATED = "truncated"            # bool         stopped by max_new_tokens, not eos
-POLICY_VERSION = "policy_version"  # int64        weights version the sample came from
+POLICY_VERSION = "policy_version"  # int64        weights version the sample came from (in-flight updates:
+                                   #              the oldest of its tokens')
+POLICY_VERSION_MAX = "policy_version_max"   # int64 in-flight updates: the newest version of its tokens
 REWARD = "reward"                  # float32      verifier reward in [0, 1]
 VERIFY_ERROR = "verify_error"      # bool         the verifier raised (reward set to 0)
 VERIFY_TIMEOUT = "verify_timeout"  # bool         the verifier ran past its limit (reward set to 0)
 FORMATTED = "formatted"            # bool         the response gave an answer in its family's format
+GENERATE_ERROR = "generate_error"  # bool         its generation failed (no response; not verified)
 ADV = "adv"                        # float32      group-relative advantage
 REF_LOGP = "ref_logp"              # list<float32> reference policy logprob per response token
 
@@ -56,6 +59,8 @@ ADDED_COLUMNS = {
     FORMATTED: pa.bool_(),
     ADV: pa.float32(),
     REF_LOGP: pa.list_(pa.float32()),
+    POLICY_VERSION_MAX: pa.int64(),
+    GENERATE_ERROR: pa.bool_(),
 }
 
 
@@ -129,6 +134,14 @@ def select_rows(table: pa.Table, keep: np.ndarray | torch.Tensor) -> pa.Table:
     """Rows where the (B,) bool mask `keep` is true."""
     keep = np.asarray(keep, dtype=bool)
     return table.filter(pa.array(keep))
+
+
+def in_column_order(table: pa.Table) -> pa.Table:
+    """`table`'s columns in the declared order (the schema's, then the added ones'), so that
+    tables made apart concatenate."""
+    order = [f.name for f in ROLLOUT_SCHEMA] + list(ADDED_COLUMNS)
+    names = [c for c in order if c in table.column_names] + [c for c in table.column_names if c not in order]
+    return table.select(names) if names != table.column_names else table
 
 
 def concat(tables: list[pa.Table]) -> pa.Table | None:

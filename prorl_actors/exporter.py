@@ -43,7 +43,9 @@ STEP_GAUGES = (
     ("prorl_supervisor_keep_rate", "keep_rate",
      "running share of groups dynamic sampling keeps, which sizes each generation round"),
     ("prorl_supervisor_surplus_groups", "surplus_groups",
-     "informative groups generated beyond the batch in the last step (not trained on)"),
+     "informative groups beyond the last step's batch (the next step's when the staleness bound allows)"),
+    ("prorl_supervisor_carried_groups", "carried_groups",
+     "groups of the step before's surplus that the last step's batch began with"),
     ("prorl_supervisor_trained_groups", "trained_groups", "prompt groups trained on in the last step"),
     ("prorl_supervisor_entropy_signal", "entropy_signal", "the entropy the controller holds (nats/token)"),
     ("prorl_supervisor_entropy_target", "entropy_target", "entropy target (entropy-target mode, nats/token)"),
@@ -77,6 +79,8 @@ STEP_GAUGES = (
     ("prorl_supervisor_staleness_mean", "staleness_mean",
      "policy versions between the trained rows' sampler and the learner, mean over the last batch"),
     ("prorl_supervisor_staleness_max", "staleness_max", "the same, largest in the last batch"),
+    ("prorl_supervisor_version_span_max", "version_span_max",
+     "in-flight updates: most policy versions the tokens of one trained response spanned, in the last batch"),
     ("prorl_supervisor_buffered_batches", "buffered_batches",
      "batches made ahead of the learner and waiting for it after the last step"),
     ("prorl_generator_idle_frac", "generator_idle_frac",
@@ -112,10 +116,16 @@ STEP_COUNTERS = (
     ("prorl_generator_tokens_total", "gen_tokens", "response tokens generated for training"),
     ("prorl_learner_unverified_rows_total", "unverified_rows",
      "responses left out of training because their verification failed (no reward, not a wrong answer)"),
+    ("prorl_supervisor_surplus_expired_total", "surplus_expired",
+     "surplus informative groups too old for the next step (outside the staleness bound), never trained on"),
+    ("prorl_generator_in_flight_updates_total", "in_flight_pushes",
+     "newer weights taken by the generators between decoding pieces (generator.in_flight_updates)"),
 )
 STEP_TASK_COUNTERS = (
     ("prorl_verifier_errors_total", "verify_errors/", "verifier calls that raised (scored 0)"),
     ("prorl_verifier_timeouts_total", "verify_timeouts/", "verifier calls that timed out (scored 0)"),
+    ("prorl_generator_errors_total", "generate_errors/",
+     "responses whose generation failed (left out of training, not wrong answers)"),
 )
 VALIDATION_GAUGES = (
     ("prorl_supervisor_validation_accuracy", "accuracy", "held-out accuracy over the training tasks"),

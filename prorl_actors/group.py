@@ -13,12 +13,13 @@ Waiting polls, so that a SIGTERM (`should_stop`) can interrupt a long call with 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 POLL_S = 0.2
 PEER_GRACE_S = 30.0   # how long an error in one rank waits for a peer's death to explain it
@@ -74,10 +75,12 @@ class ActorGroup:
         return len(self.actors)
 
     # ------------------------------------------------------------------ waiting
-    def _gather(self, calls: dict) -> tuple[dict, dict]:
+    def _gather(self, calls: dict, timeout_s: float | None = None) -> tuple[dict, dict]:
         """calls: key -> (rank, ObjectRef). Wait for all -> ({key: result}, {key: cause of death}).
         An exception raised by the method itself (a bug, bad input) is re-raised: retrying it
-        would fail the same way."""
+        would fail the same way. A call not answered within `timeout_s` (default: the group's
+        call_timeout_s) is a death: its actor is killed."""
+        limit = self.call_timeout_s if timeout_s is None else timeout_s
         done, dead, errors = {}, {}, {}
         waiting = {ref: key for key, (_, ref) in calls.items()}
         t0 = time.monotonic()
@@ -107,10 +110,10 @@ class ActorGroup:
                 return done, dead
             if errors and (not waiting or time.monotonic() - min(t for _, t in errors.values()) > PEER_GRACE_S):
                 raise next(iter(errors.values()))[0]     # no death behind it: a bug
-            if waiting and self.call_timeout_s and time.monotonic() - t0 > self.call_timeout_s:
+            if waiting and limit and time.monotonic() - t0 > limit:
                 for ref, key in waiting.items():   # hung: kill it; the group replaces it like a dead one
                     ray.kill(self.actors[calls[key][0]], no_restart=True)
-                    dead[key] = f"no answer in {self.call_timeout_s:g} s (killed)"
+                    dead[key] = f"no answer in {limit:g} s (killed)"
                 waiting = {}
         return done, dead
 
@@ -126,7 +129,7 @@ class ActorGroup:
                 self._respawn(rank)
                 if self.on_restart is not None:
                     self.on_restart(self.actors[rank])
-            except RayActorError as e:     # the replacement died too: count it and try again
+            except (RayActorError, GetTimeoutError) as e:   # the replacement died or hung too: count it, again
                 if getattr(e, "actor_init_failed", False):
                     raise RuntimeError(f"{self.role}[{rank}]: no replacement can start: {e}") from e
                 cause = f"replacement died while starting: {_cause(e)}"
@@ -156,22 +159,24 @@ class ActorGroup:
         self.replace(rank, cause, step)
 
     # ------------------------------------------------------------------ calls
-    def _call(self, method: str, args: tuple, ranks: list[int], step: int | None) -> dict:
+    def _call(self, method: str, args: tuple, ranks: list[int], step: int | None,
+              timeout_s: float | None = None) -> dict:
         """The same call on the actors at `ranks` -> {rank: result} (a replacement gets it again)."""
         results, todo = {}, list(ranks)
         if len(ranks) > 1:   # a batch sent to every rank is stored once, not once per call
             args = tuple(ray.put(a) if isinstance(a, pa.Table) else a for a in args)
         while todo:
-            done, dead = self._gather({r: (r, getattr(self.actors[r], method).remote(*args)) for r in todo})
+            done, dead = self._gather({r: (r, getattr(self.actors[r], method).remote(*args)) for r in todo}, timeout_s)
             results.update(done)
             for r, cause in dead.items():
                 self._lost(r, cause, step)
             todo = sorted(dead)
         return results
 
-    def call_all(self, method: str, *args, step: int | None = None) -> list:
-        """The same call on every actor -> list of results."""
-        results = self._call(method, args, list(range(len(self.actors))), step)
+    def call_all(self, method: str, *args, step: int | None = None, timeout_s: float | None = None) -> list:
+        """The same call on every actor -> list of results (timeout_s: its deadline, default the
+        group's call_timeout_s)."""
+        results = self._call(method, args, list(range(len(self.actors))), step, timeout_s)
         return [results[r] for r in range(len(self.actors))]
 
     def call_one(self, method: str, *args, step: int | None = None):
@@ -222,11 +227,14 @@ class WorkPool:
     rollout producer streams generation into verification with it, and map_table waits on it.
 
     A piece whose actor dies (or runs past the group's call_timeout_s) goes first to the
-    replacement; a piece whose method raises is a bug and raises. `busy_s` adds up the
-    actor-seconds spent on pieces (for idle fractions)."""
+    replacement. A piece whose method raises is a bug and raises, unless the pool is given
+    `retries`: then it is tried that many more times (another actor first, when there is one),
+    each failure recorded (event work_failed), and then its result is a `PieceFailed`. `busy_s`
+    adds up the actor-seconds spent on pieces (for idle fractions)."""
 
-    def __init__(self, group: ActorGroup):
-        self.group = group
+    def __init__(self, group: ActorGroup, retries: int | None = None):
+        self.group, self.retries = group, retries
+        self.failures: dict = {}                            # key -> how often its method raised
         self.queue: list = []                               # keys waiting for an actor
         self.work: dict = {}                                # key -> (method, args)
         self.running: dict = {}                             # ref -> (rank, key, started)
@@ -280,6 +288,18 @@ class WorkPool:
                 if getattr(e, "actor_init_failed", False):   # its constructor raised: not a death
                     raise
                 dead[rank] = (key, _cause(e))
+            except Exception as e:
+                if self.retries is None:
+                    raise
+                self.idle.append(rank)                       # last in line: another actor tries it first
+                n = self.failures[key] = self.failures.get(key, 0) + 1
+                cause = _error(e)
+                g.on_event("work_failed", role=g.role, rank=rank, method=self.work[key][0], cause=cause,
+                           attempt=n, step=step)
+                if n > self.retries:
+                    done[key] = PieceFailed(cause)
+                else:
+                    self.queue.insert(0, key)
         if g.call_timeout_s:
             for ref, (rank, key, t0) in list(self.running.items()):
                 if now - t0 > g.call_timeout_s:   # hung: killed, replaced like a dead one
@@ -296,14 +316,28 @@ class WorkPool:
             self.idle.insert(0, rank)
         for key in done:
             del self.work[key]
+            self.failures.pop(key, None)
         self._dispatch()
         return done
 
     def abandon(self) -> None:
         """Forget every piece (a rollback or resume makes them moot); actors still running one
         finish it and take new work after it."""
-        self.queue, self.work, self.running = [], {}, {}
+        self.queue, self.work, self.running, self.failures = [], {}, {}, {}
         self.idle = list(range(len(self.group.actors)))
+
+
+@dataclass
+class PieceFailed:
+    """The result of a WorkPool piece whose method raised on every try: why."""
+    cause: str
+
+
+def _error(e: Exception) -> str:
+    """A method's exception, in one line (a RayTaskError's cause, not its traceback)."""
+    c = getattr(e, "cause", None) or e
+    text = str(c).strip().splitlines()
+    return f"{type(c).__name__}: {text[-1] if text else ''}"[:300]
 
 
 class LearnerGroup(ActorGroup):

@@ -28,7 +28,7 @@ STEP_PHASES = ("wait", "reference", "learn", "sync", "other")   # these add up t
 STEP_KEYS = ("step", "reward_mean", "accuracy", "entropy", "kl", "kl_coef", "clip_frac_low",
              "clip_frac_high", "kept_groups_frac", "gen_rounds", "response_len_mean", "truncated_frac",
              "reference_resets", "step_s", "gen_tokens_per_s", "answer_format_frac", "verify_errors",
-             "verify_timeouts")
+             "verify_timeouts", "generate_errors")
 
 
 def _clean(v):

@@ -66,7 +66,7 @@ class Supervisor(RunLifecycle):
         with timer("wait"):
             fill = self.producer.take(self.step)
         try:
-            batch, n_groups, stale, shaping = self._batch_of(fill)
+            batch, n_groups, ages, shaping = self._batch_of(fill)
             batch = self.consumer.with_reference(batch, self.step, timer)
         except Preempted:
             self.producer.untake(fill)     # stopped before the update: the batch is trained on after the resume
@@ -81,11 +81,12 @@ class Supervisor(RunLifecycle):
             self._publish()                # the step is done (on the same version when nothing changed)
         if updated:
             self.consumer.control(stats, batch, self.step)
-        return self._step_metrics(fill, n_groups, stats, stale, timer, time.perf_counter() - t0)
+        return self._step_metrics(fill, n_groups, stats, ages, timer, time.perf_counter() - t0)
 
-    def _batch_of(self, fill: Fill) -> tuple[pa.Table | None, int, np.ndarray | None, dict]:
-        """A fill -> (the rows to train on or None, kept groups, their staleness (B,), figures),
-        its events recorded."""
+    def _batch_of(self, fill: Fill) -> tuple[pa.Table | None, int, dict, dict]:
+        """A fill -> (the rows to train on or None, kept groups, their ages, figures), its events
+        recorded. Ages: "staleness" (B,) versions behind the learner (of a row's oldest token),
+        "span" (B,) versions between its oldest and newest token (in-flight updates)."""
         spec, G = self.spec, self.spec.group_size
         for kind, fields in fill.events:
             if kind == "item_rejected":
@@ -98,19 +99,24 @@ class Supervisor(RunLifecycle):
                                wanted=spec.supervisor.num_prompts_per_step, rounds=fill.rounds)
         if batch is None:
             self.records.event("no_informative_groups", self.step, rounds=fill.rounds)
-            return None, 0, None, {}
+            return None, 0, {}, {}
         stale = check_staleness(batch, self.consumer.version, spec.supervisor.max_staleness, self.step)   # (B,)
+        oldest = batch[B.POLICY_VERSION].to_numpy()
+        newest = batch[B.POLICY_VERSION_MAX].to_numpy() if B.POLICY_VERSION_MAX in batch.column_names else oldest
+        ages = {"staleness": stale, "span": newest - oldest}
         batch, shaping = trainable_batch(batch, spec)
         if not batch.num_rows:   # every response truncated, under overlong mask
             self.records.event("no_trainable_rows", self.step, groups=n_groups)
             batch = None
-        return batch, n_groups, stale, shaping
+        return batch, n_groups, ages, shaping
 
-    def _step_metrics(self, fill: Fill, n_kept: int, stats: dict, stale, timer: PhaseTimer, step_s: float) -> dict:
+    def _step_metrics(self, fill: Fill, n_kept: int, stats: dict, ages: dict, timer: PhaseTimer, step_s: float) -> dict:
         G = self.spec.group_size
-        if not fill.made:
+        if not fill.made and not fill.carried:
             raise RuntimeError(f"step {self.step}: no usable prompt in {fill.rounds} rounds (see events.jsonl)")
-        allr = B.concat(fill.made)
+        # what was generated for the step (none when the last step's surplus filled its batch)
+        allr = B.concat(fill.made) if fill.made else fill.kept[0].slice(0, 0)
+        avg = lambda x: float(x.mean()) if len(x) else math.nan  # noqa: E731
         valid = valid_rows(allr).numpy()                     # a failed verification is no reward at all
         rewards = allr[B.REWARD].to_numpy()
         resp_len = pc.list_value_length(allr[B.RESPONSE_IDS]).to_numpy()
@@ -142,21 +148,27 @@ class Supervisor(RunLifecycle):
                 "grad_norm", "lr", "optimizer_steps", "sampler_logp_gap", "kl_capped_frac", "pad_frac",
                 "overlong_penalty", "unverified_rows", "is_weight_mean", "is_masked_frac", "logp_mismatch_k3", "logp_gap_max",
                 "logp_gap_over_log2_frac")},
-            "kept_groups_frac": fill.n_kept / (allr.num_rows // G), "trained_groups": n_kept, "gen_rounds": fill.rounds,
-            "surplus_groups": fill.n_kept - n_kept, "keep_rate": fill.keep_rate,
+            "kept_groups_frac": (fill.n_kept - fill.carried) / (allr.num_rows // G) if allr.num_rows else math.nan,
+            "trained_groups": n_kept, "gen_rounds": fill.rounds,
+            # informative groups beyond the batch (to the next step, when the bound allows); groups
+            # of the last step's surplus this batch began with, and those too old for it
+            "surplus_groups": fill.n_kept - n_kept, "carried_groups": fill.carried, "surplus_expired": fill.expired,
+            "keep_rate": fill.keep_rate,
             # how old the trained rows were (policy versions behind the learner's), how far ahead
             # generation runs, and who waited for whom
             "max_staleness": self.spec.supervisor.max_staleness,
-            "staleness_mean": float(stale.mean()) if stale is not None else math.nan,
-            "staleness_max": int(stale.max()) if stale is not None else math.nan,
+            "staleness_mean": float(ages["staleness"].mean()) if ages else math.nan,
+            "staleness_max": int(ages["staleness"].max()) if ages else math.nan,
+            "version_span_max": int(ages["span"].max()) if ages else math.nan,
+            "in_flight_pushes": fill.in_flight_pushes,
             "buffered_batches": self.producer.buffered(),
             "generator_idle_frac": frac(1.0 - (busy - last_busy) / (len(self.generators) * window)),
             "generator_bound_wait_frac": frac((bound - last_bound) / window),
             "learner_idle_frac": frac(1.0 - (timer.s["learn"] + timer.s["sync"]) / window),
             "learner_wait_frac": frac(timer.s["wait"] / window),
-            "response_len_mean": float(resp_len.mean()),
-            "answer_format_frac": float(allr[B.FORMATTED].to_numpy(zero_copy_only=False).mean()),
-            "truncated_frac": float(allr[B.TRUNCATED].to_numpy(zero_copy_only=False).mean()),
+            "response_len_mean": avg(resp_len),
+            "answer_format_frac": avg(allr[B.FORMATTED].to_numpy(zero_copy_only=False)),
+            "truncated_frac": avg(allr[B.TRUNCATED].to_numpy(zero_copy_only=False)),
             "verify_errors": int(allr[B.VERIFY_ERROR].to_numpy(zero_copy_only=False).sum()),
             "verify_timeouts": int(allr[B.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False).sum()),
             "skipped_updates": stats.get("skipped_updates", 0),
@@ -179,11 +191,15 @@ class Supervisor(RunLifecycle):
         }
         errors = allr[B.VERIFY_ERROR].to_numpy(zero_copy_only=False)
         timeouts = allr[B.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False)
+        failed = allr[B.GENERATE_ERROR].to_numpy(zero_copy_only=False) if B.GENERATE_ERROR in allr.column_names \
+            else np.zeros(allr.num_rows, bool)
+        m["generate_errors"] = int(failed.sum())
         for t in sorted(set(tasks)):
             m[f"reward/{t}"] = mean_of(rewards, valid & (tasks == t))
             m[f"accuracy/{t}"] = mean_of(rewards >= 1.0, valid & (tasks == t))
             m[f"verify_errors/{t}"] = int(errors[tasks == t].sum())
             m[f"verify_timeouts/{t}"] = int(timeouts[tasks == t].sum())
+            m[f"generate_errors/{t}"] = int(failed[tasks == t].sum())
             m[f"entropy/{t}"] = stats.get(f"entropy/{t}", math.nan)    # trained tokens of the task
         timer.s["generate"], timer.s["verify"] = fill.times["generate"], fill.times["verify"]   # the batch's own
         for p in PHASES:
@@ -191,7 +207,6 @@ class Supervisor(RunLifecycle):
         # what the step waited on: its batch (the generation the learner could not hide), then its own phases
         m["time/other_s"] = step_s - sum(timer.s[p] for p in ("wait", "reference", "learn", "sync"))
         return m
-
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict:

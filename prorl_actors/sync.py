@@ -76,7 +76,9 @@ class WeightSync:
         for old in [v for v in self._refs if v < version]:
             del self._refs[old]
         if self.spec.method == "object_store":
-            held = self.generators.call_all("set_weights", self.weights_ref(version), version, step=step)
+            # a generator that does not take them within weight_sync.timeout_s is hung: replaced
+            held = self.generators.call_all("set_weights", self.weights_ref(version), version, step=step,
+                                            timeout_s=self.spec.timeout_s)
         else:
             held = self._broadcast(version, step)
         if set(held) != {version}:
@@ -94,7 +96,7 @@ class WeightSync:
             weights = self.learner.actors[0].pushed_weights.remote()   # after the update it may be in
         else:
             weights = self.weights_ref()
-        ray.get(actor.set_weights.remote(weights, self.version))
+        ray.get(actor.set_weights.remote(weights, self.version), timeout=self.spec.timeout_s)
 
     def on_learner_restart(self) -> None:
         """New learner processes: the broadcast group is formed again at the next push, and the

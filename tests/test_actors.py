@@ -87,6 +87,65 @@ def test_rows_outside_the_staleness_bound_are_refused(parts, tiny_model):
         check_staleness(mixed, 3, 1, step=7)
 
 
+def test_in_flight_pieces_continue_a_response_as_if_decoded_at_once(parts, tiny_model):
+    """generator.in_flight_updates decodes in pieces: a greedy response decoded 12 tokens at
+    once equals the same decoded 3 tokens at a time (each unfinished row extended with its
+    response so far as the prompt), token for token, with the same log-probs; the rows keep the version of their
+    first piece and record the newest (taken between pieces), and a token newer than the learner
+    is refused."""
+    from prorl_actors.runtime.producer import check_staleness
+    spec, tok, _ = parts
+    gen = GeneratorActor(str(tiny_model), "float32", spec.generator, 0)
+    weights = load_causal_lm(tiny_model, "float32").state_dict()
+    gen.set_weights(weights, 2)
+    prompts = prompt_table(tok, validation_items(spec.data, 4))
+    greedy = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0)
+    whole = gen.generate(prompts, greedy)
+    rows = gen.generate(prompts, dataclasses.replace(greedy, max_new_tokens=3))
+    rows = B.with_column(rows, B.POLICY_VERSION_MAX, rows[B.POLICY_VERSION].to_pylist())
+    gen.set_weights(weights, 3)                     # newer weights (the same values) between pieces
+    pieces = 1
+    while True:
+        length = np.array([len(r) for r in rows[B.RESPONSE_IDS].to_pylist()])
+        open_ = rows[B.TRUNCATED].to_numpy(zero_copy_only=False) & (length < 12)
+        if not open_.any():
+            break
+        more = gen.extend(rows.filter(pa.array(open_)), dataclasses.replace(greedy, max_new_tokens=min(3, 12 - 3 * pieces)))
+        out = {i: j for j, i in enumerate(np.flatnonzero(open_))}
+        rows = pa.Table.from_pylist([more.slice(out[i], 1).to_pylist()[0] if i in out else rows.slice(i, 1).to_pylist()[0]
+                                     for i in range(rows.num_rows)], schema=more.schema)
+        pieces += 1
+    assert pieces >= 3
+    assert rows[B.RESPONSE_IDS].to_pylist() == whole[B.RESPONSE_IDS].to_pylist()
+    assert rows[B.RESPONSE_TEXT].to_pylist() == whole[B.RESPONSE_TEXT].to_pylist()
+    assert rows[B.TRUNCATED].to_pylist() == whole[B.TRUNCATED].to_pylist()
+    for got, want in zip(rows[B.SAMPLE_LOGP].to_pylist(), whole[B.SAMPLE_LOGP].to_pylist()):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    extended = [len(r) > 3 for r in rows[B.RESPONSE_IDS].to_pylist()]
+    assert rows[B.POLICY_VERSION].to_pylist() == [2] * 4
+    assert rows[B.POLICY_VERSION_MAX].to_pylist() == [3 if e else 2 for e in extended]
+    assert check_staleness(rows, 3, 1, step=9).tolist() == [1] * 4
+    with pytest.raises(RuntimeError, match="outside 1..2"):   # a token from version 3, the learner at 2
+        check_staleness(rows, 2, 1, step=9)
+
+
+def test_surplus_groups_carry_over_only_within_the_bound(parts):
+    """The next batch begins with the surplus groups its learner may train on: at step j the
+    learner holds at most the newest published version plus one per step still to do (here 5),
+    so with max_staleness 1 groups sampled with version 4 or newer carry, older ones expire;
+    with 0 only version 5."""
+    from prorl_actors.runtime.producer import usable_surplus
+    _, _, r = parts                                       # 6 groups of G
+    versions = [3, 4, 5, 4, 2, 5]
+    surplus = r.set_column(r.schema.get_field_index(B.POLICY_VERSION), B.POLICY_VERSION,
+                           pa.array([v for v in versions for _ in range(G)], pa.int64()))
+    rows, carried, expired = usable_surplus(surplus, 5, 1, G)
+    assert (carried, expired) == (4, 2)
+    assert rows[B.GROUP_ID].to_pylist() == [g for g in (1, 2, 3, 5) for _ in range(G)]   # in order
+    rows, carried, expired = usable_surplus(surplus, 5, 0, G)
+    assert (carried, expired) == (2, 4) and rows[B.GROUP_ID].to_pylist() == [g for g in (2, 5) for _ in range(G)]
+
+
 def test_response_logp_matches_unpadded_forward(parts, tiny_model):
     spec, tok, r = parts
     model = load_causal_lm(tiny_model, "float32").eval()

@@ -3,6 +3,7 @@ values, and the controller's dynamics on a small simulated plant."""
 import math
 import random
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -353,6 +354,29 @@ def test_trainable_batch_advantages_then_truncated_rows_leave():
     out, figures = trainable_batch(failed, build_spec(base))
     assert out[B.GROUP_ID].to_pylist() == [0, 0, 1] and figures["unverified_rows"] == 1
     assert out[B.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s, 0.0], rel=1e-5)
+
+
+def test_a_failed_generation_is_rows_that_count_and_never_train():
+    """A chunk whose generation raised on every try: G rows per prompt with no response and no
+    reward, marked GENERATE_ERROR; valid_rows leaves them out (of baselines, filter and loss)
+    while a row whose generation worked stays in; a group without two valid rows is not kept."""
+    from prorl_actors import batch as B
+    from prorl_actors.algo import informative_groups
+    from prorl_actors.runtime.producer import failed_generation, valid_rows
+    prompts = pa.table({B.PROMPT_IDS: pa.array([[1, 2], [3]], pa.list_(pa.int32())), B.TASK: ["a", "b"],
+                        B.ITEM_INDEX: pa.array([4, 5], pa.int64()), B.REFERENCE: ["{}", "{}"],
+                        B.GROUP_ID: pa.array([7, 8], pa.int64())})
+    rows = failed_generation(prompts, 3, version=2)
+    assert rows.num_rows == 6 and rows[B.GROUP_ID].to_pylist() == [7, 7, 7, 8, 8, 8]
+    assert rows[B.TASK].to_pylist() == ["a"] * 3 + ["b"] * 3 and rows[B.POLICY_VERSION].to_pylist() == [2] * 6
+    assert rows[B.RESPONSE_IDS].to_pylist() == [[]] * 6 and rows[B.REWARD].to_pylist() == [0.0] * 6
+    assert rows[B.GENERATE_ERROR].to_pylist() == [True] * 6 and not valid_rows(rows).any()
+    B.check_batch(rows)
+    ok = B.with_column(rows, B.GENERATE_ERROR, [False, True, True, False, False, False])
+    ok = B.with_column(ok, B.REWARD, [1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    assert valid_rows(ok).tolist() == [True, False, False, True, True, True]
+    keep = informative_groups(torch.tensor(ok[B.REWARD].to_numpy()), 3, valid_rows(ok))
+    assert keep.tolist() == [False, True]       # group 7 has one valid row: no baseline, not kept
 
 
 def test_generation_chunks_fill_the_engine():

@@ -12,7 +12,7 @@ import pytest
 import ray
 from ray import cloudpickle
 
-from prorl_actors.group import ActorGroup, ActorLost, Preempted, TooManyRestarts
+from prorl_actors.group import ActorGroup, ActorLost, PieceFailed, Preempted, TooManyRestarts, WorkPool
 
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers cannot import this test module
@@ -52,6 +52,11 @@ class Worker:
 
     def fail(self):
         raise ValueError("a bug in the method")
+
+    def fail_on(self, table, tags):
+        if self.tag in tags:
+            raise ValueError(f"cannot do this on {self.tag}")
+        return table.append_column("by", pa.array([self.tag] * table.num_rows))
 
 
 def _group(n, events, extra=(), **kw):
@@ -99,6 +104,43 @@ def test_hung_call_is_killed_and_sent_again(local_ray, tmp_path):
     assert out.num_rows == 2
     assert [k for k, _ in events] == ["actor_died", "actor_restarted", "work_redispatched"]
     assert "no answer in 1.5 s" in events[0][1]["cause"]
+    grp.kill()
+
+
+def test_a_call_has_the_deadline_it_is_given(local_ray, tmp_path):
+    """A group with no call_timeout_s still bounds a call given timeout_s (the weight sync's)."""
+    events = []
+    grp = _group(1, events, extra=(str(tmp_path / "hung"),))
+    grp.ping()
+    out = grp.call_all("work", pa.table({"x": [1]}), timeout_s=1.5)
+    assert out[0].num_rows == 1
+    assert [k for k, _ in events] == ["actor_died", "actor_restarted"]
+    assert "no answer in 1.5 s" in events[0][1]["cause"]
+    grp.kill()
+
+
+def test_a_piece_that_raises_is_tried_again_elsewhere_then_given_up(local_ray):
+    """A pool with retries (the generators'): a piece whose method raises goes to another actor;
+    one that raises on every try comes back as PieceFailed with its cause, each failure recorded;
+    no actor is replaced (a method that raises is not a death)."""
+    events = []
+    grp = _group(2, events)
+    pool = WorkPool(grp, retries=1)
+    pool.submit("a", "fail_on", pa.table({"x": [1]}), ["w0"])
+    pool.submit("b", "fail_on", pa.table({"x": [2]}), ["w0", "w1"])
+    done = {}
+    while pool.pending():
+        done.update(pool.poll(1.0, step=4))
+    assert done["a"]["by"].to_pylist() == ["w1"]
+    assert isinstance(done["b"], PieceFailed) and done["b"].cause.startswith("ValueError: cannot do this on w")
+    failed = [f for k, f in events if k == "work_failed"]
+    assert sorted((f["method"], f["attempt"]) for f in failed) == [("fail_on", 1), ("fail_on", 1), ("fail_on", 2)]
+    assert all(f["step"] == 4 for f in failed) and grp.restarts == 0
+    with pytest.raises(Exception, match="a bug in the method"):   # without retries: raised, as before
+        plain = WorkPool(grp)
+        plain.submit(0, "fail")
+        while plain.pending():
+            plain.poll(1.0)
     grp.kill()
 
 

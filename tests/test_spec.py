@@ -159,6 +159,7 @@ def test_bundles_hold_the_colocated_actor_of_the_same_index():
      "only one of learner and generator has GPUs"),
     ({"weight_sync": {"method": "broadcast"}, "learner": {"num_gpus": 0.5}, "generator": {"num_gpus": 0.5},
       "placement": {"colocate": ["generator"]}}, "weight_sync.method", "NCCL cannot broadcast"),
+    ({"generator": {"in_flight_updates": True}}, "generator.in_flight_updates", "max_staleness 0"),
 ])
 def test_scale_out_rules(overrides, path, allowed):
     with pytest.raises(SpecError) as e:

@@ -469,3 +469,45 @@ def test_one_step_off_survives_every_role_and_a_driver_kill(tiny_model, tmp_path
     assert [m["staleness_max"] for m in metrics] == [0, 1, 1, 1]    # batches 1 and 2 both sampled with version 0
     assert [m["staleness_max"] for m in metrics] == [m["staleness_max"] for m in read_jsonl(
         baseline_one_step_off / "metrics.jsonl")]
+
+
+def test_two_ahead_with_in_flight_updates_survives_every_role_and_a_driver_kill(tiny_model, tmp_path):
+    """vLLM, batches made two steps ahead (max_staleness 2), responses decoded in pieces of 2
+    tokens with the learner's newest weights taken between them (in-flight updates). In one run:
+    a generator killed in a piece of an in-flight continuation, a verifier, the reference in step
+    3's scoring, the learner in step 3's update (rolled back to step 2's checkpoint, which holds
+    the batches made ahead), then the driver SIGKILLed in step 4's update and the run resumed.
+    Which version a token came from depends on timing here, so the run is not compared bit for
+    bit: it ends complete, each step recorded once, every trained row within the bound and no
+    token newer than the learner."""
+    run = tmp_path / "run"
+    args = lambda: _args(tiny_model, tmp_path, ("generator.engine=vllm", "supervisor.max_staleness=2",  # noqa: E731
+                                                "generator.in_flight_updates=true",
+                                                "generator.in_flight_piece_tokens=2",
+                                                "algorithm.off_policy_correction.mode=icepop"))
+    d = Driver(args(), tmp_path / "log1.txt")
+    pids = [_kill_in(d, run, "ray::GeneratorActor.extend", 1)]
+    pids.append(_kill_in(d, run, "ray::VerifierActor.verify", 1))
+    pids.append(_kill_in(d, run, "ray::ReferenceActor.logprobs", 2))
+    pids.append(_kill_in(d, run, "ray::LearnerActor.update", 2))
+    d.catch("ray::LearnerActor.update", when=lambda: _steps_done(run) >= 3)            # step 4's update
+    d.kill(d.proc.pid, signal.SIGKILL)
+    d.wait()
+    saved = read_state(run / "checkpoints" / "step_000002")
+    assert [f["step"] for f in saved["ready"]][:1] == [3]        # made ahead, saved with the checkpoint
+    d = Driver(args(), tmp_path / "log2.txt")
+    assert d.wait() == 0, d.text()[-4000:]
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    assert [v["step"] for v in read_jsonl(run / "validation.jsonl")] == [0, 2, 4]
+    events = read_jsonl(run / "events.jsonl")
+    assert events[-1]["event"] == "run_end"
+    died = [e for e in events if e["event"] == "actor_died"]
+    assert [e["role"] for e in died] == ["generator", "verifier", "reference", "learner"], died
+    assert all(f"pid: {pid}" in e["cause"] for e, pid in zip(died, pids)), died
+    redone = [e["method"] for e in events if e["event"] == "work_redispatched"]
+    assert "extend" in redone and "verify" in redone              # the lost pieces went to the replacements
+    assert [e["to_step"] for e in events if e["event"] == "rolled_back"] == [2]
+    assert [e["event"] for e in events].count("run_resumed") == 1
+    trained = [m for m in metrics if m["optimizer_steps"]]
+    assert trained and all(m["version_span_max"] <= m["staleness_max"] <= 2 for m in trained)

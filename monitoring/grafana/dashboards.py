@@ -153,10 +153,13 @@ def overview() -> dict:
             q(f"prorl_supervisor_kept_groups_frac{{{R}}}", "groups kept"),
             q(f"prorl_supervisor_keep_rate{{{R}}}", "keep rate (running)"),
             q(f"prorl_supervisor_gen_rounds{{{R}}}", "generation rounds"),
-            q(f"prorl_supervisor_surplus_groups{{{R}}}", "surplus groups")], w=8, unit="percentunit",
-            right=("generation rounds", "surplus groups"), units={"generation rounds": "none", "surplus groups": "none"},
+            q(f"prorl_supervisor_surplus_groups{{{R}}}", "surplus groups"),
+            q(f"prorl_supervisor_carried_groups{{{R}}}", "carried groups")], w=8, unit="percentunit",
+            right=("generation rounds", "surplus groups", "carried groups"),
+            units={"generation rounds": "none", "surplus groups": "none", "carried groups": "none"},
             description="Groups whose rewards are not all equal, the running keep rate that sizes each round, "
-                        "the rounds needed to fill the batch and the informative groups generated beyond it."),
+                        "the rounds needed to fill the batch, the informative groups generated beyond it, and "
+                        "those of them the next batch began with (within the staleness bound)."),
         panel("Responses", [
             q(f"prorl_generator_response_length_tokens{{{R}}}", "mean length (tokens)"),
             q(f"prorl_generator_truncated_frac{{{R}}}", "truncated")], w=8, right=("truncated",),
@@ -188,9 +191,14 @@ def overview() -> dict:
             q(f"prorl_supervisor_staleness_mean{{{R}}}", "mean"),
             q(f"prorl_supervisor_staleness_max{{{R}}}", "max"),
             q(f"prorl_supervisor_max_staleness{{{R}}}", "bound"),
-            q(f"prorl_supervisor_buffered_batches{{{R}}}", "batches made ahead")], w=8, unit="none",
-            description="Policy versions between the weights that sampled the trained rows and the learner's "
-                        "(never above supervisor.max_staleness), and the batches waiting for the learner."),
+            q(f"prorl_supervisor_buffered_batches{{{R}}}", "batches made ahead"),
+            q(f"prorl_supervisor_version_span_max{{{R}}}", "versions within one response"),
+            q(f"increase(prorl_generator_in_flight_updates_total{{{R}}}[$__rate_interval])", "in-flight updates")],
+            w=8, unit="none",
+            description="Policy versions between the weights that sampled the trained rows (their oldest token) "
+                        "and the learner's (never above supervisor.max_staleness), the batches waiting for the "
+                        "learner, and with generator.in_flight_updates the newer weights taken between decoding "
+                        "pieces and the most versions one response's tokens spanned."),
         panel("Who waits for whom", [
             q(f"prorl_generator_idle_frac{{{R}}}", "generators idle"),
             q(f"prorl_generator_bound_wait_frac{{{R}}}", "next batch held by the bound"),

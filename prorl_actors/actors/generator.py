@@ -37,6 +37,25 @@ class GeneratorActor:
             group_id=rep(B.GROUP_ID), truncated=[s.truncated for s in flat],
             policy_version=[self.version] * len(flat))
 
+    def extend(self, rows: pa.Table, sp: SamplingSpec) -> pa.Table:
+        """In-flight weight updates (generator.in_flight_updates): unfinished rollouts (their
+        responses so far) -> the same rows, each response continued by up to sp.max_new_tokens
+        tokens with the weights held now (one sample per row; sp.n is ignored); TRUNCATED says
+        whether this piece ended without EOS, POLICY_VERSION_MAX becomes this generator's version.
+        The other columns pass through."""
+        prompt_ids, so_far = rows[B.PROMPT_IDS].to_pylist(), rows[B.RESPONSE_IDS].to_pylist()
+        first = zlib.crc32(f"{rows[B.TASK][0]}:{rows[B.ITEM_INDEX][0]}:{len(so_far[0])}".encode()) if rows.num_rows else 0
+        sp = dataclasses.replace(sp, n=1, seed=(sp.seed * 1_000_003 + first) % 2**31)
+        samples = [g[0] for g in self.engine.generate([p + r for p, r in zip(prompt_ids, so_far)], sp)]
+        ids = [r + s.response_ids for r, s in zip(so_far, samples)]
+        logp = [old + s.logp for old, s in zip(rows[B.SAMPLE_LOGP].to_pylist(), samples)]
+        types = {f.name: f.type for f in B.ROLLOUT_SCHEMA}
+        for col, values in ((B.RESPONSE_IDS, ids), (B.SAMPLE_LOGP, logp),
+                            (B.RESPONSE_TEXT, [self.engine.decode(i) for i in ids]),
+                            (B.TRUNCATED, [s.truncated for s in samples])):
+            rows = rows.set_column(rows.schema.get_field_index(col), col, pa.array(values, types[col]))
+        return B.with_column(rows, B.POLICY_VERSION_MAX, [self.version] * rows.num_rows)
+
     def set_weights(self, state_dict, version: int) -> int:
         """Weights from the object store -> the version now held."""
         self.engine.load_weights(state_dict)

@@ -40,6 +40,10 @@ class GenerationEngine(Protocol):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
 
+    def decode(self, ids: list[int]) -> str:
+        """A response's text (special tokens left out), as `generate` reports it."""
+        ...
+
     def join_sync_group(self, host: str, port: int, rank_base: int, world_size: int, backend: str,
                         timeout_s: float) -> None: ...
 
@@ -99,6 +103,9 @@ class HFEngine:
                 out.append(Sample(toks[:n], logp[i, :n].tolist(),
                                   self.tok.decode(toks[:n], skip_special_tokens=True), end is None))
         return [out[i * sp.n:(i + 1) * sp.n] for i in range(len(prompts))]
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
 
     def load_weights(self, state_dict):
         from prorl_actors.engines.torch_policy import load_policy_weights
@@ -190,6 +197,9 @@ class VLLMEngine:
                 samples.append(Sample(ids, list(flat.logprobs), c.text, c.finish_reason == "length"))
             result.append(samples)
         return result
+
+    def decode(self, ids):
+        return self.llm.get_tokenizer().decode(ids, skip_special_tokens=True)
 
     def load_weights(self, state_dict):
         from safetensors.torch import save

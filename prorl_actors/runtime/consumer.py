@@ -77,7 +77,8 @@ class Consumer:
         """A rebuilt reference actor: the weights of the last reset, if there was one since the
         checkpoint it was built from."""
         if self.reference_weights_ref is not None:
-            ray.get(actor.reset_to.remote(self.reference_weights_ref, self.reference_version))
+            ray.get(actor.reset_to.remote(self.reference_weights_ref, self.reference_version),
+                    timeout=max(600.0, self.reference.call_timeout_s))
 
     # ------------------------------------------------------------------ the update
     def with_reference(self, batch: pa.Table | None, step: int, timer) -> pa.Table | None:

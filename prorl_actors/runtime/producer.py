@@ -20,8 +20,13 @@ as it is generated, while the others still generate. Rounds are DAPO's dynamic s
 before: a round asks for the prompts the running keep rate says it takes to fill the batch
 (`round_size`); its groups are filtered in prompt order, so which groups are kept does not
 depend on which chunk finished first; at most `max_rounds` rounds, then the batch is what there
-is (recorded short). Informative groups beyond the batch are surplus (counted): with the
-schedule above they are older than any later step allows.
+is (recorded short). Informative groups beyond the batch are surplus: the next fill begins
+with those of them the bound allows it to train on (`_carry`), and the others expire
+(counted). Under the schedule above a surplus is one version too old for the next step unless
+that step's learner cannot have moved on (a step without an update), or, with in-flight
+updates (generator.in_flight_updates: responses decoded in pieces, between which the
+generators take the learner's newest weights), it was sampled with fresher weights than its
+fill began with.
 
 A response whose verification failed (raised or timed out) is not a wrong answer: it is left
 out of the group's baseline and of the filter (a group needs two valid rows; see algo), and
@@ -36,23 +41,27 @@ is simply made again after a resume, identically.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+import dataclasses
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from prorl_actors import batch as B
 from prorl_actors.algo import KeepRate, informative_groups, round_size
 from prorl_actors.engines.generation import SamplingSpec, generation_chunks
-from prorl_actors.group import POLL_S, ActorGroup, WorkPool, split_table
+from prorl_actors.group import POLL_S, ActorGroup, PieceFailed, WorkPool, split_table
 from prorl_actors.spec import RunSpec
 from prorl_actors.tasks import TaskMixture
 
 ROLLOUTS_DIR = "rollouts"       # in a checkpoint: the finished fills, one Arrow file each
+SURPLUS_FILE = "surplus.arrow"  # ... and the surplus the next fill begins with
+_ROW = "_row"                   # in-flight updates: a row's place in its chunk while its pieces come back
 
 
 @dataclass
@@ -69,6 +78,10 @@ class Fill:
     events: list = field(default_factory=list)        # [(kind, fields)] recorded when the step is trained
     times: dict = field(default_factory=lambda: {"generate": 0.0, "verify": 0.0})
     keep_rate: float = 1.0              # the running keep rate when it was done
+    in_flight_pushes: int = 0           # newer weights taken between decoding pieces
+    carried: int = 0                    # groups of the last fill's surplus it begins with
+    expired: int = 0                    # groups of that surplus too old for it
+    surplus_before: list = field(default_factory=list)   # [pa.Table] that surplus (saved while this is made)
 
     def batch(self, P: int, G: int) -> pa.Table | None:
         """The kept groups, at most P (in the order they were made)."""
@@ -80,16 +93,23 @@ class Fill:
     def info(self) -> dict:
         """What a checkpoint keeps of a finished fill besides its rows."""
         return {"step": self.step, "version": self.version, "source": self.source, "rounds": self.rounds, "n_kept": self.n_kept,
-                "events": self.events, "times": self.times, "keep_rate": self.keep_rate}
+                "events": self.events, "times": self.times, "keep_rate": self.keep_rate,
+                "in_flight_pushes": self.in_flight_pushes, "carried": self.carried, "expired": self.expired}
 
 
 @dataclass
 class _Round:
     chunks: int                         # generation pieces
     started: float
+    sp: SamplingSpec                    # the round's sampling (its whole max_new_tokens)
+    prompts: dict                       # chunk -> its prompts
     generated: dict = field(default_factory=dict)    # chunk -> rollouts
     verified: dict = field(default_factory=dict)     # chunk -> verified rollouts
     generated_at: float | None = None
+    # in-flight updates: a chunk's rows decoded piece by piece
+    done_rows: dict = field(default_factory=dict)    # chunk -> [rows finished so far]
+    waiting: dict = field(default_factory=dict)      # chunk -> unfinished rows, for their next piece
+    pieces: dict = field(default_factory=dict)       # chunk -> pieces decoded
 
 
 class RolloutProducer:
@@ -111,9 +131,11 @@ class RolloutProducer:
         self.pushes: list[dict] = []        # weight pushes not yet reported
         self.generator_version: int | None = 0   # what the generators hold (None: unknown, push before use)
         self.ready: dict[int, Fill] = {}    # finished fills not yet taken
+        self.surplus: list[pa.Table] = []   # the last finished fill's informative groups beyond its batch
         self.current: Fill | None = None
         self._round: _Round | None = None
-        self.gen = WorkPool(generators)
+        self.in_flight, self.piece_tokens = g.in_flight_updates, g.in_flight_piece_tokens
+        self.gen = WorkPool(generators, retries=1)   # a generation that raises twice: its rows fail
         self.ver = WorkPool(verifiers)
         self._busy = False                  # pump is not re-entrant (an actor restart may wait on a group)
         self._bound_s, self._bound_since = 0.0, None   # time the next fill waited for its version
@@ -142,25 +164,33 @@ class RolloutProducer:
             fill = Fill(step=info["step"], version=info["version"], source=info["source"], start={},
                         rounds=info["rounds"],
                         n_kept=info["n_kept"], events=[tuple(e) for e in info["events"]], times=info["times"],
-                        keep_rate=info["keep_rate"])
+                        keep_rate=info["keep_rate"], in_flight_pushes=info.get("in_flight_pushes", 0),
+                        carried=info.get("carried", 0), expired=info.get("expired", 0))
             for name in ("kept", "made"):
                 path = Path(ckpt) / ROLLOUTS_DIR / f"{name}_{fill.step:06d}.arrow"
                 if path.exists():
                     with pa.OSFile(str(path), "rb") as f:
                         setattr(fill, name, [pa.ipc.open_file(f).read_all()])
             self.ready[fill.step] = fill
+        path = Path(ckpt) / ROLLOUTS_DIR / SURPLUS_FILE if ckpt is not None else None
+        self.surplus = []
+        if path is not None and path.exists():
+            with pa.OSFile(str(path), "rb") as f:
+                self.surplus = [pa.ipc.open_file(f).read_all()]
 
     def save(self, directory: str) -> None:
-        """The finished fills' rows into `directory`/rollouts (Arrow IPC files)."""
+        """The finished fills' rows into `directory`/rollouts (Arrow IPC files), and the surplus
+        the next fill to be made begins with."""
         out = Path(directory) / ROLLOUTS_DIR
         out.mkdir(parents=True, exist_ok=True)
-        for step, fill in self.ready.items():
-            for name, tables in (("kept", fill.kept), ("made", fill.made)):
-                if tables:      # (a fill may have kept nothing)
-                    table = B.concat(tables)
-                    with pa.OSFile(str(out / f"{name}_{step:06d}.arrow"), "wb") as f, \
-                            pa.ipc.new_file(f, table.schema) as w:
-                        w.write_table(table)
+        files = [(f"{name}_{step:06d}.arrow", tables) for step, fill in self.ready.items()
+                 for name, tables in (("kept", fill.kept), ("made", fill.made))]
+        files.append((SURPLUS_FILE, self.current.surplus_before if self.current is not None else self.surplus))
+        for name, tables in files:
+            table = B.concat(tables)
+            if table is not None and table.num_rows:      # (a fill may have kept nothing)
+                with pa.OSFile(str(out / name), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+                    w.write_table(table)
 
     def abandon(self) -> None:
         """Forget the fill in progress and every piece of work under way (a rollback or resume
@@ -249,7 +279,7 @@ class RolloutProducer:
             for key, rollouts in self.gen.poll(0.0, step, stoppable).items():
                 self._generated(key, rollouts)
             for key, rollouts in self.ver.poll(timeout, step, stoppable, also=(also or []) + self.gen.refs()).items():
-                self._round.verified[key] = rollouts
+                self._round.verified[key] = B.with_column(rollouts, B.GENERATE_ERROR, [False] * rollouts.num_rows)
             for key, rollouts in self.gen.poll(0.0, step, stoppable).items():
                 self._generated(key, rollouts)
             if self._round is not None and len(self._round.verified) == self._round.chunks:
@@ -259,12 +289,59 @@ class RolloutProducer:
             self._busy = False
         return True
 
-    def _generated(self, key: int, rollouts: pa.Table) -> None:
+    def _generated(self, key: int, rollouts: pa.Table | PieceFailed) -> None:
         r = self._round
+        if isinstance(rollouts, PieceFailed):   # no response to verify: rows that count, never train
+            cause = rollouts.cause
+            rollouts = failed_generation(r.prompts[key], self.G, self.generator_version or 0, self.in_flight)
+            self.current.events.append(("generation_failed", {"rows": rollouts.num_rows, "cause": cause}))
+            r.done_rows.pop(key, None)
+            r.verified[key] = rollouts
+        elif self.in_flight:
+            rollouts = self._piece_done(key, rollouts)
+            if rollouts is None:                # pieces still to decode
+                return
         r.generated[key] = rollouts
         if len(r.generated) == r.chunks:
             r.generated_at = time.monotonic()
-        self.ver.submit(key, "verify", rollouts)
+        if key not in r.verified:
+            self.ver.submit(key, "verify", rollouts)
+
+    def _piece_done(self, key: int, rows: pa.Table) -> pa.Table | None:
+        """In-flight updates: a decoding piece of chunk `key` came back -> the chunk's rollouts
+        when every response has ended (EOS or max_new_tokens), else None (the unfinished rows
+        wait for their next piece, `_continue`)."""
+        r = self._round
+        if key not in r.pieces:     # the first piece: G rows per prompt, in order
+            rows = rows.append_column(_ROW, pa.array(np.arange(rows.num_rows), pa.int64()))
+            rows = B.with_column(rows, B.POLICY_VERSION_MAX, rows[B.POLICY_VERSION].to_pylist())
+        r.pieces[key] = r.pieces.get(key, 0) + 1
+        length = pc.list_value_length(rows[B.RESPONSE_IDS]).to_numpy()
+        open_ = rows[B.TRUNCATED].to_numpy(zero_copy_only=False) & (length < r.sp.max_new_tokens)   # (b,)
+        r.done_rows.setdefault(key, []).append(rows.filter(pa.array(~open_)))
+        if open_.any():
+            r.waiting[key] = rows.filter(pa.array(open_))
+            return None
+        out = pa.concat_tables(r.done_rows.pop(key)).sort_by(_ROW)
+        return out.drop_columns([_ROW])
+
+    def _continue(self, may_push: bool) -> None:
+        """In-flight updates: the unfinished rows' next pieces, with the learner's newest weights
+        when there are newer ones (taken once the pieces under way are back)."""
+        r = self._round
+        if r is None or not r.waiting:
+            return
+        newest = self.versions[self.published]
+        if self.generator_version is not None and newest > self.generator_version and (may_push or not self.broadcast):
+            if self.gen.pending():           # the pieces under way end on the weights they began with
+                return
+            self.push(newest, step=self.current.step)
+            self.current.in_flight_pushes += 1
+        for key, rows in r.waiting.items():
+            sp = dataclasses.replace(r.sp, seed=(r.sp.seed * 31 + r.pieces[key]) % 2**31, max_new_tokens=min(
+                self.piece_tokens, r.sp.max_new_tokens - r.pieces[key] * self.piece_tokens))
+            self.gen.submit(key, "extend", rows, sp)
+        r.waiting = {}
 
     def _start_work(self, may_push: bool = True) -> None:
         """A new fill when the last is done and its version exists; a new round when a fill has none."""
@@ -289,11 +366,16 @@ class RolloutProducer:
                 # (a checkpoint of before this producer made batches ahead holds no older weights:
                 # the oldest it has, fresher than the bound asks for)
                 v = self.versions[src] if src in self.versions else self.versions[min(self.versions)]
+                if self.in_flight and self.generator_version is not None:
+                    v = max(v, self.generator_version)   # taken in flight: the generators never go back
             fill = Fill(step=j, version=v, source=src, start=self._own_state())
+            self._carry(fill)
             self.push(v, step=j)
             self.current, self.next_step = fill, j + 1
         if self.current is not None and self._round is None:
             self._start_round()
+        if self.in_flight:
+            self._continue(may_push)
 
     def _start_round(self) -> None:
         fill, sup, g = self.current, self.spec.supervisor, self.spec.generator
@@ -315,9 +397,10 @@ class RolloutProducer:
         fill_n = g.vllm.max_num_seqs if g.engine == "vllm" else g.hf_batch_size
         chunks = split_table(prompts, 1, generation_chunks(prompts.num_rows, sp.n, g.num_actors, g.chunks_per_actor,
                                                            fill_n))
-        self._round = _Round(len(chunks), time.monotonic())
+        self._round = _Round(len(chunks), time.monotonic(), sp, dict(enumerate(chunks)))
+        first = dataclasses.replace(sp, max_new_tokens=min(self.piece_tokens, sp.max_new_tokens)) if self.in_flight else sp
         for c, chunk in enumerate(chunks):
-            self.gen.submit(c, "generate", chunk, sp)
+            self.gen.submit(c, "generate", chunk, first)
 
     def prompt_table(self, items, events: list | None = None) -> pa.Table:
         """Task items -> prompts with fresh group ids (a prompt too long is left out, recorded in `events`)."""
@@ -336,7 +419,7 @@ class RolloutProducer:
         gen_end = r.generated_at or now
         fill.times["generate"] += gen_end - r.started
         fill.times["verify"] += now - gen_end          # the verification not hidden behind generation
-        rollouts = pa.concat_tables([r.verified[c] for c in range(r.chunks)])
+        rollouts = B.in_column_order(pa.concat_tables([r.verified[c] for c in range(r.chunks)]))
         fill.made.append(rollouts)
         if not self.spec.supervisor.dynamic_sampling.enabled:
             fill.kept.append(rollouts)
@@ -349,8 +432,29 @@ class RolloutProducer:
             fill.n_kept += int(keep.sum())
         self._start_round()
 
+    def _carry(self, fill: Fill) -> None:
+        """A new fill begins with the last fill's surplus groups that its step may train on: the
+        learner then holds at most the newest published version plus one per step still to do, so
+        a group sampled at least that minus max_staleness is within the bound whatever happens;
+        the rest expire."""
+        fill.surplus_before, surplus, self.surplus = self.surplus, B.concat(self.surplus), []
+        if surplus is None or not surplus.num_rows:
+            return
+        if B.GENERATE_ERROR not in surplus.column_names:     # (a checkpoint's, from before that column)
+            surplus = B.with_column(surplus, B.GENERATE_ERROR, [False] * surplus.num_rows)
+        if self.in_flight != (B.POLICY_VERSION_MAX in surplus.column_names):   # in-flight turned on or off
+            surplus = B.with_column(surplus, B.POLICY_VERSION_MAX, surplus[B.POLICY_VERSION].to_pylist()) \
+                if self.in_flight else surplus.drop_columns([B.POLICY_VERSION_MAX])
+        newest = self.versions[self.published] + (fill.step - 1 - self.published)
+        carried, fill.carried, fill.expired = usable_surplus(B.in_column_order(surplus), newest, self.S, self.G)
+        fill.kept.append(carried)
+        fill.n_kept += fill.carried
+
     def _finish_fill(self) -> None:
         fill = self.current
+        kept = B.concat(fill.kept)
+        if kept is not None and kept.num_rows > self.P * self.G:   # the groups beyond the batch: surplus
+            fill.kept, self.surplus = [kept.slice(0, self.P * self.G)], [kept.slice(self.P * self.G)]
         fill.keep_rate = self.keep_rate.rate
         self.ready[fill.step] = fill
         self.current = None
@@ -362,11 +466,38 @@ class RolloutProducer:
         return self._bound_s + (now - self._bound_since if self._bound_since is not None else 0.0)
 
 
+def usable_surplus(surplus: pa.Table, newest: int, max_staleness: int, G: int) -> tuple[pa.Table, int, int]:
+    """Surplus groups (G rows each, POLICY_VERSION the oldest token's) for a step whose learner
+    holds at most version `newest` -> (the rows within the bound, groups carried, groups expired)."""
+    ok = surplus[B.POLICY_VERSION].to_numpy() >= newest - max_staleness                # (rows,)
+    return B.select_rows(surplus, ok), int(ok.sum()) // G, int((~ok).sum()) // G
+
+
 def valid_rows(rollouts: pa.Table) -> torch.Tensor:
-    """(B,) bool: the rows whose verification gave a reward (it neither raised nor timed out)."""
-    err = rollouts[B.VERIFY_ERROR].to_numpy(zero_copy_only=False)
-    timeout = rollouts[B.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False)
-    return torch.from_numpy(~(err | timeout))
+    """(B,) bool: the rows whose verification gave a reward (it neither raised nor timed out, and
+    their generation did not fail)."""
+    bad = rollouts[B.VERIFY_ERROR].to_numpy(zero_copy_only=False) | rollouts[B.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False)
+    if B.GENERATE_ERROR in rollouts.column_names:
+        bad = bad | rollouts[B.GENERATE_ERROR].to_numpy(zero_copy_only=False)
+    return torch.from_numpy(~bad)
+
+
+def failed_generation(prompts: pa.Table, G: int, version: int, in_flight: bool = False) -> pa.Table:
+    """The rows of prompts whose generation failed: G per prompt, no response, no reward
+    (GENERATE_ERROR; left out of baselines, filter and loss like a failed verification), with
+    the columns of the verified rows beside them (in_flight: POLICY_VERSION_MAX too)."""
+    rep = lambda col: [v for v in prompts[col].to_pylist() for _ in range(G)]  # noqa: E731
+    n = prompts.num_rows * G
+    t = B.make_rollouts(prompt_ids=rep(B.PROMPT_IDS), response_ids=[[]] * n, sample_logp=[[]] * n,
+                        response_text=[""] * n, task=rep(B.TASK), item_index=rep(B.ITEM_INDEX),
+                        reference=rep(B.REFERENCE), group_id=rep(B.GROUP_ID), truncated=[False] * n,
+                        policy_version=[version] * n)
+    if in_flight:
+        t = B.with_column(t, B.POLICY_VERSION_MAX, [version] * n)
+    for col, value in ((B.REWARD, 0.0), (B.VERIFY_ERROR, False), (B.VERIFY_TIMEOUT, False), (B.FORMATTED, False),
+                       (B.GENERATE_ERROR, True)):
+        t = B.with_column(t, col, [value] * n)
+    return t
 
 
 def check_staleness(rollouts: pa.Table, version: int, max_staleness: int, step: int) -> np.ndarray:
@@ -374,6 +505,8 @@ def check_staleness(rollouts: pa.Table, version: int, max_staleness: int, step: 
     `max_staleness` versions older (a bug: the schedule never allows it) -> (B,) staleness."""
     stale = version - rollouts[B.POLICY_VERSION].to_numpy()                                       # (B,)
     bad = (stale < 0) | (stale > max_staleness)
+    if B.POLICY_VERSION_MAX in rollouts.column_names:    # in-flight updates: no token newer than the learner
+        bad |= rollouts[B.POLICY_VERSION_MAX].to_numpy() > version
     if bad.any():
         raise RuntimeError(f"step {step}: {int(bad.sum())} rollouts sampled from policy versions "
                            f"{sorted(set(rollouts[B.POLICY_VERSION].to_numpy()[bad].tolist()))}, outside "

@@ -66,6 +66,13 @@ class GeneratorSpec:
     max_new_tokens: int = opt(32, ge=1)
     max_model_len: int = opt(512, ge=16, help="prompt + response tokens; longer prompts are rejected and counted")
     hf_batch_size: int = opt(256, ge=1, help="sequences per generate() call for engine hf")
+    in_flight_updates: bool = opt(False, help=(
+        "with supervisor.max_staleness >= 1: responses are decoded in pieces of in_flight_piece_tokens, and "
+        "between pieces the generators take the learner's newest weights, so that a long tail does not hold "
+        "the fleet at an old version (partial rollouts; each token's log-prob is its sampler's, the row "
+        "records the oldest and newest version of its tokens, and the bound holds for the oldest). Fresher "
+        "rows, but which version a token came from depends on timing: resumes are not bit for bit"))
+    in_flight_piece_tokens: int = opt(256, ge=1, help="in_flight_updates: tokens per decoding piece")
     vllm: VLLMSpec = opt(VLLMSpec())
 
 
@@ -185,9 +192,9 @@ class FaultToleranceSpec:
                                                  "(a restart storm is a bug to look at, not to loop on)")
     max_rollbacks: int = opt(5, ge=0, help="learner losses survived by rolling back to the last checkpoint "
                                            "(in-process, without restarting the job)")
-    call_timeout_s: float = opt(0.0, ge=0, help="a call to an actor that has not returned after this many "
-                                                "seconds counts as a death (the actor is killed and "
-                                                "replaced); 0 = no limit")
+    call_timeout_s: float = opt(3600.0, ge=0, help="a call to an actor that has not returned after this many "
+                                                   "seconds counts as a death (the actor is killed and "
+                                                   "replaced): every wait has a deadline; 0 = no limit")
 
 
 @dataclass
@@ -201,8 +208,9 @@ class WeightSyncSpec:
         "object store, the GPU path of a cluster. Reference resets (rare) and replaced generators always take "
         "the object store"))
     bucket_mb: float = opt(256.0, gt=0, help="broadcast: tensors are sent flattened in buckets of this size")
-    timeout_s: float = opt(300.0, gt=0, help="broadcast: a member that does not answer within this is lost; the "
-                                             "group is formed again and the weights sent again")
+    timeout_s: float = opt(300.0, gt=0, help="a generator that has not taken the weights within this is lost "
+                                             "(object store: replaced; broadcast: the group is formed again and "
+                                             "the weights sent again)")
 
 
 @dataclass
