@@ -101,14 +101,16 @@ def test_verifiers(tmp_path):
 
 
 def test_pipeline(tiny_model, tmp_path):
-    out = bench("pipeline.py", "--staleness", 0, 1, "--steps", 3, "--out", tmp_path / "pipeline",
-                "--png", tmp_path / "pipeline.png", *TEST_OVERRIDES, f"model.path={tiny_model}", *SMALL_RUN,
-                tmp_path=tmp_path)
-    table = {s: row(out, rf"{s}\s") for s in (0, 1)}          # the rows of max_staleness 0 and 1
-    for s, (samples_per_s, speed_up, step_s, gen_idle, learner_idle, staleness, k3, acc, first) in table.items():
+    out = bench("pipeline.py", "--staleness", 0, "1f", "--steps", 3, "--out", tmp_path / "pipeline",
+                "--png", tmp_path / "pipeline.png", "--piece-tokens", 2, *TEST_OVERRIDES, f"model.path={tiny_model}",
+                *SMALL_RUN, tmp_path=tmp_path)
+    table = {s: row(out, rf"{s}\s") for s in ("0", "1f")}   # max_staleness 0, and 1 with in-flight updates
+    for s, (samples_per_s, speed_up, step_s, gen_idle, learner_idle, staleness, k3, acc, first, in_flight,
+            carried) in table.items():
         assert positive(samples_per_s, speed_up, step_s) and 0 <= gen_idle <= 1 and 0 <= learner_idle <= 1
-        assert 0 <= acc <= 1 and 0 <= first <= 1 and k3 >= 0
-    assert table[0][5] == 0 and 0 < table[1][5] <= 1        # mean staleness: none, then at most one version
+        assert 0 <= acc <= 1 and 0 <= first <= 1 and k3 >= 0 and in_flight >= 0 and carried >= 0
+    assert table["0"][5] == 0 and 0 < table["1f"][5] <= 1      # mean staleness: none, then at most one version
+    assert table["0"][9] == 0                                  # no in-flight update in the synchronous loop
     assert "held-out accuracy after" in out and (tmp_path / "pipeline.png").stat().st_size > 10_000
 
 

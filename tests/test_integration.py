@@ -73,8 +73,6 @@ def test_train_few_steps(tiny_model, tmp_path, engine):
         # step 1 trains while batches 2 and 3 decode (4 pieces a round): its weights reach them in flight
         assert sum(m["in_flight_pushes"] for m in metrics) >= 1, [m["in_flight_pushes"] for m in metrics]
         assert max(m["version_span_max"] for m in trained) >= 1
-        print("carried", [m["carried_groups"] for m in metrics], "expired", [m["surplus_expired"] for m in metrics],
-              "surplus", [m["surplus_groups"] for m in metrics])
     val = read_jsonl(run / "validation.jsonl")
     assert [v["step"] for v in val] == [0, 2, 3]
     assert all(0 <= v["pass@1/chain_sum"] <= v["pass@4/chain_sum"] <= 1 for v in val)
