@@ -235,6 +235,7 @@ class WorkPool:
     def __init__(self, group: ActorGroup, retries: int | None = None):
         self.group, self.retries = group, retries
         self.failures: dict = {}                            # key -> how often its method raised
+        self.failed_on: dict = {}                           # key -> the ranks it raised on
         self.queue: list = []                               # keys waiting for an actor
         self.work: dict = {}                                # key -> (method, args)
         self.running: dict = {}                             # ref -> (rank, key, started)
@@ -254,8 +255,18 @@ class WorkPool:
         return list(self.running)
 
     def _dispatch(self) -> None:
-        while self.queue and self.idle and not self.held:
-            rank, key = self.idle.pop(0), self.queue.pop(0)
+        """Waiting pieces to idle actors, in order; a piece that raised goes to an actor it has not
+        raised on while the group has one (waiting for it if it is busy)."""
+        for key in list(self.queue):
+            if not self.idle or self.held:
+                return
+            tried = self.failed_on.get(key, set())
+            fresh = [r for r in self.idle if r not in tried]
+            if not fresh and len(tried) < len(self.group.actors):
+                continue                                    # another actor will be free
+            rank = (fresh or self.idle)[0]
+            self.idle.remove(rank)
+            self.queue.remove(key)
             method, args = self.work[key]
             ref = getattr(self.group.actors[rank], method).remote(*args)
             self.running[ref] = (rank, key, time.monotonic())
@@ -291,7 +302,8 @@ class WorkPool:
             except Exception as e:
                 if self.retries is None:
                     raise
-                self.idle.append(rank)                       # last in line: another actor tries it first
+                self.idle.append(rank)
+                self.failed_on.setdefault(key, set()).add(rank)   # another actor tries it first
                 n = self.failures[key] = self.failures.get(key, 0) + 1
                 cause = _error(e)
                 g.on_event("work_failed", role=g.role, rank=rank, method=self.work[key][0], cause=cause,
@@ -317,13 +329,14 @@ class WorkPool:
         for key in done:
             del self.work[key]
             self.failures.pop(key, None)
+            self.failed_on.pop(key, None)
         self._dispatch()
         return done
 
     def abandon(self) -> None:
         """Forget every piece (a rollback or resume makes them moot); actors still running one
         finish it and take new work after it."""
-        self.queue, self.work, self.running, self.failures = [], {}, {}, {}
+        self.queue, self.work, self.running, self.failures, self.failed_on = [], {}, {}, {}, {}
         self.idle = list(range(len(self.group.actors)))
 
 

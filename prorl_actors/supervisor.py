@@ -32,7 +32,8 @@ from prorl_actors.group import ActorLost, Preempted
 from prorl_actors.metrics import PHASES, read_jsonl
 from prorl_actors.runtime.consumer import trainable_batch
 from prorl_actors.runtime.lifecycle import RunLifecycle, StopFlag
-from prorl_actors.runtime.producer import Fill, check_staleness, valid_rows
+from prorl_actors.runtime.producer import Fill
+from prorl_actors.runtime.rows import check_staleness, valid_rows
 
 __all__ = ["PhaseTimer", "StopFlag", "Supervisor", "summary_table", "trainable_batch"]
 

@@ -66,7 +66,7 @@ def test_rows_outside_the_staleness_bound_are_refused(parts, tiny_model):
     """Every row carries the version its generator held; the supervisor refuses a batch with any
     row sampled more than max_staleness versions before the learner's, or after it (a generator
     that missed a sync, or a schedule bug)."""
-    from prorl_actors.runtime.producer import check_staleness
+    from prorl_actors.runtime.rows import check_staleness
     spec, tok, r = parts
     gen = GeneratorActor(str(tiny_model), "float32", spec.generator, 0)
     assert gen.set_weights(load_causal_lm(tiny_model, "float32").state_dict(), 3) == 3
@@ -93,7 +93,7 @@ def test_in_flight_pieces_continue_a_response_as_if_decoded_at_once(parts, tiny_
     response so far as the prompt), token for token, with the same log-probs; the rows keep the version of their
     first piece and record the newest (taken between pieces), and a token newer than the learner
     is refused."""
-    from prorl_actors.runtime.producer import check_staleness
+    from prorl_actors.runtime.rows import check_staleness
     spec, tok, _ = parts
     gen = GeneratorActor(str(tiny_model), "float32", spec.generator, 0)
     weights = load_causal_lm(tiny_model, "float32").state_dict()
@@ -134,7 +134,7 @@ def test_surplus_groups_carry_over_only_within_the_bound(parts):
     learner holds at most the newest published version plus one per step still to do (here 5),
     so with max_staleness 1 groups sampled with version 4 or newer carry, older ones expire;
     with 0 only version 5."""
-    from prorl_actors.runtime.producer import usable_surplus
+    from prorl_actors.runtime.rows import usable_surplus
     _, _, r = parts                                       # 6 groups of G
     versions = [3, 4, 5, 4, 2, 5]
     surplus = r.set_column(r.schema.get_field_index(B.POLICY_VERSION), B.POLICY_VERSION,

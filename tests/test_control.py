@@ -362,7 +362,7 @@ def test_a_failed_generation_is_rows_that_count_and_never_train():
     while a row whose generation worked stays in; a group without two valid rows is not kept."""
     from prorl_actors import batch as B
     from prorl_actors.algo import informative_groups
-    from prorl_actors.runtime.producer import failed_generation, valid_rows
+    from prorl_actors.runtime.rows import failed_generation, valid_rows
     prompts = pa.table({B.PROMPT_IDS: pa.array([[1, 2], [3]], pa.list_(pa.int32())), B.TASK: ["a", "b"],
                         B.ITEM_INDEX: pa.array([4, 5], pa.int64()), B.REFERENCE: ["{}", "{}"],
                         B.GROUP_ID: pa.array([7, 8], pa.int64())})

@@ -495,6 +495,7 @@ def test_two_ahead_with_in_flight_updates_survives_every_role_and_a_driver_kill(
     d.wait()
     saved = read_state(run / "checkpoints" / "step_000002")
     assert [f["step"] for f in saved["ready"]][:1] == [3]        # made ahead, saved with the checkpoint
+    assert (run / "checkpoints" / "step_000002" / "rollouts" / "made_000003.arrow").is_file()
     d = Driver(args(), tmp_path / "log2.txt")
     assert d.wait() == 0, d.text()[-4000:]
     metrics = read_jsonl(run / "metrics.jsonl")
@@ -511,3 +512,9 @@ def test_two_ahead_with_in_flight_updates_survives_every_role_and_a_driver_kill(
     assert [e["event"] for e in events].count("run_resumed") == 1
     trained = [m for m in metrics if m["optimizer_steps"]]
     assert trained and all(m["version_span_max"] <= m["staleness_max"] <= 2 for m in trained)
+    # the batches made while step 1 trains decode in pieces of 2 tokens: its weights reach them in flight
+    assert sum(m["in_flight_pushes"] for m in metrics) >= 1, [m["in_flight_pushes"] for m in metrics]
+    assert max(m["version_span_max"] for m in trained) >= 1
+    assert all(m["overlong_penalty"] is None for m in metrics)     # not measured: no penalty asked for
+    for m in trained:   # the correction's figures, in range
+        assert 0 <= m["is_masked_frac"] <= 1 and m["logp_mismatch_k3"] >= 0 and m["logp_gap_max"] >= 0

@@ -27,7 +27,7 @@ from prorl_actors import batch as B
 from prorl_actors.algo import (KLController, ResetPolicy, get_adv_estimator, kl_share, mixture_entropy, overlong_penalty,
                                scale_for_entropy)
 from prorl_actors.group import ActorGroup, ActorLost, LearnerGroup
-from prorl_actors.runtime.producer import valid_rows
+from prorl_actors.runtime.rows import valid_rows
 from prorl_actors.spec import RunSpec
 
 

@@ -56,6 +56,7 @@ from prorl_actors import batch as B
 from prorl_actors.algo import KeepRate, informative_groups, round_size
 from prorl_actors.engines.generation import SamplingSpec, generation_chunks
 from prorl_actors.group import POLL_S, ActorGroup, PieceFailed, WorkPool, split_table
+from prorl_actors.runtime.rows import failed_generation, usable_surplus, valid_rows
 from prorl_actors.spec import RunSpec
 from prorl_actors.tasks import TaskMixture
 
@@ -464,51 +465,3 @@ class RolloutProducer:
         """Seconds so far during which the next fill could not start for want of its version."""
         now = time.monotonic()
         return self._bound_s + (now - self._bound_since if self._bound_since is not None else 0.0)
-
-
-def usable_surplus(surplus: pa.Table, newest: int, max_staleness: int, G: int) -> tuple[pa.Table, int, int]:
-    """Surplus groups (G rows each, POLICY_VERSION the oldest token's) for a step whose learner
-    holds at most version `newest` -> (the rows within the bound, groups carried, groups expired)."""
-    ok = surplus[B.POLICY_VERSION].to_numpy() >= newest - max_staleness                # (rows,)
-    return B.select_rows(surplus, ok), int(ok.sum()) // G, int((~ok).sum()) // G
-
-
-def valid_rows(rollouts: pa.Table) -> torch.Tensor:
-    """(B,) bool: the rows whose verification gave a reward (it neither raised nor timed out, and
-    their generation did not fail)."""
-    bad = rollouts[B.VERIFY_ERROR].to_numpy(zero_copy_only=False) | rollouts[B.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False)
-    if B.GENERATE_ERROR in rollouts.column_names:
-        bad = bad | rollouts[B.GENERATE_ERROR].to_numpy(zero_copy_only=False)
-    return torch.from_numpy(~bad)
-
-
-def failed_generation(prompts: pa.Table, G: int, version: int, in_flight: bool = False) -> pa.Table:
-    """The rows of prompts whose generation failed: G per prompt, no response, no reward
-    (GENERATE_ERROR; left out of baselines, filter and loss like a failed verification), with
-    the columns of the verified rows beside them (in_flight: POLICY_VERSION_MAX too)."""
-    rep = lambda col: [v for v in prompts[col].to_pylist() for _ in range(G)]  # noqa: E731
-    n = prompts.num_rows * G
-    t = B.make_rollouts(prompt_ids=rep(B.PROMPT_IDS), response_ids=[[]] * n, sample_logp=[[]] * n,
-                        response_text=[""] * n, task=rep(B.TASK), item_index=rep(B.ITEM_INDEX),
-                        reference=rep(B.REFERENCE), group_id=rep(B.GROUP_ID), truncated=[False] * n,
-                        policy_version=[version] * n)
-    if in_flight:
-        t = B.with_column(t, B.POLICY_VERSION_MAX, [version] * n)
-    for col, value in ((B.REWARD, 0.0), (B.VERIFY_ERROR, False), (B.VERIFY_TIMEOUT, False), (B.FORMATTED, False),
-                       (B.GENERATE_ERROR, True)):
-        t = B.with_column(t, col, [value] * n)
-    return t
-
-
-def check_staleness(rollouts: pa.Table, version: int, max_staleness: int, step: int) -> np.ndarray:
-    """Raise if a row was sampled from a version newer than the learner's `version` or more than
-    `max_staleness` versions older (a bug: the schedule never allows it) -> (B,) staleness."""
-    stale = version - rollouts[B.POLICY_VERSION].to_numpy()                                       # (B,)
-    bad = (stale < 0) | (stale > max_staleness)
-    if B.POLICY_VERSION_MAX in rollouts.column_names:    # in-flight updates: no token newer than the learner
-        bad |= rollouts[B.POLICY_VERSION_MAX].to_numpy() > version
-    if bad.any():
-        raise RuntimeError(f"step {step}: {int(bad.sum())} rollouts sampled from policy versions "
-                           f"{sorted(set(rollouts[B.POLICY_VERSION].to_numpy()[bad].tolist()))}, outside "
-                           f"{max(0, version - max_staleness)}..{version} (supervisor.max_staleness {max_staleness})")
-    return stale
