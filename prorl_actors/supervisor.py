@@ -117,7 +117,9 @@ class Supervisor(RunLifecycle):
             raise RuntimeError(f"step {self.step}: no usable prompt in {fill.rounds} rounds (see events.jsonl)")
         # what was generated for the step (none when the last step's surplus filled its batch)
         allr = B.concat(fill.made) if fill.made else fill.kept[0].slice(0, 0)
-        avg = lambda x: float(x.mean()) if len(x) else math.nan  # noqa: E731
+        failed = allr[B.GENERATE_ERROR].to_numpy(zero_copy_only=False) if B.GENERATE_ERROR in allr.column_names \
+            else np.zeros(allr.num_rows, bool)                      # (B,) generations that failed: no response
+        avg = lambda x: float(x[~failed].mean()) if (~failed).any() else math.nan  # noqa: E731
         valid = valid_rows(allr).numpy()                     # a failed verification is no reward at all
         rewards = allr[B.REWARD].to_numpy()
         resp_len = pc.list_value_length(allr[B.RESPONSE_IDS]).to_numpy()
@@ -192,8 +194,6 @@ class Supervisor(RunLifecycle):
         }
         errors = allr[B.VERIFY_ERROR].to_numpy(zero_copy_only=False)
         timeouts = allr[B.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False)
-        failed = allr[B.GENERATE_ERROR].to_numpy(zero_copy_only=False) if B.GENERATE_ERROR in allr.column_names \
-            else np.zeros(allr.num_rows, bool)
         m["generate_errors"] = int(failed.sum())
         for t in sorted(set(tasks)):
             m[f"reward/{t}"] = mean_of(rewards, valid & (tasks == t))

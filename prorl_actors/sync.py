@@ -76,9 +76,11 @@ class WeightSync:
         for old in [v for v in self._refs if v < version]:
             del self._refs[old]
         if self.spec.method == "object_store":
-            # a generator that does not take them within weight_sync.timeout_s is hung: replaced
+            # a generator that does not take them within weight_sync.timeout_s, after a piece it may
+            # still be running (at most call_timeout_s), is hung: replaced
+            limit = self.generators.call_timeout_s
             held = self.generators.call_all("set_weights", self.weights_ref(version), version, step=step,
-                                            timeout_s=self.spec.timeout_s)
+                                            timeout_s=self.spec.timeout_s + limit if limit else None)
         else:
             held = self._broadcast(version, step)
         if set(held) != {version}:

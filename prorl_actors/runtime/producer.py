@@ -133,6 +133,7 @@ class RolloutProducer:
         self.generator_version: int | None = 0   # what the generators hold (None: unknown, push before use)
         self.ready: dict[int, Fill] = {}    # finished fills not yet taken
         self.surplus: list[pa.Table] = []   # the last finished fill's informative groups beyond its batch
+        self._surplus_saved: list[pa.Table] = []   # the surplus of the last state_dict
         self.current: Fill | None = None
         self._round: _Round | None = None
         self.in_flight, self.piece_tokens = g.in_flight_updates, g.in_flight_piece_tokens
@@ -146,6 +147,8 @@ class RolloutProducer:
         """The sampler and counters as the next fill to be made would start them (the one in
         progress, if any, is made again after a resume), and the finished fills' infos."""
         st = self.current.start if self.current is not None else self._own_state()
+        # the surplus that goes with this state (`save` writes it: the producer moves on meanwhile)
+        self._surplus_saved = list(self.current.surplus_before if self.current is not None else self.surplus)
         return {**copy.deepcopy(st), "ready": [self.ready[k].info() for k in sorted(self.ready)]}
 
     def _own_state(self) -> dict:
@@ -186,7 +189,7 @@ class RolloutProducer:
         out.mkdir(parents=True, exist_ok=True)
         files = [(f"{name}_{step:06d}.arrow", tables) for step, fill in self.ready.items()
                  for name, tables in (("kept", fill.kept), ("made", fill.made))]
-        files.append((SURPLUS_FILE, self.current.surplus_before if self.current is not None else self.surplus))
+        files.append((SURPLUS_FILE, self._surplus_saved))
         for name, tables in files:
             table = B.concat(tables)
             if table is not None and table.num_rows:      # (a fill may have kept nothing)
@@ -370,8 +373,8 @@ class RolloutProducer:
                 if self.in_flight and self.generator_version is not None:
                     v = max(v, self.generator_version)   # taken in flight: the generators never go back
             fill = Fill(step=j, version=v, source=src, start=self._own_state())
+            self.push(v, step=j)             # (a stop may interrupt it: nothing has moved yet)
             self._carry(fill)
-            self.push(v, step=j)
             self.current, self.next_step = fill, j + 1
         if self.current is not None and self._round is None:
             self._start_round()
@@ -435,9 +438,9 @@ class RolloutProducer:
 
     def _carry(self, fill: Fill) -> None:
         """A new fill begins with the last fill's surplus groups that its step may train on: the
-        learner then holds at most the newest published version plus one per step still to do, so
-        a group sampled at least that minus max_staleness is within the bound whatever happens;
-        the rest expire."""
+        learner then holds at most the version of the fill's source step plus one per step in
+        between, so a group sampled at least that minus max_staleness is within the bound whatever
+        happens (and which groups carry does not depend on timing); the rest expire."""
         fill.surplus_before, surplus, self.surplus = self.surplus, B.concat(self.surplus), []
         if surplus is None or not surplus.num_rows:
             return
@@ -446,7 +449,8 @@ class RolloutProducer:
         if self.in_flight != (B.POLICY_VERSION_MAX in surplus.column_names):   # in-flight turned on or off
             surplus = B.with_column(surplus, B.POLICY_VERSION_MAX, surplus[B.POLICY_VERSION].to_pylist()) \
                 if self.in_flight else surplus.drop_columns([B.POLICY_VERSION_MAX])
-        newest = self.versions[self.published] + (fill.step - 1 - self.published)
+        src = fill.source if fill.source in self.versions else min(self.versions)   # (an old checkpoint: stricter)
+        newest = self.versions[src] + (fill.step - 1 - src)
         carried, fill.carried, fill.expired = usable_surplus(B.in_column_order(surplus), newest, self.S, self.G)
         fill.kept.append(carried)
         fill.n_kept += fill.carried
