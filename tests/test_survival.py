@@ -435,6 +435,19 @@ def test_a_death_over_the_limit_fails_the_run_with_its_cause(tiny_model, tmp_pat
     assert [e["role"] for e in died] == [role] and _steps_done(tmp_path / "run") == 0
 
 
+def _kill_every_role_then_the_driver(d: Driver, run: Path, generator_call: str) -> list[int]:
+    """A generator in `generator_call` and a verifier after step 1, the reference and the learner
+    in step 3, then the driver itself (SIGKILL) in step 4's update -> the actors' pids."""
+    pids = [_kill_in(d, run, generator_call, 1)]
+    pids.append(_kill_in(d, run, "ray::VerifierActor.verify", 1))
+    pids.append(_kill_in(d, run, "ray::ReferenceActor.logprobs", 2))
+    pids.append(_kill_in(d, run, "ray::LearnerActor.update", 2))
+    d.catch("ray::LearnerActor.update", when=lambda: _steps_done(run) >= 3)            # step 4's update
+    d.kill(d.proc.pid, signal.SIGKILL)
+    d.wait()
+    return pids
+
+
 def test_one_step_off_survives_every_role_and_a_driver_kill(tiny_model, tmp_path, baseline_one_step_off):
     """At max_staleness 1 the next batch is sampled while the learner trains, with weights one
     version old. In one run: a generator killed in a generation made ahead (fill 3, sampled with
@@ -445,14 +458,7 @@ def test_one_step_off_survives_every_role_and_a_driver_kill(tiny_model, tmp_path
     uninterrupted one-step-off run: no group lost, none trained twice, the schedule unbroken."""
     run = tmp_path / "run"
     args = lambda: _args(tiny_model, tmp_path, ("supervisor.max_staleness=1",))  # noqa: E731
-    d = Driver(args(), tmp_path / "log1.txt")
-    pids = [_kill_in(d, run, "ray::GeneratorActor.generate", 1)]
-    pids.append(_kill_in(d, run, "ray::VerifierActor.verify", 1))
-    pids.append(_kill_in(d, run, "ray::ReferenceActor.logprobs", 2))
-    pids.append(_kill_in(d, run, "ray::LearnerActor.update", 2))
-    d.catch("ray::LearnerActor.update", when=lambda: _steps_done(run) >= 3)            # step 4's update
-    d.kill(d.proc.pid, signal.SIGKILL)
-    d.wait()
+    pids = _kill_every_role_then_the_driver(Driver(args(), tmp_path / "log1.txt"), run, "ray::GeneratorActor.generate")
     assert (run / "checkpoints" / "step_000002" / "rollouts" / "kept_000003.arrow").is_file()
     saved = read_state(run / "checkpoints" / "step_000002")
     assert [f["step"] for f in saved["ready"]] == [3] and saved["ready"][0]["version"] == 1
@@ -485,14 +491,7 @@ def test_two_ahead_with_in_flight_updates_survives_every_role_and_a_driver_kill(
                                                 "generator.in_flight_updates=true",
                                                 "generator.in_flight_piece_tokens=2",
                                                 "algorithm.off_policy_correction.mode=icepop"))
-    d = Driver(args(), tmp_path / "log1.txt")
-    pids = [_kill_in(d, run, "ray::GeneratorActor.extend", 1)]
-    pids.append(_kill_in(d, run, "ray::VerifierActor.verify", 1))
-    pids.append(_kill_in(d, run, "ray::ReferenceActor.logprobs", 2))
-    pids.append(_kill_in(d, run, "ray::LearnerActor.update", 2))
-    d.catch("ray::LearnerActor.update", when=lambda: _steps_done(run) >= 3)            # step 4's update
-    d.kill(d.proc.pid, signal.SIGKILL)
-    d.wait()
+    pids = _kill_every_role_then_the_driver(Driver(args(), tmp_path / "log1.txt"), run, "ray::GeneratorActor.extend")
     saved = read_state(run / "checkpoints" / "step_000002")
     assert [f["step"] for f in saved["ready"]][:1] == [3]        # made ahead, saved with the checkpoint
     assert (run / "checkpoints" / "step_000002" / "rollouts" / "made_000003.arrow").is_file()
