@@ -190,11 +190,14 @@ def baseline(baselines):
     return baselines("hf")
 
 
+ONE_STEP_OFF = ("supervisor.max_staleness=1", "generator.engine=vllm")
+
+
 @pytest.fixture(scope="module")
 def baseline_one_step_off(tiny_model, tmp_path_factory):
-    """An uninterrupted run at supervisor.max_staleness 1 (one-step-off)."""
+    """An uninterrupted run at supervisor.max_staleness 1 (one-step-off), on vLLM."""
     out = tmp_path_factory.mktemp("baseline-s1")
-    d = Driver(_args(tiny_model, out, ("supervisor.max_staleness=1",)), out / "log.txt")
+    d = Driver(_args(tiny_model, out, ONE_STEP_OFF), out / "log.txt")
     assert d.wait() == 0, d.text()[-4000:]
     return out / "run"
 
@@ -450,14 +453,14 @@ def _kill_every_role_then_the_driver(d: Driver, run: Path, generator_call: str) 
 
 def test_one_step_off_survives_every_role_and_a_driver_kill(tiny_model, tmp_path, baseline_one_step_off):
     """At max_staleness 1 the next batch is sampled while the learner trains, with weights one
-    version old. In one run: a generator killed in a generation made ahead (fill 3, sampled with
+    version old (vLLM). In one run: a vLLM generator killed in a generation made ahead (fill 3, sampled with
     version 1 while step 2 trains), a verifier in a verification made ahead, the reference in step
     3's scoring, the learner in step 3's update (rolled back to the checkpoint of step 2, which
     holds batch 3, made and not yet trained on), then the driver SIGKILLed in step 4's update
     (resumed from step 2 again). The run ends with the weights, records and sampler of the
     uninterrupted one-step-off run: no group lost, none trained twice, the schedule unbroken."""
     run = tmp_path / "run"
-    args = lambda: _args(tiny_model, tmp_path, ("supervisor.max_staleness=1",))  # noqa: E731
+    args = lambda: _args(tiny_model, tmp_path, ONE_STEP_OFF)  # noqa: E731
     pids = _kill_every_role_then_the_driver(Driver(args(), tmp_path / "log1.txt"), run, "ray::GeneratorActor.generate")
     assert (run / "checkpoints" / "step_000002" / "rollouts" / "kept_000003.arrow").is_file()
     saved = read_state(run / "checkpoints" / "step_000002")
