@@ -234,8 +234,7 @@ class WorkPool:
 
     def __init__(self, group: ActorGroup, retries: int | None = None):
         self.group, self.retries = group, retries
-        self.failures: dict = {}                            # key -> how often its method raised
-        self.failed_on: dict = {}                           # key -> the ranks it raised on
+        self.failed_on: dict = {}                           # key -> the ranks its method raised on, in turn
         self.queue: list = []                               # keys waiting for an actor
         self.work: dict = {}                                # key -> (method, args)
         self.running: dict = {}                             # ref -> (rank, key, started)
@@ -260,7 +259,7 @@ class WorkPool:
         for key in list(self.queue):
             if not self.idle or self.held:
                 return
-            tried = self.failed_on.get(key, set())
+            tried = set(self.failed_on.get(key, ()))
             fresh = [r for r in self.idle if r not in tried]
             if not fresh and len(tried) < len(self.group.actors):
                 continue                                    # another actor will be free
@@ -303,8 +302,8 @@ class WorkPool:
                 if self.retries is None:
                     raise
                 self.idle.append(rank)
-                self.failed_on.setdefault(key, set()).add(rank)   # another actor tries it first
-                n = self.failures[key] = self.failures.get(key, 0) + 1
+                self.failed_on.setdefault(key, []).append(rank)   # another actor tries it first
+                n = len(self.failed_on[key])
                 cause = _error(e)
                 g.on_event("work_failed", role=g.role, rank=rank, method=self.work[key][0], cause=cause,
                            attempt=n, step=step)
@@ -328,7 +327,6 @@ class WorkPool:
             self.idle.insert(0, rank)
         for key in done:
             del self.work[key]
-            self.failures.pop(key, None)
             self.failed_on.pop(key, None)
         self._dispatch()
         return done
@@ -336,7 +334,7 @@ class WorkPool:
     def abandon(self) -> None:
         """Forget every piece (a rollback or resume makes them moot); actors still running one
         finish it and take new work after it."""
-        self.queue, self.work, self.running, self.failures, self.failed_on = [], {}, {}, {}, {}
+        self.queue, self.work, self.running, self.failed_on = [], {}, {}, {}
         self.idle = list(range(len(self.group.actors)))
 
 

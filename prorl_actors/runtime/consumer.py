@@ -166,10 +166,11 @@ class Consumer:
         with its reason."""
         rs, k = self.spec.supervisor.resets, self.spec.supervisor.kl
         match = k.actuator == "reference_temperature" and rs.match_reference_entropy and batch is not None
+        T = self.spec.generator.temperature
         entropy = lambda rows, scale: self.reference_call("entropy", rows, T * scale, step=step)  # noqa: E731
         if match:   # at most 128 rows spread over the batch: the entropy of both references on them
             rows = batch.take(np.linspace(0, batch.num_rows - 1, min(batch.num_rows, 128)).round().astype(np.int64))
-            T, scale_before = self.spec.generator.temperature, self.ref_temperature_scale()
+            scale_before = self.ref_temperature_scale()
             ref_entropy = entropy(rows, scale_before)
         self.reference_weights_ref, self.reference_version = self.sync.weights_ref(self.version), self.version
         self.reference_call("reset_to", self.reference_weights_ref, self.version, step=step)

@@ -423,7 +423,7 @@ class RolloutProducer:
         gen_end = r.generated_at or now
         fill.times["generate"] += gen_end - r.started
         fill.times["verify"] += now - gen_end          # the verification not hidden behind generation
-        rollouts = B.in_column_order(pa.concat_tables([r.verified[c] for c in range(r.chunks)]))
+        rollouts = pa.concat_tables([r.verified[c] for c in range(r.chunks)])
         fill.made.append(rollouts)
         if not self.spec.supervisor.dynamic_sampling.enabled:
             fill.kept.append(rollouts)
@@ -444,8 +444,6 @@ class RolloutProducer:
         fill.surplus_before, surplus, self.surplus = self.surplus, B.concat(self.surplus), []
         if surplus is None or not surplus.num_rows:
             return
-        if B.GENERATE_ERROR not in surplus.column_names:     # (a checkpoint's, from before that column)
-            surplus = B.with_column(surplus, B.GENERATE_ERROR, [False] * surplus.num_rows)
         if self.in_flight != (B.POLICY_VERSION_MAX in surplus.column_names):   # in-flight turned on or off
             surplus = B.with_column(surplus, B.POLICY_VERSION_MAX, surplus[B.POLICY_VERSION].to_pylist()) \
                 if self.in_flight else surplus.drop_columns([B.POLICY_VERSION_MAX])
@@ -460,7 +458,7 @@ class RolloutProducer:
         kept = B.concat(fill.kept)
         if kept is not None and kept.num_rows > self.P * self.G:   # the groups beyond the batch: surplus
             fill.kept, self.surplus = [kept.slice(0, self.P * self.G)], [kept.slice(self.P * self.G)]
-        fill.keep_rate = self.keep_rate.rate
+        fill.keep_rate, fill.surplus_before = self.keep_rate.rate, []   # (only a fill in progress saves it)
         self.ready[fill.step] = fill
         self.current = None
 
