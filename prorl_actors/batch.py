@@ -38,6 +38,8 @@ FORMATTED = "formatted"            # bool         the response gave an answer in
 GENERATE_ERROR = "generate_error"  # bool         its generation failed (no response; not verified)
 ADV = "adv"                        # float32      group-relative advantage
 REF_LOGP = "ref_logp"              # list<float32> reference policy logprob per response token
+SHAPED_REWARD = "shaped_reward"    # float32      the reward after algorithm.reward_shaping (only when it is on):
+                                   #              what the filter and the baselines read
 
 ROLLOUT_SCHEMA = pa.schema([
     (PROMPT_IDS, pa.list_(pa.int32())),
@@ -61,6 +63,7 @@ ADDED_COLUMNS = {
     REF_LOGP: pa.list_(pa.float32()),
     POLICY_VERSION_MAX: pa.int64(),
     GENERATE_ERROR: pa.bool_(),
+    SHAPED_REWARD: pa.float32(),
 }
 
 

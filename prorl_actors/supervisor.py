@@ -26,14 +26,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from prorl_actors import batch as B
-from prorl_actors.algo import pass_at_k_mean
+from prorl_actors.algo import length_penalty_on, pass_at_k_mean
 from prorl_actors.engines.generation import SamplingSpec, generation_chunks
 from prorl_actors.group import ActorLost, Preempted
 from prorl_actors.metrics import PHASES, read_jsonl
 from prorl_actors.runtime.consumer import trainable_batch
 from prorl_actors.runtime.lifecycle import RunLifecycle, StopFlag
 from prorl_actors.runtime.producer import Fill
-from prorl_actors.runtime.rows import check_staleness, valid_rows
+from prorl_actors.runtime.rows import check_staleness, train_rewards, valid_rows
 
 __all__ = ["PhaseTimer", "StopFlag", "Supervisor", "summary_table", "trainable_batch"]
 
@@ -124,6 +124,7 @@ class Supervisor(RunLifecycle):
         rewards = allr[B.REWARD].to_numpy()
         resp_len = pc.list_value_length(allr[B.RESPONSE_IDS]).to_numpy()
         tasks = np.array(allr[B.TASK].to_pylist())
+        lp = self.spec.algorithm.reward_shaping.length_penalty
         beta_next, bonus_next = self.consumer.coefs()
         entropy_target = self.consumer.kl.mode == "entropy-target"
         trained_tokens = stats.get("trained_tokens", 0)
@@ -138,6 +139,10 @@ class Supervisor(RunLifecycle):
             "step": self.step, "time": time.time(), "policy_version": self.consumer.version,
             "reference_version": self.consumer.reference_version,
             "reward_mean": mean_of(rewards, valid), "accuracy": mean_of(rewards >= 1.0, valid),
+            # the rewards trained on (algorithm.reward_shaping; the verifier's without it) and the
+            # length penalty's schedule this step (1 = on)
+            "shaped_reward_mean": mean_of(train_rewards(allr).numpy(), valid),
+            "length_penalty_on": length_penalty_on(self.step, lp.period_steps, lp.on_steps) if lp.mode != "none" else 0.0,
             "entropy": stats.get("entropy", math.nan), "entropy_signal": stats.get("entropy_signal", math.nan),
             "kl": stats.get("kl", math.nan),
             "kl_coef": stats.get("kl_coef_used", beta_next), "kl_coef_next": beta_next,

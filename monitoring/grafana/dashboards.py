@@ -132,8 +132,12 @@ def overview() -> dict:
                         "coefficient holds it in the shaded band; green marks: reference resets."),
         panel("Reward per task", [
             q(f"prorl_verifier_task_reward{{{R}}}", "{{task}}"),
-            q(f"prorl_verifier_reward_mean{{{R}}}", "all tasks")], unit="none",
-            description="Mean reward of each step's rollouts (every generation round of dynamic sampling)."),
+            q(f"prorl_verifier_reward_mean{{{R}}}", "all tasks"),
+            q(f"prorl_supervisor_shaped_reward_mean{{{R}}}", "trained on (shaped)"),
+            q(f"prorl_supervisor_length_penalty_on{{{R}}}", "length penalty on")], unit="none",
+            description="Mean reward of each step's rollouts (every generation round of dynamic sampling); "
+                        "with algorithm.reward_shaping, the shaped reward trained on and whether the "
+                        "scheduled length penalty applied (1)."),
         panel("KL to the reference and its coefficient", [
             q(f"prorl_learner_kl{{{R}}}", "KL"),
             q(f"prorl_learner_kl_coef{{{R}}}", "KL coefficient")], right=("KL coefficient",), log=True,

@@ -1,8 +1,8 @@
 """Pure-torch RL math for ProRL: advantages, policy loss, KL, entropy, dynamic sampling,
-the off-policy correction, pass@k and the boundary verdict, n-gram novelty, the KL-coefficient controller, overlong handling and the reference-reset policy.
+the off-policy correction, pass@k and the boundary verdict, n-gram novelty, the KL-coefficient controller, overlong handling, reward shaping and the reference-reset policy.
 No Ray, no I/O."""
 
-from prorl_actors.algo.advantages import ADV_ESTIMATORS, get_adv_estimator, group_advantages
+from prorl_actors.algo.advantages import ADV_ESTIMATORS, get_adv_estimator, group_advantages, reinforce_pp_baseline
 from prorl_actors.algo.control import KLController, kl_coef_for_entropy, kl_coef_for_kl, scale_for_entropy
 from prorl_actors.algo.entropy import entropy_from_logits, mixture_entropy
 from prorl_actors.algo.kl import KL_KINDS, get_kl_estimator, kl_penalty
@@ -25,6 +25,7 @@ from prorl_actors.algo.logprobs import token_logp_entropy
 from prorl_actors.algo.objective import token_objective
 from prorl_actors.algo.offpolicy import OFF_POLICY_MODES, off_policy_weights, token_weights
 from prorl_actors.algo.sampling import KeepRate, informative_groups, round_size
+from prorl_actors.algo.shaping import cosine_length_factor, length_penalized, length_penalty_on, stop_properly
 
 __all__ = [
     "ADV_ESTIMATORS",
@@ -43,6 +44,11 @@ __all__ = [
     "get_aggregator",
     "get_kl_estimator",
     "group_advantages",
+    "reinforce_pp_baseline",
+    "cosine_length_factor",
+    "length_penalized",
+    "length_penalty_on",
+    "stop_properly",
     "informative_groups",
     "KeepRate",
     "round_size",

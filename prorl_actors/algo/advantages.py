@@ -13,6 +13,13 @@ Algorithmic choices:
 - A response whose verification failed (raised, timed out) has no reward at all, not a 0: with
   ``valid`` given, such rows are left out of their group's mean and std and get advantage 0;
   a group with fewer than two valid rows has no baseline (all 0).
+- REINFORCE++-baseline (ProRL v2; NeMo-RL's ``reinforce_plus_plus`` with ``minus_baseline``,
+  OpenRLHF's ``reinforce_baseline``): ``a = r - mean_G(r)`` (local: no division by the group
+  std), then normalised over the whole batch (global): ``(a - mean(a)) / sqrt(max(var(a), 1e-8))``
+  with mean and (biased) variance over the batch's response TOKENS, i.e. each row weighted by
+  its length, as both ship it. Rows without a reward or without a baseline stay 0 and are left
+  out of the batch statistics; an all-equal group has a baseline (its a = 0 is shifted by the
+  batch mean like every other row's).
 """
 
 from __future__ import annotations
@@ -40,12 +47,15 @@ def group_advantages(
     normalize_std: bool = True,
     eps: float = 1e-6,
     valid: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Group-normalised advantages.
 
     rewards: (B,), each run of ``group_size`` consecutive entries is one group.
     normalize_std: True = GRPO (divide by unbiased group std + eps), False = Dr.GRPO.
     valid: (B,) bool or None (all valid): rows with a reward (see the module docstring).
+    lengths: (B,) response lengths; not read (the estimators share one signature, and only the
+    batch-normalised one weights rows by their tokens).
     Returns (B,) float advantages; 0 for groups of size 1, all-equal groups and invalid rows.
     """
     if valid is not None and not bool(valid.all()):
@@ -81,15 +91,45 @@ def _valid_only(rewards: torch.Tensor, group_size: int, normalize_std: bool, eps
     return torch.where(zero, torch.zeros_like(adv), adv).reshape(-1)       # (B,)
 
 
+def reinforce_pp_baseline(
+    rewards: torch.Tensor,
+    group_size: int,
+    valid: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    var_floor: float = 1e-8,
+) -> torch.Tensor:
+    """REINFORCE++-baseline advantages (see the module docstring).
+
+    rewards: (B,) in groups of ``group_size`` consecutive rows; valid: (B,) bool or None (all);
+    lengths: (B,) response tokens per row, the weights of the batch statistics (None: 1 each).
+    Returns (B,): the group mean subtracted, then the batch normalised to token-mean 0 and
+    token-variance 1; 0 for rows without a reward and groups with fewer than two of them.
+    """
+    B = rewards.shape[0]
+    v = torch.ones(B, dtype=torch.bool) if valid is None else valid.bool()                 # (B,)
+    local = group_advantages(rewards, group_size, normalize_std=False, valid=v)             # (B,) r - mean_G(r)
+    n_valid = _grouped(v, group_size).sum(-1, keepdim=True).expand(-1, group_size)          # (N, G)
+    used = v & (n_valid.reshape(-1) >= 2)                                                   # (B,) rows with a baseline
+    w = torch.ones(B) if lengths is None else lengths.to(torch.float32)                     # (B,) tokens per row
+    w = torch.where(used, w, torch.zeros_like(w))                                           # (B,)
+    if w.sum() <= 0:
+        return torch.zeros_like(local)
+    mean = (w * local).sum() / w.sum()                                                      # () token mean
+    var = (w * (local - mean) ** 2).sum() / w.sum()                                         # () token variance
+    adv = (local - mean) * var.clamp(min=var_floor).rsqrt()                                 # (B,)
+    return torch.where(used, adv, torch.zeros_like(adv))                                    # (B,)
+
+
 _ADV_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
     "grpo": partial(group_advantages, normalize_std=True),
     "dr_grpo": partial(group_advantages, normalize_std=False),
+    "reinforce_pp_baseline": reinforce_pp_baseline,
 }
 ADV_ESTIMATORS: tuple[str, ...] = tuple(_ADV_ESTIMATORS)
 
 
 def get_adv_estimator(name: str) -> Callable[..., torch.Tensor]:
-    """Registry getter: ``fn(rewards (B,), group_size) -> adv (B,)``; unknown names raise
+    """Registry getter: ``fn(rewards (B,), group_size, valid=None, lengths=None) -> adv (B,)``; unknown names raise
     ValueError listing the valid ones."""
     try:
         return _ADV_ESTIMATORS[name]

@@ -27,7 +27,7 @@ from prorl_actors import batch as B
 from prorl_actors.algo import (KLController, ResetPolicy, get_adv_estimator, kl_share, mixture_entropy, overlong_penalty,
                                scale_for_entropy)
 from prorl_actors.group import ActorGroup, ActorLost, LearnerGroup
-from prorl_actors.runtime.rows import valid_rows
+from prorl_actors.runtime.rows import train_rewards, valid_rows
 from prorl_actors.spec import RunSpec
 
 
@@ -214,21 +214,22 @@ def make_reset_policy(spec: RunSpec) -> ResetPolicy:
 
 def trainable_batch(batch: pa.Table, spec: RunSpec) -> tuple[pa.Table, dict]:
     """The kept groups -> (what the reference and the learner get, its figures): ADV added
-    (group-relative, on the rewards of the rows whose verification succeeded, with DAPO's soft
+    (algorithm.adv_estimator, on the rewards, shaped when algorithm.reward_shaping asks, of the
+    rows whose verification succeeded, with DAPO's soft
     overlong penalty when asked, whose mean over the rows is the figure `overlong_penalty`);
     the rows whose verification failed leave here (`unverified_rows`), and under overlong mode
     "mask" the truncated responses (after their group's advantages, which they count in), so
     that neither the reference nor the learner spends a pass on them."""
     G, ol = spec.group_size, spec.algorithm.overlong
-    rewards = torch.tensor(batch[B.REWARD].to_numpy(), dtype=torch.float32)               # (B,)
+    rewards = train_rewards(batch)                                                         # (B,) shaped, if asked
+    lengths = torch.tensor(pc.list_value_length(batch[B.RESPONSE_IDS]).to_numpy())        # (B,)
     figures = {}
     if ol.mode == "soft_punish":   # DAPO: a length penalty shapes the advantages, not the filter
-        lengths = torch.tensor(pc.list_value_length(batch[B.RESPONSE_IDS]).to_numpy())
         penalty = overlong_penalty(lengths, spec.generator.max_new_tokens, ol.buffer_tokens)  # (B,) in [-1, 0]
         rewards = rewards + penalty
         figures["overlong_penalty"] = float(penalty.mean())
     valid = valid_rows(batch)                                                              # (B,)
-    adv = get_adv_estimator(spec.algorithm.adv_estimator)(rewards, G, valid=valid)         # (B,)
+    adv = get_adv_estimator(spec.algorithm.adv_estimator)(rewards, G, valid=valid, lengths=lengths)   # (B,)
     batch = B.with_column(batch, B.ADV, adv.numpy())
     keep = valid.numpy()                  # a failed verification has no reward: no gradient either
     if ol.mode == "mask":   # truncated responses get no gradient

@@ -50,13 +50,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from prorl_actors import batch as B
 from prorl_actors.algo import KeepRate, informative_groups, round_size
 from prorl_actors.engines.generation import SamplingSpec, generation_chunks
 from prorl_actors.group import POLL_S, ActorGroup, PieceFailed, WorkPool, split_table
-from prorl_actors.runtime.rows import failed_generation, usable_surplus, valid_rows
+from prorl_actors.runtime.rows import (failed_generation, shaping_on, train_rewards, usable_surplus, valid_rows,
+                                      with_shaped_rewards)
 from prorl_actors.spec import RunSpec
 from prorl_actors.tasks import TaskMixture
 
@@ -423,14 +423,13 @@ class RolloutProducer:
         gen_end = r.generated_at or now
         fill.times["generate"] += gen_end - r.started
         fill.times["verify"] += now - gen_end          # the verification not hidden behind generation
-        rollouts = pa.concat_tables([r.verified[c] for c in range(r.chunks)])
+        rollouts = self._shaped(pa.concat_tables([r.verified[c] for c in range(r.chunks)]), fill.step)
         fill.made.append(rollouts)
         if not self.spec.supervisor.dynamic_sampling.enabled:
             fill.kept.append(rollouts)
             fill.n_kept += rollouts.num_rows // G
         else:
-            rewards = torch.tensor(rollouts[B.REWARD].to_numpy(), dtype=torch.float32)          # (B,)
-            keep = informative_groups(rewards, G, valid_rows(rollouts))                           # (groups,)
+            keep = informative_groups(train_rewards(rollouts), G, valid_rows(rollouts))          # (groups,)
             self.keep_rate.observe(int(keep.sum()), len(keep))
             fill.kept.append(B.select_rows(rollouts, keep.repeat_interleave(G).numpy()))
             fill.n_kept += int(keep.sum())
@@ -447,11 +446,21 @@ class RolloutProducer:
         if self.in_flight != (B.POLICY_VERSION_MAX in surplus.column_names):   # in-flight turned on or off
             surplus = B.with_column(surplus, B.POLICY_VERSION_MAX, surplus[B.POLICY_VERSION].to_pylist()) \
                 if self.in_flight else surplus.drop_columns([B.POLICY_VERSION_MAX])
+        if B.SHAPED_REWARD in surplus.column_names and not shaping_on(self.spec.algorithm.reward_shaping):
+            surplus = surplus.drop_columns([B.SHAPED_REWARD])   # shaping turned off (a resume with another spec)
+        surplus = self._shaped(surplus, fill.step)                # (turned on: shaped for the step they carry to)
         src = fill.source if fill.source in self.versions else min(self.versions)   # (an old checkpoint: stricter)
         newest = self.versions[src] + (fill.step - 1 - src)
         carried, fill.carried, fill.expired = usable_surplus(B.in_column_order(surplus), newest, self.S, self.G)
         fill.kept.append(carried)
         fill.n_kept += fill.carried
+
+    def _shaped(self, rows: pa.Table, step: int) -> pa.Table:
+        """Rows made for `step` -> their rewards shaped for it (algorithm.reward_shaping), once:
+        surplus rows carried to the next step keep the shaping they were filtered with."""
+        if B.SHAPED_REWARD in rows.column_names:
+            return rows
+        return with_shaped_rewards(rows, self.spec.algorithm.reward_shaping, self.spec.generator.max_new_tokens, step)
 
     def _finish_fill(self) -> None:
         fill = self.current

@@ -1,13 +1,43 @@
 """Rows of rollouts, as the producer and the consumer judge them (pure functions on Arrow
-tables): which rows have a reward, the rows of a failed generation, the surplus a batch may
-begin with, and the staleness bound."""
+tables): which rows have a reward, the rewards trained on (shaped), the rows of a failed
+generation, the surplus a batch may begin with, and the staleness bound."""
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from prorl_actors import batch as B
+from prorl_actors.algo.shaping import length_penalized, length_penalty_on, stop_properly
+from prorl_actors.spec import RewardShapingSpec
+
+
+def shaping_on(rs: RewardShapingSpec) -> bool:
+    return rs.stop_properly_coef is not None or rs.length_penalty.mode != "none"
+
+
+def with_shaped_rewards(rollouts: pa.Table, rs: RewardShapingSpec, max_new_tokens: int, step: int) -> pa.Table:
+    """Verified rows made for training step `step` -> the same with SHAPED_REWARD (the verifier's
+    reward after the stop-properly and the scheduled length penalty); unchanged when shaping is off."""
+    if not shaping_on(rs):
+        return rollouts
+    r = torch.from_numpy(rollouts[B.REWARD].to_numpy().astype(np.float32))                      # (B,)
+    if rs.stop_properly_coef is not None:
+        r = stop_properly(r, torch.tensor(rollouts[B.TRUNCATED].to_numpy(zero_copy_only=False)),
+                          rs.stop_properly_coef)
+    lp = rs.length_penalty
+    if lp.mode == "cosine":
+        lengths = torch.tensor(pc.list_value_length(rollouts[B.RESPONSE_IDS]).to_numpy())         # (B,)
+        r = length_penalized(r, lengths, length_penalty_on(step, lp.period_steps, lp.on_steps), max_new_tokens,
+                             lp.min_scale, lp.free_tokens)
+    return B.with_column(rollouts, B.SHAPED_REWARD, r.numpy())
+
+
+def train_rewards(rollouts: pa.Table) -> torch.Tensor:
+    """(B,) float32: the rewards the filter and the baselines read (shaped, when shaping is on)."""
+    col = B.SHAPED_REWARD if B.SHAPED_REWARD in rollouts.column_names else B.REWARD
+    return torch.tensor(rollouts[col].to_numpy(), dtype=torch.float32)
 
 
 def usable_surplus(surplus: pa.Table, newest: int, max_staleness: int, G: int) -> tuple[pa.Table, int, int]:

@@ -17,8 +17,8 @@ builder, `build_spec`, `load_spec`, `to_yaml`). Import from here: `from prorl_ac
 """
 from __future__ import annotations
 
-from prorl_actors.spec.algorithm import (AlgorithmSpec, DynamicSamplingSpec, KLControlSpec, OffPolicySpec,
-                                         OverlongSpec, ResetSpec, SupervisorSpec)
+from prorl_actors.spec.algorithm import (AlgorithmSpec, DynamicSamplingSpec, KLControlSpec, LengthPenaltySpec,
+                                         OffPolicySpec, OverlongSpec, ResetSpec, RewardShapingSpec, SupervisorSpec)
 from prorl_actors.spec.data import (FAMILIES, DataSpec, EvaluationSpec, PromptSpec, PromptsSpec, TaskSpec,
                                     ValidationSpec)
 from prorl_actors.spec.fields import opt
@@ -44,8 +44,10 @@ __all__ = [
     "LearnerSpec",
     "MetricsSpec",
     "ModelSpec",
+    "LengthPenaltySpec",
     "OffPolicySpec",
     "OverlongSpec",
+    "RewardShapingSpec",
     "PlacementSpec",
     "PrometheusSpec",
     "PromptSpec",

@@ -32,8 +32,35 @@ class OffPolicySpec:
 
 
 @dataclass
+class LengthPenaltySpec:
+    """A scheduled cosine length penalty on the rewards (ProRL v2; algo/shaping.py)."""
+    mode: Literal["none", "cosine"] = opt("none", help=(
+        "cosine: each reward is multiplied by a factor falling along half a cosine from 1 at free_tokens to "
+        "min_scale at generator.max_new_tokens, before baselines and the dynamic-sampling filter (a wrong answer, "
+        "reward 0, gains nothing by being short; of two right answers the shorter earns more)"))
+    min_scale: float = opt(0.5, ge=0, le=1, help="the factor at generator.max_new_tokens tokens")
+    free_tokens: int = opt(0, ge=0, help="responses up to this many tokens are not penalised")
+    period_steps: int | None = opt(None, ge=1, help=(
+        "the schedule: the penalty applies in the last on_steps steps of every period_steps steps and not in "
+        "the others (responses may grow, then are compressed again); null = every step"))
+    on_steps: int = opt(1, ge=1, help="steps per period with the penalty on (at most period_steps)")
+
+
+@dataclass
+class RewardShapingSpec:
+    """Rewards shaped before baselines and the dynamic-sampling filter (algo/shaping.py); the
+    verifier's rewards stay in the `reward` column and the figures, the shaped ones are trained on."""
+    stop_properly_coef: float | None = opt(None, ge=0, le=1, help=(
+        "the reward of a response that never stopped (cut by generator.max_new_tokens) is multiplied by this: "
+        "0 = no reward (ProRL v2 as NeMo-RL ships it), 1 = no penalty; null = off"))
+    length_penalty: LengthPenaltySpec = opt(LengthPenaltySpec())
+
+
+@dataclass
 class AlgorithmSpec:
-    adv_estimator: Literal["grpo", "dr_grpo"] = opt("grpo", help="grpo divides by the group std; dr_grpo (Dr.GRPO) does not")
+    adv_estimator: Literal["grpo", "dr_grpo", "reinforce_pp_baseline"] = opt("grpo", help=(
+        "grpo divides by the group std; dr_grpo (Dr.GRPO) does not; reinforce_pp_baseline (REINFORCE++-baseline, "
+        "ProRL v2) subtracts the group mean, then normalises over the whole batch's response tokens"))
     eps_low: float = opt(0.2, ge=0, lt=1)
     eps_high: float = opt(0.4, ge=0, help="DAPO clip-higher: a larger upper bound keeps low-probability tokens alive")
     dual_clip_c: float | None = opt(None, gt=1)
@@ -47,6 +74,7 @@ class AlgorithmSpec:
         "no cap"))
     entropy_coef: float = opt(0.0, ge=0, help="entropy bonus: loss -= entropy_coef * entropy (0 = none, the paper's)")
     overlong: OverlongSpec = opt(OverlongSpec())
+    reward_shaping: RewardShapingSpec = opt(RewardShapingSpec())
     off_policy_correction: OffPolicySpec = opt(OffPolicySpec())
 
 

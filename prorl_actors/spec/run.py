@@ -111,6 +111,13 @@ class RunSpec:
                 self.algorithm.overlong.mode == "soft_punish":
             errs.append(("algorithm.overlong.buffer_tokens", self.algorithm.overlong.buffer_tokens,
                          f"at most generator.max_new_tokens ({self.generator.max_new_tokens})"))
+        lp = self.algorithm.reward_shaping.length_penalty
+        if lp.mode == "cosine" and lp.free_tokens >= self.generator.max_new_tokens:
+            errs.append(("algorithm.reward_shaping.length_penalty.free_tokens", lp.free_tokens,
+                         f"less than generator.max_new_tokens ({self.generator.max_new_tokens})"))
+        if lp.period_steps is not None and lp.on_steps > lp.period_steps:
+            errs.append(("algorithm.reward_shaping.length_penalty.on_steps", lp.on_steps,
+                         f"at most period_steps ({lp.period_steps})"))
         if not self.data.tasks:
             errs.append(("data.tasks", [], "at least one task"))
         if abs(self.data.train_seed - self.data.validation_seed) < 1_000_000:
