@@ -3,8 +3,9 @@ and the roles of `placement.colocate` inside those bundles (actor i with learner
 
     bundle i = learner rank i's {CPU, GPU} + each colocated role's, if it has an actor i
 
-With fractional GPUs that sum to at most 1, a bundle's roles share one GPU (verl's colocated
-layout); with whole numbers they share a node. Roles not colocated are placed by Ray's
+With fractional GPUs that sum to at most 1, a bundle's roles share one GPU (the learner and the
+reference only: a vLLM generator on the learner's GPU would need vLLM sleep mode, and the spec
+refuses it); with whole numbers they share a node. Roles not colocated are placed by Ray's
 scheduler from their own num_cpus / num_gpus.
 """
 from __future__ import annotations

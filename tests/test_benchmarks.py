@@ -153,3 +153,16 @@ def test_scale(tiny_model, tmp_path):
     assert len(syncs) == 4 and all(positive(*s) for s in syncs), out
     (chunks, *gen), = rows(out, rf"^\s+1\s+(\d+)\s+(\d+)\s+({NUM})\s+({NUM})\s+({NUM})\s+({NUM})\s+1\.00x$")
     assert chunks == 1 and positive(*gen)   # tokens, seconds, tokens/s, median call, tokens/seq
+
+
+def test_gpu_smoke_tiny(tmp_path):
+    """benchmarks/gpu_smoke.py --tiny: every phase of the GPU smoke run, on this CPU, in seconds (it exits
+    non-zero when a check fails: the NaN guard's included)."""
+    import importlib.util
+    out = bench("gpu_smoke.py", "--tiny", tmp_path=tmp_path, timeout=120)
+    engines = ["torch"] + (["deepspeed"] if importlib.util.find_spec("deepspeed") else [])
+    for label in ("generation +hf", "reference +bf16", *(f"learner +{e}" for e in engines)):
+        value, peak = row(out, label)
+        assert positive(value, peak), label
+    assert out.count("a NaN advantage skips the update, weights unchanged: ok") == len(engines)
+    assert "checks: all passed" in out

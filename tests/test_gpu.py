@@ -1,6 +1,7 @@
-"""The GPU paths: the DeepSpeed learner on CUDA (NCCL, bf16) in a real `prorl train`, and the
-NCCL weight broadcast between GPUs. Skipped, with the reason, where torch sees no CUDA device
-(CI never has one); run them on a GPU machine with `pytest -m gpu`."""
+"""The GPU paths: the DeepSpeed learner on CUDA (NCCL, bf16) in a real `prorl train`, the NCCL
+weight broadcast between GPUs, and vLLM's CUDA graphs after an in-place weight update. Skipped,
+with the reason, where torch sees no CUDA device (CI never has one); run them on a GPU machine
+with `pytest -m gpu`."""
 import dataclasses
 
 import pytest
@@ -25,7 +26,7 @@ def test_train_deepspeed_bf16_on_one_gpu(tiny_model, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL cannot broadcast within one GPU)")
-def test_nccl_broadcast_reaches_a_generator_on_another_gpu(small_spec, tiny_model, batch):
+def test_nccl_broadcast_reaches_a_generator_on_another_gpu(small_spec, tiny_model, batch):  # noqa: F811 - fixture
     import ray
 
     from prorl_actors.actors.generator import GeneratorActor
@@ -70,3 +71,30 @@ def test_nccl_broadcast_reaches_a_generator_on_another_gpu(small_spec, tiny_mode
         assert out[B.RESPONSE_IDS].to_pylist() == _greedy_hf(tiny_model, w, ids, 8)
     finally:
         ray.shutdown()
+
+
+def test_vllm_with_cuda_graphs_generates_from_the_synced_weights(small_spec, tiny_model, batch,  # noqa: F811
+                                                                 monkeypatch):
+    """vLLM on the GPU with enforce_eager false captures CUDA graphs at start-up, and they read the
+    parameters' storage: after the learner's changed weights are loaded in place (the extension's
+    route, engines/vllm_ext.py), greedy decoding is HF transformers' greedy decoding on those weights."""
+    from prorl_actors.actors.learner import LearnerActor
+    from prorl_actors.engines.generation import SamplingSpec, VLLMEngine
+    from prorl_actors.spec import GeneratorSpec, VLLMSpec
+    from tests.test_scale import _greedy_hf
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    table, pad = batch
+    learner = LearnerActor(str(tiny_model), dataclasses.replace(small_spec.learner, lr=5e-2), small_spec.algorithm,
+                           1.2, 4, 12, pad, 0)
+    for _ in range(2):      # weights clearly not the checkpoint's
+        learner.update(table, 0.0)
+    weights = learner.get_weights()
+    spec = GeneratorSpec(num_gpus=1, vllm=VLLMSpec(enforce_eager=False, gpu_memory_utilization=0.3))
+    engine = VLLMEngine(str(tiny_model), "float32", spec, 256, seed=0)
+    ids = [[1, 2, 3, 4], [5, 6, 7]]
+    greedy = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0)
+    before = [o[0].response_ids for o in engine.generate(ids, greedy)]
+    engine.load_weights(weights)
+    after = [o[0].response_ids for o in engine.generate(ids, greedy)]
+    assert after == _greedy_hf(tiny_model, weights, ids, 12)
+    assert after != before, "the update did not change a greedy answer: the test would not see stale graphs"

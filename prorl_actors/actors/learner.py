@@ -19,7 +19,7 @@ tensor over the batch's N real response tokens (no padding):
      the loss of any split of its rows into micro-batches (and ranks) is the aggregate
      (algorithm.loss_agg) of the mini-batch's; gradient clipped, one AdamW step. With overlong
      mode "mask", truncated responses are left out of every term. A non-finite loss or gradient
-     skips that optimizer step and is counted.
+     on any rank skips that optimizer step on every rank and is counted (engines/train.py FiniteGuard).
   Figures stay tensors until one sync per update.
 
 Data parallel: every rank gets the whole batch (zero-copy from the object store) and the same
@@ -43,7 +43,7 @@ from prorl_actors.algo import loss_row_scale, mask_truncated, token_objective, t
 from prorl_actors.checkpoint import weights_digest
 from prorl_actors.engines import weight_sync as ws
 from prorl_actors.engines.torch_policy import DTYPES, TokenScorer, chunk_tokens, load_causal_lm, pick_device, score_tokens
-from prorl_actors.engines.train import init_process_group, make_train_engine
+from prorl_actors.engines.train import FiniteGuard, init_process_group, make_train_engine
 from prorl_actors.spec import AlgorithmSpec, LearnerSpec
 
 
@@ -68,6 +68,7 @@ class LearnerActor:
             self.model.config.use_cache = False
         # what the engines wrap and train: the LM, scoring response tokens (its weights are the LM's)
         self.engine = make_train_engine(TokenScorer(self.model, chunk_tokens(self.model, spec.max_logits_mib)), spec)
+        self.guard = FiniteGuard(self.model.parameters(), world_size, self.device)
         self.spec, self.algo = spec, algo
         self.temperature, self.G, self.pad_id = temperature, group_size, pad_id
         self.max_new_tokens = max_new_tokens
@@ -167,9 +168,9 @@ class LearnerActor:
                         is_w if opc.mode != "none" else None, eps_low=a.eps_low,
                         eps_high=a.eps_high, dual_clip_c=a.dual_clip_c, kl_coef=kl_coef, kl_estimator=a.kl_estimator,
                         k3_cap=a.k3_cap, entropy_coef=ent_coef)
-                    # a non-finite loss makes non-finite gradients: the step below is skipped on
-                    # every rank (the engines check the global gradient norm)
-                    self.engine.backward(loss, last=m == len(micro) - 1)
+                    # the guard records a non-finite loss (and makes its gradients NaN) and sees
+                    # every gradient: the step below is skipped on every rank if any was not finite
+                    self.engine.backward(self.guard.watch(loss), last=m == len(micro) - 1)
                     if not real:
                         continue
                     with torch.no_grad():
@@ -181,8 +182,8 @@ class LearnerActor:
                             figures.update({k: gap[k] for k in GAP_SUMS})
                             mb_max = torch.maximum(mb_max, gap["logp_gap_max"].double())
                         mb_stats += _stat_vector(figures, self.device)
-                grad_norm = self.engine.step()
-                if grad_norm is None:
+                grad_norm = self.engine.step() if self.guard.all_finite() else self.engine.skip_step()
+                if grad_norm is None:                  # skipped: by the guard, or by the engine's own check
                     skipped += 1
                     continue
                 steps += 1

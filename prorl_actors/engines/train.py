@@ -1,11 +1,15 @@
 """Training backends behind one protocol: plain torch (one process) and DeepSpeed (ZeRO data
 parallelism over the learner's ranks). The learner's update loop is the same for both:
 
+    loss = guard.watch(loss)       # FiniteGuard: records whether the loss is finite
     engine.backward(loss, last)    # once per micro-batch; loss already weighted by its share
-    grad_norm = engine.step()      # clip, AdamW step, LR schedule; None = skipped (non-finite)
+    grad_norm = engine.step() if guard.all_finite() else engine.skip_step()
+                                   # clip, AdamW step, LR schedule; None = skipped (non-finite)
 
-Both skip a step whose gradients are not finite (DeepSpeed calls it an overflow), so a NaN in
-one rank's micro-batch skips the update on every rank.
+The guard decides for every engine and precision: it sees each loss and each gradient as backward
+makes it, and one all-reduce per mini-batch tells every rank whether any was not finite on any
+rank, so a NaN in one rank's micro-batch skips the update on every rank. The engines' own checks
+stay behind it (torch: the clipped norm; DeepSpeed: its overflow check, set explicitly in bf16).
 """
 from __future__ import annotations
 
@@ -38,11 +42,48 @@ class TrainEngine(Protocol):
 
     def backward(self, loss: torch.Tensor, last: bool) -> None: ...
     def step(self) -> float | None: ...
+    def skip_step(self) -> None: ...   # the gradients dropped, weights and optimizer state untouched
     def zero_grad(self) -> None: ...
     def reset_optimizer(self) -> None: ...
     def full_state_dict(self) -> dict[str, torch.Tensor] | None: ...
     def save(self, path: Path) -> dict: ...
     def load(self, path: Path, learner_state: dict) -> None: ...
+
+
+class FiniteGuard:
+    """Whether a mini-batch's losses and gradients were all finite, on every rank, whatever the engine.
+
+    A hook on each parameter sees its gradient as backward computes it, before an engine takes it
+    (DeepSpeed moves gradients into its ZeRO partitions: `p.grad` is no place to look). A tensor's
+    sum is not finite when any element is not (NaN and inf propagate; an overflowing sum of finite
+    values also counts, as it would make the gradient norm infinite). The flag stays a tensor on the
+    device: no sync per micro-batch, one all-reduce per mini-batch."""
+
+    def __init__(self, params, world_size: int, device: torch.device):
+        self.world_size = world_size
+        self._ok = torch.ones((), dtype=torch.bool, device=device)
+        self._hooks = [p.register_hook(self._see_grad) for p in params if p.requires_grad]
+
+    def _see_grad(self, grad: torch.Tensor) -> None:
+        self._ok &= torch.isfinite(grad.sum()).to(self._ok.device)
+
+    def watch(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backward: the same value when finite (times 1.0: bit for bit); when not, NaN
+        times it, so that every gradient it reaches is NaN. A NaN in a term without gradient would
+        otherwise leave the gradients finite, and DeepSpeed, which sees only those, would step."""
+        finite = torch.isfinite(loss.detach())
+        self._ok &= finite
+        return loss * torch.where(finite, 1.0, float("nan"))
+
+    def all_finite(self) -> bool:
+        """Everything seen since the last call was finite on every rank (a collective with more than
+        one rank: every rank calls it once per mini-batch). Starts the next mini-batch."""
+        ok = self._ok.to(torch.int32)
+        if self.world_size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        self._ok.fill_(True)
+        return bool(ok)
 
 
 class TorchEngine:
@@ -66,6 +107,9 @@ class TorchEngine:
         self.opt.step()
         self.sched.step()
         return float(norm)      # the gradients stay until the next zero_grad (tests read them)
+
+    def skip_step(self) -> None:
+        self.zero_grad()
 
     def zero_grad(self):
         self.opt.zero_grad(set_to_none=True)
@@ -104,7 +148,9 @@ class DeepSpeedEngine:
     then one step. ZeRO-1 accumulates locally and reduces the gradients once, at the boundary;
     ZeRO-2 and 3 partition the gradients, so DeepSpeed reduce-scatters them in every micro-batch's
     backward (one reduction per micro-batch: fewer, larger micro-batches by tokens cost fewer).
-    DeepSpeed clips by the global norm and skips a step whose gradients are not finite."""
+    DeepSpeed clips by the global norm and skips a step whose gradients are not finite (in bf16
+    under ZeRO-2, and ZeRO-1 with offload, only with bf16.check_grad_overflow, whose default has
+    changed between releases: set here)."""
     name = "deepspeed"
 
     def __init__(self, model: torch.nn.Module, spec: LearnerSpec):
@@ -118,7 +164,11 @@ class DeepSpeedEngine:
         self.config = {
             "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,   # we accumulate
             "gradient_clipping": spec.max_grad_norm, "zero_optimization": zero,
-            "bf16": {"enabled": ds.bf16}, "steps_per_print": 10**9, "wall_clock_breakdown": False,
+            # a bf16 step with non-finite gradients skipped (the ZeRO-1/2 optimizer reads it; bf16
+            # ZeRO-1 without offload and ZeRO-3 always skip): its default has changed between
+            # DeepSpeed releases (0.19.8's is on)
+            "bf16": {"enabled": ds.bf16, "check_grad_overflow": True},
+            "steps_per_print": 10**9, "wall_clock_breakdown": False,
         }
         if ds.bf16:   # bf16 compute, but micro-batch gradients summed (and reduced) in fp32, as in the torch engine
             self.config["data_types"] = {"grad_accum_dtype": "fp32"}
@@ -149,6 +199,16 @@ class DeepSpeedEngine:
             return None
         norm = self.module.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def skip_step(self) -> None:
+        """A step the guard refused. Only DeepSpeed's own step discards the gradients cleanly (its
+        partitions, buffers and accumulation counters, on every rank), and it sees them as the guard
+        did: a non-finite gradient on any rank reaches the reduced ones, and the guard made every
+        gradient of a non-finite loss NaN; its overflow check then skips the update."""
+        self.module.step()
+        if self.module.was_step_applied():
+            raise RuntimeError("DeepSpeed applied a step whose loss or gradients were not finite (is its overflow "
+                               "check off?)")
 
     def zero_grad(self):
         self.module.zero_grad()

@@ -1,5 +1,6 @@
 """Loading and checking: YAML + overrides -> a plain dict -> `RunSpec`, every problem reported
-at once as a `SpecError`; and back to YAML.
+at once as a `SpecError`; and back to YAML. OmegaConf is imported where YAML is read or written,
+so that the typed sections import without it (benchmarks/gpu_smoke.py on a bare GPU machine).
 """
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
-
-from omegaconf import DictConfig, OmegaConf
+from typing import TYPE_CHECKING, Any, Literal
 
 from prorl_actors.errors import InputError
 from prorl_actors.spec.run import RunSpec
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 # ----------------------------------------------------------------------------- checking
@@ -141,6 +143,7 @@ def build_spec(data: dict) -> RunSpec:
 def _read_spec_file(path: str | Path) -> DictConfig:
     """The YAML mapping of a spec file, or InputError saying what is wrong with the file."""
     import yaml
+    from omegaconf import DictConfig, OmegaConf
     if not Path(path).is_file():
         raise InputError(f"{path}: no such file")
     try:
@@ -159,6 +162,7 @@ def _read_spec_file(path: str | Path) -> DictConfig:
 
 def load_spec(path: str | Path | None, overrides: list[str] = ()) -> RunSpec:
     """YAML file (or the defaults when path is None) + `dotted.key=value` overrides."""
+    from omegaconf import OmegaConf
     errs = []
     cfg = _read_spec_file(path) if path is not None else OmegaConf.create({})
     parsed = []
@@ -185,4 +189,5 @@ def load_spec(path: str | Path | None, overrides: list[str] = ()) -> RunSpec:
 
 
 def to_yaml(spec: RunSpec) -> str:
+    from omegaconf import OmegaConf
     return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(spec)))

@@ -222,8 +222,9 @@ class PlacementSpec:
         "node), SPREAD puts ranks on different nodes, STRICT_* fail rather than deviate"))
     colocate: list[Literal["generator", "reference"]] = opt([], help=(
         "roles whose actor i runs in learner rank i's bundle: on its node and, with fractional num_gpus "
-        "summing to at most 1, on its GPU (verl's colocated layout; vLLM's gpu_memory_utilization must leave "
-        "room). Needs the role's num_actors <= learner.num_actors. [] = every role placed on its own"))
+        "summing to at most 1, on its GPU. A vLLM generator cannot share the learner's GPU (that needs vLLM "
+        "sleep mode, not implemented); the reference can, if memory allows. Needs the role's num_actors <= "
+        "learner.num_actors. [] = every role placed on its own"))
     ready_timeout_s: float = opt(600.0, gt=0, help="a placement group not placed within this fails the run "
                                                    "(the cluster lacks the resources the spec asks for)")
 

@@ -177,6 +177,13 @@ class RunSpec:
         if self.weight_sync.method == "broadcast" and g.num_gpus > 0 and g.num_gpus != int(g.num_gpus):
             errs.append(("generator.num_gpus", g.num_gpus, "whole GPUs with weight_sync.method broadcast (each member "
                                                            "of an NCCL group needs a GPU of its own)"))
+        if g.engine == "vllm" and "generator" in pl.colocate and _share_a_gpu(ln.num_gpus, g.num_gpus):
+            errs.append(("placement.colocate", pl.colocate, "without generator when a vLLM generator and the learner "
+                                                            "would share a GPU (fractional num_gpus): vLLM keeps its "
+                                                            "gpu_memory_utilization through the learner's phases "
+                                                            "unless put to sleep, and vLLM sleep mode is not "
+                                                            "implemented. Colocate the reference only, or give the "
+                                                            "generators whole GPUs"))
         if self.weight_sync.method == "broadcast" and "generator" in pl.colocate and 0 < ln.num_gpus + g.num_gpus <= 1:
             errs.append(("weight_sync.method", "broadcast", "object_store with the generators colocated on the "
                                                             "learner's GPU (NCCL cannot broadcast between two "
@@ -212,6 +219,11 @@ class RunSpec:
                 errs.append((f"validation.tasks[{i}]", t.name, f"a task not trained on (data.tasks"
                                                              f"[{trained[_source_key(t)]}] has the same source)"))
         return errs
+
+
+def _share_a_gpu(a: float, b: float) -> bool:
+    """Two actors in one bundle asking for GPUs, at least one a fraction: Ray may put both on one GPU."""
+    return a > 0 and b > 0 and (a != int(a) or b != int(b))
 
 
 def _source_key(t: TaskSpec) -> tuple:
