@@ -53,7 +53,7 @@ ARMS = {
 def figures(run_dir: Path, group_size: int) -> dict:
     m = read_jsonl(run_dir / "metrics.jsonl")
     val = read_jsonl(run_dir / "validation.jsonl")
-    ood = lambda v, k: statistics.mean(x for key, x in v.items() if key.startswith(f"{k}/ood-"))  # noqa: E731
+    ood = lambda v, k: statistics.mean([x for key, x in v.items() if key.startswith(f"{k}/ood-")] or [math.nan])  # noqa: E731
     last = [r for r in m[-4:] if r.get("entropy") is not None and math.isfinite(r["entropy"])]
     return {"acc_first": val[0]["accuracy"], "acc_last": val[-1]["accuracy"],
             "ood_pass1": ood(val[-1], "pass@1"), "ood_pass8": ood(val[-1], "pass@8"),

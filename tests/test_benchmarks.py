@@ -5,6 +5,7 @@ are never compared with a bound (they are this machine's, under whatever else it
 
 The models are the session's tiny model (`model.path`) and, for scale.py's larger one, a model
 built under a temporary $PRORL_CACHE: nothing is read from, or built into, the demo's cache."""
+import json
 import math
 import os
 import re
@@ -112,6 +113,25 @@ def test_pipeline(tiny_model, tmp_path):
     assert table["0"][5] == 0 and 0 < table["1f"][5] <= 1      # mean staleness: none, then at most one version
     assert table["0"][9] == 0                                  # no in-flight update in the synchronous loop
     assert "held-out accuracy after" in out and (tmp_path / "pipeline.png").stat().st_size > 10_000
+
+
+def test_recipes(tiny_model, tmp_path):
+    """ProRL v2 and BroRL in real runs: REINFORCE++-baseline, reward shaping, 64 rollouts per prompt."""
+    out = bench("recipes.py", "--arms", "v2", "brorl", "--steps", 2, "--out", tmp_path / "recipes", "--png",
+                tmp_path / "recipes.png", *TEST_OVERRIDES, f"model.path={tiny_model}", *SMALL_RUN,
+                "generator.max_new_tokens=12", "validation.num_prompts_per_task=8",
+                "validation.tasks=[{name: ood-sum, dataset: chain_sum, config: {min_terms: 3, max_terms: 3}}]",
+                tmp_path=tmp_path)
+    for arm in ("v2", "brorl"):
+        (acc_first, acc_last, pass1, pass8, entropy, resp_len, truncated, kept, multi, wall_s,
+         samples_per_s) = row(out, rf"{arm}\s")
+        assert all(0 <= x <= 1 for x in (acc_first, acc_last, pass1, pass8, truncated, kept, multi)), out
+        assert positive(entropy, resp_len, wall_s, samples_per_s) and pass1 <= pass8
+    assert "num_samples_per_prompt: 64" in (tmp_path / "recipes" / "brorl_s0" / "spec.yaml").read_text()
+    steps = [json.loads(x) for x in (tmp_path / "recipes" / "v2_s0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["length_penalty_on"] for r in steps] == [0.0, 0.0]      # period 8, on in steps 5-8
+    assert all(0 <= r["shaped_reward_mean"] <= r["reward_mean"] for r in steps)
+    assert (tmp_path / "recipes.png").stat().st_size > 10_000
 
 
 def test_recovery(tiny_model, tmp_path):
