@@ -214,9 +214,9 @@ def make_reset_policy(spec: RunSpec) -> ResetPolicy:
 
 def trainable_batch(batch: pa.Table, spec: RunSpec) -> tuple[pa.Table, dict]:
     """The kept groups -> (what the reference and the learner get, its figures): ADV added
-    (algorithm.adv_estimator, on the rewards, shaped when algorithm.reward_shaping asks, of the
-    rows whose verification succeeded, with DAPO's soft
-    overlong penalty when asked, whose mean over the rows is the figure `overlong_penalty`);
+    (algorithm.adv_estimator on the rewards of the rows whose verification succeeded: shaped
+    when algorithm.reward_shaping asks, with DAPO's soft overlong penalty when asked, whose mean
+    over the rows is the figure `overlong_penalty`);
     the rows whose verification failed leave here (`unverified_rows`), and under overlong mode
     "mask" the truncated responses (after their group's advantages, which they count in), so
     that neither the reference nor the learner spends a pass on them."""

@@ -10,7 +10,7 @@ Each role reads only its own section (`GeneratorSpec`, `LearnerSpec`, ...).
 
 Where things live: fields.py (`opt()`, a field with bounds and help text); roles.py (model,
 generator, verifier, learner, reference, checkpoint, fault tolerance, weight sync, placement,
-metrics, ray); algorithm.py (the loss, off-policy correction, overlong handling, dynamic
+metrics, ray); algorithm.py (the loss, off-policy correction, overlong handling, reward shaping, dynamic
 sampling, KL control, resets, supervisor); data.py (families, prompts, tasks, validation,
 evaluation); run.py (`RunSpec` and its cross-field rules); load.py (`SpecError`, the typed
 builder, `build_spec`, `load_spec`, `to_yaml`). Import from here: `from prorl_actors.spec import ...`.

@@ -1,4 +1,4 @@
-"""The sections of the RL algorithm and its control: overlong handling, the off-policy
+"""The sections of the RL algorithm and its control: overlong handling, reward shaping, the off-policy
 correction, the loss, dynamic sampling, KL control, reference resets and the supervisor.
 """
 from __future__ import annotations
