@@ -53,15 +53,17 @@ ROLLOUT_SCHEMA = pa.schema([
     (TRUNCATED, pa.bool_()),
     (POLICY_VERSION, pa.int64()),
 ])
-# columns added downstream, with their types
+# columns added downstream, with their types, in the order a producer's rows get them (in-flight
+# decoding adds POLICY_VERSION_MAX before verification): `in_column_order` aligns carried or
+# restored rows with fresh ones, which concatenate only in the same order
 ADDED_COLUMNS = {
+    POLICY_VERSION_MAX: pa.int64(),
     REWARD: pa.float32(),
     VERIFY_ERROR: pa.bool_(),
     VERIFY_TIMEOUT: pa.bool_(),
     FORMATTED: pa.bool_(),
     ADV: pa.float32(),
     REF_LOGP: pa.list_(pa.float32()),
-    POLICY_VERSION_MAX: pa.int64(),
     GENERATE_ERROR: pa.bool_(),
     SHAPED_REWARD: pa.float32(),
 }

@@ -141,7 +141,7 @@ class Supervisor(RunLifecycle):
             "reward_mean": mean_of(rewards, valid), "accuracy": mean_of(rewards >= 1.0, valid),
             # the rewards trained on (algorithm.reward_shaping; the verifier's without it) and the
             # length penalty's schedule this step (1 = on)
-            "shaped_reward_mean": mean_of(train_rewards(allr).numpy(), valid),
+            "shaped_reward_mean": mean_of(train_rewards(allr, self.spec.algorithm.reward_shaping).numpy(), valid),
             "length_penalty_on": length_penalty_on(self.step, lp.period_steps, lp.on_steps) if lp.mode != "none" else 0.0,
             "entropy": stats.get("entropy", math.nan), "entropy_signal": stats.get("entropy_signal", math.nan),
             "kl": stats.get("kl", math.nan),

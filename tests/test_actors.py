@@ -146,6 +146,28 @@ def test_surplus_groups_carry_over_only_within_the_bound(parts):
     assert (carried, expired) == (2, 4) and rows[B.GROUP_ID].to_pylist() == [g for g in (2, 5) for _ in range(G)]
 
 
+def test_carried_restored_and_fresh_rows_concatenate(parts, tmp_path):
+    """Rows made as the producer makes them (in-flight decoding adds POLICY_VERSION_MAX, then the
+    verifier its columns, the producer GENERATE_ERROR and the shaped reward), a surplus of them
+    through a checkpoint file and aligned as `_carry` aligns it, and the rows of a failed
+    generation: one table, in one column order, with and without in-flight updates."""
+    import pyarrow.feather as feather
+
+    from prorl_actors.runtime.rows import failed_generation, with_shaped_rewards
+    spec, _, r = parts
+    shaping = build_spec({"algorithm": {"reward_shaping": {"stop_properly_coef": 0.0}}}).algorithm.reward_shaping
+    prompts = r.select(list(B.PROMPT_COLUMNS)).slice(0, 1)
+    for in_flight in (False, True):
+        rows = B.with_column(r, B.POLICY_VERSION_MAX, r[B.POLICY_VERSION].to_pylist()) if in_flight else r
+        rows = VerifierActor(spec.data).verify(rows)
+        rows = with_shaped_rewards(B.with_column(rows, B.GENERATE_ERROR, [False] * rows.num_rows), shaping, 12, 1)
+        feather.write_feather(rows.slice(2 * G), tmp_path / "surplus.arrow")
+        surplus = B.in_column_order(feather.read_table(tmp_path / "surplus.arrow"))
+        failed = with_shaped_rewards(failed_generation(prompts, G, 0, in_flight), shaping, 12, 1)
+        both = B.concat([surplus, rows, failed])
+        assert both.num_rows == rows.num_rows * 2 - 2 * G + G and both.column_names == rows.column_names
+
+
 def test_response_logp_matches_unpadded_forward(parts, tiny_model):
     spec, tok, r = parts
     model = load_causal_lm(tiny_model, "float32").eval()

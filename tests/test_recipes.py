@@ -94,10 +94,11 @@ def test_shaping_comes_before_the_filter_and_the_baselines():
                        "algorithm": {"adv_estimator": "reinforce_pp_baseline",
                                      "reward_shaping": {"stop_properly_coef": 0.0}}})
     rows = _rows([1.0, 1.0, 1.0, 0.0], [2, 4, 1, 3], [False, True, False, False], 2)
-    plain = informative_groups(train_rewards(rows), 2, valid_rows(rows))
+    plain = informative_groups(train_rewards(rows, build_spec({}).algorithm.reward_shaping), 2, valid_rows(rows))
     shaped = with_shaped_rewards(rows, spec.algorithm.reward_shaping, 4, step=1)
     assert plain.tolist() == [False, True]
-    assert informative_groups(train_rewards(shaped), 2, valid_rows(shaped)).tolist() == [True, True]
+    rs = spec.algorithm.reward_shaping
+    assert informative_groups(train_rewards(shaped, rs), 2, valid_rows(shaped)).tolist() == [True, True]
     assert shaped[B.REWARD].to_pylist() == [1.0, 1.0, 1.0, 0.0]
     assert shaped[B.SHAPED_REWARD].to_pylist() == [1.0, 0.0, 1.0, 0.0]
     B.check_batch(shaped, needs=(B.REWARD, B.SHAPED_REWARD))
@@ -107,6 +108,16 @@ def test_shaping_comes_before_the_filter_and_the_baselines():
     a, w = torch.tensor([.5, -.5, .5, -.5]), torch.tensor([2., 4, 1, 3])
     s = math.sqrt(float((w * (a + 0.2) ** 2).sum() / 10))
     assert out[B.ADV].to_pylist() == pytest.approx(((a + 0.2) / s).tolist(), rel=1e-5)
+    # overlong mask: the truncated row leaves after its group's baseline and out of the batch's
+    # statistics, so the rows trained on have token mean 0: a = .5 .5 -.5, weights 2 1 3
+    masked = build_spec({"generator": {"num_samples_per_prompt": 2, "max_new_tokens": 4},
+                         "algorithm": {"adv_estimator": "reinforce_pp_baseline", "overlong": {"mode": "mask"},
+                                       "reward_shaping": {"stop_properly_coef": 0.0}}})
+    out, _ = trainable_batch(shaped, masked)
+    a, w = torch.tensor([.5, .5, -.5]), torch.tensor([2., 1, 3])
+    m = float((w * a).sum() / 6)
+    s = math.sqrt(float((w * (a - m) ** 2).sum() / 6))
+    assert out.num_rows == 3 and out[B.ADV].to_pylist() == pytest.approx(((a - m) / s).tolist(), rel=1e-5)
     # shaping off: the rows are returned as they are (no column added)
     assert with_shaped_rewards(rows, build_spec({}).algorithm.reward_shaping, 4, step=1) is rows
 

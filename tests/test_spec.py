@@ -138,6 +138,7 @@ def test_a_vllm_generator_cannot_share_the_learners_gpu():
     assert [p for p, _, a in e.value.errors if "sleep mode" in a] == ["placement.colocate"], e.value.errors
     build_spec(layout(0.5, 0.25, 0.25, engine="hf"))
     build_spec(layout(1, 1, 0))
+    build_spec(layout(0.5, 1, 0.5))         # the generator's GPU is whole: Ray never shares it
 
 
 def test_bundles_hold_the_colocated_actor_of_the_same_index():

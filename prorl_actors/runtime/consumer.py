@@ -221,7 +221,7 @@ def trainable_batch(batch: pa.Table, spec: RunSpec) -> tuple[pa.Table, dict]:
     "mask" the truncated responses (after their group's advantages, which they count in), so
     that neither the reference nor the learner spends a pass on them."""
     G, ol = spec.group_size, spec.algorithm.overlong
-    rewards = train_rewards(batch)                                                         # (B,) shaped, if asked
+    rewards = train_rewards(batch, spec.algorithm.reward_shaping)                                                   # (B,) shaped, if asked
     lengths = torch.tensor(pc.list_value_length(batch[B.RESPONSE_IDS]).to_numpy())        # (B,)
     figures = {}
     if ol.mode == "soft_punish":   # DAPO: a length penalty shapes the advantages, not the filter
@@ -229,7 +229,10 @@ def trainable_batch(batch: pa.Table, spec: RunSpec) -> tuple[pa.Table, dict]:
         rewards = rewards + penalty
         figures["overlong_penalty"] = float(penalty.mean())
     valid = valid_rows(batch)                                                              # (B,)
-    adv = get_adv_estimator(spec.algorithm.adv_estimator)(rewards, G, valid=valid, lengths=lengths)   # (B,)
+    trained = lengths
+    if ol.mode == "mask":   # batch statistics over the rows that will be trained on
+        trained = lengths * ~torch.tensor(batch[B.TRUNCATED].to_numpy(zero_copy_only=False))
+    adv = get_adv_estimator(spec.algorithm.adv_estimator)(rewards, G, valid=valid, lengths=trained)   # (B,)
     batch = B.with_column(batch, B.ADV, adv.numpy())
     keep = valid.numpy()                  # a failed verification has no reward: no gradient either
     if ol.mode == "mask":   # truncated responses get no gradient

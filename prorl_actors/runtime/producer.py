@@ -173,8 +173,8 @@ class RolloutProducer:
             for name in ("kept", "made"):
                 path = Path(ckpt) / ROLLOUTS_DIR / f"{name}_{fill.step:06d}.arrow"
                 if path.exists():
-                    with pa.OSFile(str(path), "rb") as f:
-                        setattr(fill, name, [pa.ipc.open_file(f).read_all()])
+                    with pa.OSFile(str(path), "rb") as f:   # (shaped as this spec asks)
+                        setattr(fill, name, [self._shaped(pa.ipc.open_file(f).read_all(), fill.step)])
             self.ready[fill.step] = fill
         path = Path(ckpt) / ROLLOUTS_DIR / SURPLUS_FILE if ckpt is not None else None
         self.surplus = []
@@ -429,7 +429,8 @@ class RolloutProducer:
             fill.kept.append(rollouts)
             fill.n_kept += rollouts.num_rows // G
         else:
-            keep = informative_groups(train_rewards(rollouts), G, valid_rows(rollouts))          # (groups,)
+            keep = informative_groups(train_rewards(rollouts, self.spec.algorithm.reward_shaping), G,
+                                      valid_rows(rollouts))                                      # (groups,)
             self.keep_rate.observe(int(keep.sum()), len(keep))
             fill.kept.append(B.select_rows(rollouts, keep.repeat_interleave(G).numpy()))
             fill.n_kept += int(keep.sum())
@@ -446,9 +447,7 @@ class RolloutProducer:
         if self.in_flight != (B.POLICY_VERSION_MAX in surplus.column_names):   # in-flight turned on or off
             surplus = B.with_column(surplus, B.POLICY_VERSION_MAX, surplus[B.POLICY_VERSION].to_pylist()) \
                 if self.in_flight else surplus.drop_columns([B.POLICY_VERSION_MAX])
-        if B.SHAPED_REWARD in surplus.column_names and not shaping_on(self.spec.algorithm.reward_shaping):
-            surplus = surplus.drop_columns([B.SHAPED_REWARD])   # shaping turned off (a resume with another spec)
-        surplus = self._shaped(surplus, fill.step)                # (turned on: shaped for the step they carry to)
+        surplus = self._shaped(surplus, fill.step)     # (made before a resume that turned shaping on: for this step)
         src = fill.source if fill.source in self.versions else min(self.versions)   # (an old checkpoint: stricter)
         newest = self.versions[src] + (fill.step - 1 - src)
         carried, fill.carried, fill.expired = usable_surplus(B.in_column_order(surplus), newest, self.S, self.G)
@@ -456,11 +455,13 @@ class RolloutProducer:
         fill.n_kept += fill.carried
 
     def _shaped(self, rows: pa.Table, step: int) -> pa.Table:
-        """Rows made for `step` -> their rewards shaped for it (algorithm.reward_shaping), once:
-        surplus rows carried to the next step keep the shaping they were filtered with."""
+        """Rows made for `step` -> their rewards shaped for it as the spec asks, once: rows already
+        shaped keep it (a surplus carried to the next step, the shaping it was filtered with); the
+        column of rows made before a resume that turned shaping off is dropped."""
+        rs = self.spec.algorithm.reward_shaping
         if B.SHAPED_REWARD in rows.column_names:
-            return rows
-        return with_shaped_rewards(rows, self.spec.algorithm.reward_shaping, self.spec.generator.max_new_tokens, step)
+            return rows if shaping_on(rs) else rows.drop_columns([B.SHAPED_REWARD])
+        return with_shaped_rewards(rows, rs, self.spec.generator.max_new_tokens, step)
 
     def _finish_fill(self) -> None:
         fill = self.current

@@ -34,9 +34,13 @@ def with_shaped_rewards(rollouts: pa.Table, rs: RewardShapingSpec, max_new_token
     return B.with_column(rollouts, B.SHAPED_REWARD, r.numpy())
 
 
-def train_rewards(rollouts: pa.Table) -> torch.Tensor:
-    """(B,) float32: the rewards the filter and the baselines read (shaped, when shaping is on)."""
-    col = B.SHAPED_REWARD if B.SHAPED_REWARD in rollouts.column_names else B.REWARD
+def train_rewards(rollouts: pa.Table, rs: RewardShapingSpec) -> torch.Tensor:
+    """(B,) float32: the rewards the filter and the baselines read: shaped when shaping is on (the
+    rows must have been shaped), the verifier's when it is off (a shaped column left by rows made
+    before a resume that turned it off is not read)."""
+    if shaping_on(rs) and B.SHAPED_REWARD not in rollouts.column_names:
+        raise ValueError("rows without their shaped rewards (with_shaped_rewards) while algorithm.reward_shaping is on")
+    col = B.SHAPED_REWARD if shaping_on(rs) else B.REWARD
     return torch.tensor(rollouts[col].to_numpy(), dtype=torch.float32)
 
 

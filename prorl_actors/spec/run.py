@@ -222,8 +222,9 @@ class RunSpec:
 
 
 def _share_a_gpu(a: float, b: float) -> bool:
-    """Two actors in one bundle asking for GPUs, at least one a fraction: Ray may put both on one GPU."""
-    return a > 0 and b > 0 and (a != int(a) or b != int(b))
+    """Two actors in one bundle each asking for a fraction of a GPU: Ray may put both on one GPU
+    (a whole-GPU request is never shared)."""
+    return a > 0 and b > 0 and a != int(a) and b != int(b)
 
 
 def _source_key(t: TaskSpec) -> tuple:
