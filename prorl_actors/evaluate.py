@@ -18,8 +18,12 @@ ones it already solved, more often. This measures that for a run.
    once in n (= pass@n).
 4. With a base model, per task and over the prompts both answered: the prompts the model
    solves that the base never does in n samples and the reverse, the verdict on the boundary
-   (algo.passk.VERDICTS, from the pass@k differences at k = 1 and the largest k), and the
-   novelty of the model's correct responses (algo.novelty).
+   (algo.passk.VERDICTS, from the pass@k differences at k = 1 and the largest k), the
+   novelty of the model's correct responses (algo.novelty), and each model's share of
+   responses in the family's answer format. An "expands" whose base answered mostly outside
+   that format (under FORMAT_MAJORITY) is flagged `format_driven`: the base may have held the
+   answers and not the format the verifier reads, so the gain may be the format, not the
+   boundary.
 
 Writes, into the output directory: model.json, samples-model.parquet (every response, its
 reward and format) and passk.png (pass@k against log-scaled k, per task), and with a base
@@ -177,11 +181,22 @@ def task_results(rollouts: pa.Table, n: int, ks: list[int], info: dict[str, dict
     return out
 
 
+FORMAT_MAJORITY = 0.5   # a base with fewer of its responses in the answer format flags an "expands"
+
+
+def format_share(rollouts: pa.Table, task: str, items: list[int]) -> float:
+    """The share of `task`'s responses to the prompts `items` that are in the family's answer format."""
+    rows = rollouts.filter(pc.and_(pc.equal(rollouts[B.TASK], task),
+                                   pc.is_in(rollouts[B.ITEM_INDEX], pa.array(items, pa.int64()))))
+    return float(rows[B.FORMATTED].to_numpy(zero_copy_only=False).mean())
+
+
 def boundary(model: pa.Table, base: pa.Table, n: int, ks: list[int], info: dict[str, dict], ngram: int,
              margin: float, z: float) -> dict[str, dict]:
     """Per task, over the prompts both models answered: both pass@k curves, the prompts each
-    solves (at least once in n) that the other never does, the verdict, and the novelty of the
-    model's correct responses against the base's responses to the same prompt."""
+    solves (at least once in n) that the other never does, the verdict, the novelty of the
+    model's correct responses against the base's responses to the same prompt, and each model's
+    share of responses in the answer format (an "expands" on a base mostly out of it flagged)."""
     m_all, b_all = by_prompt(model, n), by_prompt(base, n)
     out = {task: {**i, "num_prompts": 0, "verdict": "too few prompts"} for task, i in info.items()}
     for task in [t for t in m_all if t in b_all]:
@@ -198,6 +213,8 @@ def boundary(model: pa.Table, base: pa.Table, n: int, ks: list[int], info: dict[
         model_curve, base_curve = curve(cm, n, ks), curve(cb, n, ks)
         p1 = {"model": float(np.mean(cm)) / n, "base": float(np.mean(cb)) / n}   # pass@1 = c / n
         d1, dmax = pass_at_k_diff(cm, cb, n, 1), pass_at_k_diff(cm, cb, n, max(ks))   # (mean, paired se)
+        fmt = {"model": format_share(model, task, items), "base": format_share(base, task, items)}
+        verdict = boundary_verdict(d1, dmax, margin, z, len(items))
         out[task] = {**info[task], "num_prompts": len(items), "model": model_curve, "base": base_curve,
                      "pass@1": p1,
                      "solved_frac": {"model": float(np.mean([c > 0 for c in cm])),
@@ -207,7 +224,8 @@ def boundary(model: pa.Table, base: pa.Table, n: int, ks: list[int], info: dict[
                      "novelty": novel / total if total else None, "novelty_ngrams": total,
                      "delta_pass@1": d1[0], "delta_pass@1_se": d1[1],
                      f"delta_pass@{max(ks)}": dmax[0], f"delta_pass@{max(ks)}_se": dmax[1],
-                     "verdict": boundary_verdict(d1, dmax, margin, z, len(items))}
+                     "format_frac": fmt, "verdict": verdict,
+                     "format_driven": verdict == "expands" and fmt["base"] < FORMAT_MAJORITY}
     return out
 
 
@@ -220,21 +238,23 @@ def markdown(report: dict) -> str:
              f"{s['num_samples']} samples per prompt at temperature {s['temperature']}, top_p {s['top_p']}, "
              f"max {s['max_new_tokens']} new tokens; pass@k unbiased, mean over prompts; novelty: share of the "
              f"{s['novelty_ngram']}-grams of correct responses absent from the base's responses to the prompt.", "",
-             f"| task | split | prompts | pass@1 base → model | pass@{kmax} base → model | Δ pass@{kmax} "
-             f"| solved only by model | solved only by base | novelty | verdict |",
-             "|---|---|---:|---|---|---:|---:|---:|---:|---|"]
+             f"| task | split | prompts | in format base → model | pass@1 base → model | pass@{kmax} base → model "
+             f"| Δ pass@{kmax} | solved only by model | solved only by base | novelty | verdict |",
+             "|---|---|---:|---|---|---|---:|---:|---:|---:|---|"]
     for task, r in report["tasks"].items():
         split = f"{'held out' if r['held_out'] else 'trained'} ({r['family']})"
         if not r["num_prompts"]:
-            lines.append(f"| {task} | {split} | 0 | – | – | – | – | – | – | {r['verdict']} |")
+            lines.append(f"| {task} | {split} | 0 | – | – | – | – | – | – | – | {r['verdict']} |")
             continue
         p1 = f"{r['pass@1']['base']:.3f} → {r['pass@1']['model']:.3f}"
         pk = f"{r['base']['pass@k'][str(kmax)]:.3f} → {r['model']['pass@k'][str(kmax)]:.3f}"
         nov = "–" if r["novelty"] is None else f"{r['novelty']:.2f}"
-        lines.append(f"| {task} | {split} | {r['num_prompts']} "
+        fmt = f"{r['format_frac']['base']:.2f} → {r['format_frac']['model']:.2f}"
+        verdict = r["verdict"] + (" (format-driven: the base was mostly out of format)" if r["format_driven"] else "")
+        lines.append(f"| {task} | {split} | {r['num_prompts']} | {fmt} "
                      f"| {p1} | {pk} | {r[f'delta_pass@{kmax}']:+.3f} ± {r[f'delta_pass@{kmax}_se']:.3f} "
                      f"| {len(r['solved_by_model_only'])} | {len(r['solved_by_base_only'])} "
-                     f"| {nov} | {r['verdict']} |")
+                     f"| {nov} | {verdict} |")
     for who, other, key in (("the model", "the base", "solved_by_model_only"), ("the base", "the model",
                                                                              "solved_by_base_only")):
         found = [f"{t} ({len(r[key])})" for t, r in report["tasks"].items() if r.get(key)]
@@ -248,7 +268,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {task} | {who} | " + " | ".join(f"{pk[str(k)]:.3f} ± {se[str(k)]:.3f}" for k in ks) + " |")
     lines += ["", "Verdicts: " + "; ".join(f"**{k}**: {v}" for k, v in VERDICTS.items()) +
               f" (a difference counts when larger than {s['margin']} and than {s['z']:g} paired standard errors "
-              "over prompts)."]
+              f"over prompts). An expansion is format-driven when under {FORMAT_MAJORITY:.0%} of the base's "
+              "responses were in the family's answer format: it may have known answers the verifier could not read."]
     return "\n".join(lines) + "\n"
 
 

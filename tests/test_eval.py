@@ -70,11 +70,32 @@ def test_task_results_and_boundary_by_hand():
     md = markdown({"model": "M", "base": "B", "tasks": rep,
                    "settings": {"num_samples": 2, "ks": [1, 2], "temperature": 0.6, "top_p": 0.95,
                                 "max_new_tokens": 8, "novelty_ngram": 2, "margin": 0.02, "z": 0.0}})
-    assert ("| math | trained (math) | 3 | 0.333 → 0.500 | 0.667 → 0.667 | +0.000 ± 0.577 | 1 | 1 | 0.25 "
-            "| sharpens |") in md
+    assert b["format_frac"] == {"model": pytest.approx(4 / 6), "base": pytest.approx(2 / 6)}
+    assert b["format_driven"] is False                               # not an expansion
+    assert ("| math | trained (math) | 3 | 0.33 → 0.67 | 0.333 → 0.500 | 0.667 → 0.667 | +0.000 ± 0.577 | 1 | 1 "
+            "| 0.25 | sharpens |") in md
     assert "| new | held out (ifeval) | 1 |" in md and "| math | model | 0.500 ± " in md
     assert "Tasks where the model solves prompts the base never does in 2 samples: math (1)." in md
     assert "Tasks where the base solves prompts the model never does in 2 samples: math (1)." in md
+
+
+def test_an_expansion_on_a_base_out_of_format_is_flagged():
+    """The base never answers in the format the verifier reads (rewards 0, not formatted); the
+    model does and solves: "expands", flagged as format-driven. The same gain over a base that
+    answered in format but wrong is not flagged."""
+    info = {"sym": {"family": "stem", "held_out": True}}
+    model = _scored([("sym", i, "A", 1.0) for i in range(3) for _ in range(2)])
+    unformatted = _scored([("sym", i, "iron", 0.0) for i in range(3) for _ in range(2)])
+    rep = boundary(model, unformatted, 2, [1, 2], info, ngram=1, margin=0.02, z=0.0)["sym"]
+    assert rep["verdict"] == "expands" and rep["format_frac"] == {"model": 1.0, "base": 0.0}
+    assert rep["format_driven"] is True
+    md = markdown({"model": "M", "base": "B", "tasks": {"sym": rep},
+                   "settings": {"num_samples": 2, "ks": [1, 2], "temperature": 0.6, "top_p": 0.95,
+                                "max_new_tokens": 8, "novelty_ngram": 1, "margin": 0.02, "z": 0.0}})
+    assert "| 0.00 → 1.00 |" in md and "expands (format-driven: the base was mostly out of format) |" in md
+    formatted = B.with_column(unformatted, B.FORMATTED, [True] * unformatted.num_rows)   # in format, wrong
+    rep = boundary(model, formatted, 2, [1, 2], info, ngram=1, margin=0.02, z=0.0)["sym"]
+    assert rep["verdict"] == "expands" and rep["format_driven"] is False
 
 
 class _Tok:
@@ -115,7 +136,7 @@ def test_tasks_without_prompts_and_single_prompts_are_reported_not_judged():
     md = markdown({"model": "M", "base": "B", "tasks": rep,
                    "settings": {"num_samples": 2, "ks": [1, 2], "temperature": 0.6, "top_p": 0.95,
                                 "max_new_tokens": 8, "novelty_ngram": 1, "margin": 0.0, "z": 2.0}})
-    assert "| new | held out (ifeval) | 0 | – | – | – | – | – | – | too few prompts |" in md
+    assert "| new | held out (ifeval) | 0 | – | – | – | – | – | – | – | too few prompts |" in md
     with pytest.raises(ValueError, match="not the 2 samples of one prompt"):
         boundary(_scored([("math", 0, "a", 1.0), ("math", 1, "b", 1.0)]), base, 2, [1, 2], INFO, 1, 0.0, 2.0)
 
