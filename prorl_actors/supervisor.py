@@ -125,6 +125,7 @@ class Supervisor(RunLifecycle):
         resp_len = pc.list_value_length(allr[B.RESPONSE_IDS]).to_numpy()
         tasks = np.array(allr[B.TASK].to_pylist())
         lp = self.spec.algorithm.reward_shaping.length_penalty
+        penalty_on = length_penalty_on(self.step, lp.period_steps, lp.on_steps) if lp.mode != "none" else 0.0
         beta_next, bonus_next = self.consumer.coefs()
         entropy_target = self.consumer.kl.mode == "entropy-target"
         trained_tokens = stats.get("trained_tokens", 0)
@@ -142,7 +143,7 @@ class Supervisor(RunLifecycle):
             # the rewards trained on (algorithm.reward_shaping; the verifier's without it) and the
             # length penalty's schedule this step (1 = on)
             "shaped_reward_mean": mean_of(train_rewards(allr, self.spec.algorithm.reward_shaping).numpy(), valid),
-            "length_penalty_on": length_penalty_on(self.step, lp.period_steps, lp.on_steps) if lp.mode != "none" else 0.0,
+            "length_penalty_on": penalty_on,
             "entropy": stats.get("entropy", math.nan), "entropy_signal": stats.get("entropy_signal", math.nan),
             "kl": stats.get("kl", math.nan),
             "kl_coef": stats.get("kl_coef_used", beta_next), "kl_coef_next": beta_next,

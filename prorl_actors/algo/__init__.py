@@ -1,5 +1,6 @@
 """Pure-torch RL math for ProRL: advantages, policy loss, KL, entropy, dynamic sampling,
-the off-policy correction, pass@k and the boundary verdict, n-gram novelty, the KL-coefficient controller, overlong handling, reward shaping and the reference-reset policy.
+the off-policy correction, pass@k and the boundary verdict, n-gram novelty, the KL-coefficient
+controller, overlong handling, reward shaping and the reference-reset policy.
 No Ray, no I/O."""
 
 from prorl_actors.algo.advantages import ADV_ESTIMATORS, get_adv_estimator, group_advantages, reinforce_pp_baseline

@@ -221,7 +221,7 @@ def trainable_batch(batch: pa.Table, spec: RunSpec) -> tuple[pa.Table, dict]:
     "mask" the truncated responses (after their group's advantages, which they count in), so
     that neither the reference nor the learner spends a pass on them."""
     G, ol = spec.group_size, spec.algorithm.overlong
-    rewards = train_rewards(batch, spec.algorithm.reward_shaping)                                                   # (B,) shaped, if asked
+    rewards = train_rewards(batch, spec.algorithm.reward_shaping)                         # (B,) shaped, if asked
     lengths = torch.tensor(pc.list_value_length(batch[B.RESPONSE_IDS]).to_numpy())        # (B,)
     figures = {}
     if ol.mode == "soft_punish":   # DAPO: a length penalty shapes the advantages, not the filter
