@@ -4,10 +4,11 @@
    prompts, wrapped as a HF fast tokenizer with a ChatML chat template.
 2. A Qwen2-architecture model of a few million parameters (vLLM and transformers both
    load it).
-3. A short supervised warm start on the run's training tasks (loss on the completion only:
-   each item's reference answer in its family's answer format, e.g. `\\boxed{X}` or
-   `<answer>X</answer>`), short on purpose so that RL starts from a non-trivial but
-   imperfect pass rate.
+3. A short supervised warm start (loss on the completion only: each item's reference answer
+   in its family's answer format, e.g. `\\boxed{X}` or `<answer>X</answer>`, after its worked
+   solution when the reference has one), short on purpose so that RL starts from a
+   non-trivial but imperfect pass rate. Its tasks are the run's training tasks, or
+   `model.tiny.sft_tasks`: skills taught one at a time, whose composition RL trains on.
 
 Deterministic for a seed. Saved in HF format and cached under
 `$PRORL_CACHE` (default ~/.cache/prorl_actors) by a hash of everything that shapes it.
@@ -42,7 +43,10 @@ def cache_root() -> Path:
 
 
 def tiny_model_key(tiny: TinyModelSpec, data: DataSpec) -> str:
-    blob = json.dumps({"tiny": dataclasses.asdict(tiny), "tasks": [dataclasses.asdict(t) for t in data.tasks],
+    shaped = dataclasses.asdict(tiny)
+    if not shaped["sft_tasks"]:
+        del shaped["sft_tasks"]   # the default keeps the keys (and the cached models) of before
+    blob = json.dumps({"tiny": shaped, "tasks": [dataclasses.asdict(t) for t in data.tasks],
                        "prompts": dataclasses.asdict(data.prompts), "train_seed": data.train_seed, "v": 4},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -92,10 +96,15 @@ def build_tiny_model(tiny: TinyModelSpec, data: DataSpec, out: Path, log=print) 
 
     t0 = time.time()
     torch.manual_seed(tiny.seed)
-    # the warm start draws from its own seed, so RL does not begin on the items SFT saw
-    mixture = TaskMixture(dataclasses.replace(data, train_seed=data.train_seed + SFT_SEED_OFFSET))
-    demos = Scorer(data)   # only builds demonstrations: starts no verifier process
+    # the warm start draws from its own seed, so RL does not begin on the items SFT saw; its
+    # tasks are the RL tasks unless model.tiny.sft_tasks names others (skills taught one at a time)
+    sft_data = dataclasses.replace(data, train_seed=data.train_seed + SFT_SEED_OFFSET,
+                                   tasks=tiny.sft_tasks or data.tasks)
+    mixture = TaskMixture(sft_data)
+    demos = Scorer(sft_data)   # only builds demonstrations: starts no verifier process
     corpus_items = mixture.sample(tiny.tokenizer_corpus_items)
+    if tiny.sft_tasks:   # the tokenizer also sees the prompts RL will ask
+        corpus_items += TaskMixture(data).sample(tiny.tokenizer_corpus_items)
     texts = [m["content"] for it in corpus_items for m in it.messages]
     texts += [c for it in corpus_items for f in (True, False) if (c := demos.completion(it, f))]
     tokenizer = train_tokenizer(texts, tiny.vocab_size)

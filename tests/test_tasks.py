@@ -145,3 +145,50 @@ def test_builtin_generators_never_fail_on_their_defaults(family, name):
     for i in range(500):
         prompt, answer, ref = GENERATORS[family][name](random.Random(i))
         assert prompt and answer and isinstance(ref, dict)
+
+
+def test_step_sum_works_each_addition_on_its_scratchpad():
+    """The worked solution adds one term a line; max_running and max_first bound what it may meet;
+    the demonstration is the solution, then the boxed answer, and the verifier reads only the answer."""
+    import random
+    from prorl_actors.tasks.builtin import step_sum
+    prompt, answer, ref = step_sum(random.Random(5), min_terms=5, max_terms=5)
+    terms = [int(x) for x in prompt[len("Compute "):-1].split(" + ")]
+    assert len(terms) == 5 and answer == ref["answer"] == str(sum(terms))
+    lines = ref["solution"].split(" ")
+    assert len(lines) == 4
+    running = terms[0]
+    for line, t in zip(lines, terms[1:]):          # "12+8=20." : running + term = new running
+        assert line == f"{running}+{t}={running + t}."
+        running += t
+    for i in range(300):
+        p, a, r = step_sum(random.Random(i), min_terms=2, max_terms=4, max_running=9)
+        assert int(a) <= 9 and 2 <= len(p.split(" + ")) <= 4
+        p, a, r = step_sum(random.Random(i), min_terms=2, max_terms=2, max_first=45)
+        first, second = map(int, p[len("Compute "):-1].split(" + "))
+        assert first <= 45 and second <= 9 and r["solution"] == f"{first}+{second}={a}."
+    data = _data([{"name": "s", "family": "math", "dataset": "step_sum", "config": {"max_terms": 4}}])
+    s = Scorer(data)
+    try:
+        it = validation_items(data, 1)[0]
+        ref = json.loads(it.reference)
+        assert s.completion(it) == f"{ref['solution']} \\boxed{{{it.answer}}}"
+        assert s.score("s", f"\\boxed{{{it.answer}}}", it.reference) == 1.0      # the work is not scored
+        assert s.score("s", f"{ref['solution']} {it.answer}", it.reference) == 0.0   # nor an unboxed answer
+    finally:
+        s.close()
+    with pytest.raises(SpecError) as e:
+        _data([{"name": "s", "family": "math", "dataset": "step_sum", "config": {"min_terms": 1}}])
+    assert any(p == "data.tasks[0].config" and "min_terms" in allowed for p, _, allowed in e.value.errors)
+
+
+def test_warm_start_tasks_are_checked_with_their_key_paths():
+    ok = {"name": "add", "family": "math", "dataset": "step_sum", "config": {"min_terms": 2, "max_terms": 2}}
+    spec = build_spec({"data": {"tasks": MIX}, "model": {"tiny": {"sft_tasks": [ok]}}})
+    assert spec.model.tiny.sft_tasks[0].dataset == "step_sum" and spec.data.tasks[0].name == "sums"
+    with pytest.raises(SpecError) as e:
+        build_spec({"data": {"tasks": MIX}, "model": {"tiny": {"sft_tasks": [
+            ok, {**ok, "dataset": "nope"}, {**ok, "prompt": {"user": "no placeholder"}}]}}})
+    paths = {p for p, _, _ in e.value.errors}
+    assert {"model.tiny.sft_tasks[1].dataset", "model.tiny.sft_tasks[1].name",
+            "model.tiny.sft_tasks[2].prompt.user"} <= paths, e.value.errors

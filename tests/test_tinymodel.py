@@ -59,3 +59,38 @@ def test_untagged_share_of_warm_start(small_spec, monkeypatch):
     off = sum(not (c.startswith("<answer>") or c.startswith("\\boxed{")) for c in seen) / len(seen)
     assert len(seen) == 400 and 0.22 < off < 0.38
     assert any(c.startswith("The answer is") for c in seen) and any(c.isdigit() or c[1:].isdigit() for c in seen)
+
+
+def test_warm_start_on_its_own_tasks(small_spec, monkeypatch, tmp_path):
+    """model.tiny.sft_tasks: the warm start imitates those tasks' worked solutions and never the RL
+    tasks; the tokenizer still sees the RL prompts; the cache key tells the two apart and is the
+    old one when the list is empty."""
+    import prorl_actors.tinymodel as tm
+    seen = []
+    real = tm._sft_example
+    monkeypatch.setattr(tm, "_sft_example", lambda tok, msgs, c: seen.append((msgs[-1]["content"], c))
+                        or real(tok, msgs, c))
+    skill = {"name": "small", "family": "math", "dataset": "step_sum",
+             "config": {"min_terms": 2, "max_terms": 3, "max_running": 9}}
+    spec = build_spec({"data": {"tasks": [{"name": "long", "family": "math", "dataset": "step_sum",
+                                           "config": {"min_terms": 6, "max_terms": 6}}]},
+                       "model": {"tiny": {**dataclasses.asdict(small_spec.model.tiny), "sft_steps": 3,
+                                          "sft_batch_size": 20, "sft_untagged_frac": 0.0,
+                                          "sft_tasks": [skill]}}})
+    tm.build_tiny_model(spec.model.tiny, spec.data, tmp_path / "m", log=lambda *_: None)
+    assert len(seen) == 60
+    for question, completion in seen:
+        terms = question[len("Compute "):-1].split(" + ")
+        assert 2 <= len(terms) <= 3 and completion.endswith(f"\\boxed{{{sum(map(int, terms))}}}")
+        assert completion.count("=") == len(terms) - 1 and sum(map(int, terms)) <= 9
+    tok = tm.load_tokenizer(tmp_path / "m")
+    assert tok.convert_tokens_to_ids("<|im_end|>") is not None
+    tiny = spec.model.tiny
+    assert tm.tiny_model_key(tiny, spec.data) != tm.tiny_model_key(dataclasses.replace(tiny, sft_tasks=[]), spec.data)
+    import hashlib
+    import json
+    old = json.dumps({"tiny": {k: v for k, v in dataclasses.asdict(small_spec.model.tiny).items() if k != "sft_tasks"},
+                      "tasks": [dataclasses.asdict(t) for t in small_spec.data.tasks],
+                      "prompts": dataclasses.asdict(small_spec.data.prompts),
+                      "train_seed": small_spec.data.train_seed, "v": 4}, sort_keys=True)
+    assert tm.tiny_model_key(small_spec.model.tiny, small_spec.data) == hashlib.sha256(old.encode()).hexdigest()[:16]

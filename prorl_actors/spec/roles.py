@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from prorl_actors.spec.data import TaskSpec
 from prorl_actors.spec.fields import opt
 
 
@@ -30,6 +31,10 @@ class TinyModelSpec:
         "share of warm-start completions that give the right answer outside the format the family's "
         "verifier reads (no \\boxed{}, no <answer> tags, the option's text instead of its letter), like a "
         "base model that does not yet follow the requested format: RL has to learn the format too"))
+    sft_tasks: list[TaskSpec] = opt([], help=(
+        "the warm start's tasks, when they differ from the RL tasks (data.tasks, the default: []): e.g. "
+        "skills taught one at a time, whose composition RL then trains on. Their items come from the "
+        "warm start's own seed; the tokenizer is trained on these and the RL tasks"))
 
 
 @dataclass

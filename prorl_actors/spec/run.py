@@ -208,6 +208,12 @@ class RunSpec:
             if names.count(t.name) > 1:
                 errs.append((f"{path}.name", t.name, "task names unique across data.tasks and validation.tasks"))
             errs += [(f"{path}.{key}", value, allowed) for key, value, allowed in task_spec_errors(t)]
+        sft = [(f"model.tiny.sft_tasks[{i}]", t) for i, t in enumerate(self.model.tiny.sft_tasks)]
+        for path, t in sft:
+            if [u.name for _, u in sft].count(t.name) > 1:
+                errs.append((f"{path}.name", t.name, "task names unique within model.tiny.sft_tasks"))
+            errs += [(f"{path}.{key}", value, allowed) for key, value, allowed in task_spec_errors(t)]
+        listed += sft   # their templates are checked below
         for name, tmpl in [(f, getattr(self.data.prompts, f)) for f in FAMILIES] + \
                 [(f"{p}.prompt", t.prompt) for p, t in listed if t.prompt is not None]:
             where = name if name.endswith(".prompt") else f"data.prompts.{name}"

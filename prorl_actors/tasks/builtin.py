@@ -45,6 +45,31 @@ def arithmetic(rng: random.Random, min_terms: int = 2, max_terms: int = 3, max_v
     return f"Compute {expr}.", str(value), {"answer": str(value)}
 
 
+@generator("math", "step_sum")
+def step_sum(rng: random.Random, min_terms: int = 3, max_terms: int = 3, max_value: int = 9,
+             max_first: int | None = None, max_running: int | None = None) -> Generated:
+    """A sum of one-digit terms worked one addition at a time on a scratchpad: "Compute 7 + 5 + 8."
+    -> "7+5=12. 12+8=20." then 20. The reference holds the worked solution (`solution`) that a
+    warm start imitates; the verifier reads only `answer`. `max_first` allows a larger first
+    term (a single addition of a digit to a number); `max_running` keeps every running total at
+    or under it (sums that never leave one digit)."""
+    if not 2 <= min_terms <= max_terms:
+        raise ValueError(f"need 2 <= min_terms <= max_terms, got {min_terms}, {max_terms}")
+    first_hi = max_value if max_first is None else max_first
+    if max_running is not None and max_running < 0:
+        raise ValueError(f"max_running must be >= 0, got {max_running}")
+    n = rng.randint(min_terms, max_terms)
+    while True:   # with max_running: redraw until every running total stays under it (0s always do)
+        terms = [rng.randint(0, first_hi)] + [rng.randint(0, max_value) for _ in range(n - 1)]
+        totals = [sum(terms[:i + 1]) for i in range(1, n)]
+        if max_running is None or max(totals + [terms[0]]) <= max_running:
+            break
+    steps = [f"{total - t}+{t}={total}." for t, total in zip(terms[1:], totals)]
+    answer = str(totals[-1])
+    return (f"Compute {' + '.join(map(str, terms))}.", answer,
+            {"answer": answer, "solution": " ".join(steps)})
+
+
 @generator("math", "linear_equation")
 def linear_equation(rng: random.Random, max_coef: int = 9) -> Generated:
     """a*x + b = c with a rational solution, answered as a reduced fraction."""

@@ -56,6 +56,8 @@ class MathFamily(_LazyChecker):
 
     def check_reference(self, ref: dict) -> None:
         _need_str(ref, "answer")
+        if "solution" in ref:
+            _need_str(ref, "solution")
 
     def score(self, response: str, ref: dict) -> float:
         answer = final_answer(ifeval.strip_thinking(response))
@@ -67,7 +69,9 @@ class MathFamily(_LazyChecker):
         return final_answer(ifeval.strip_thinking(response)) is not None
 
     def completion(self, answer: str, ref: dict, formatted: bool) -> str | None:
-        return f"\\boxed{{{answer}}}" if formatted else answer
+        """The answer, after the worked solution when the reference has one (`solution`)."""
+        work = f"{ref['solution']} " if ref.get("solution") else ""
+        return work + (f"\\boxed{{{answer}}}" if formatted else answer)
 
 
 class CodeFamily(_LazyChecker):
