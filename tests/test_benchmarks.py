@@ -187,3 +187,29 @@ def test_gpu_smoke_tiny(tmp_path):
         assert positive(value, peak), label
     assert out.count("a NaN advantage skips the update, weights unchanged: ok") == len(engines)
     assert "checks: all passed" in out
+
+
+def test_prolonged(tiny_model, tmp_path):
+    """One arm of the prolonged benchmark in a real run, validated with 64 samples per prompt at its
+    start and end; the same command again reads the finished arm instead of training it again."""
+    from prorl_actors.spec import load_spec
+    args = ["--arms", "dapo", "--steps", 2, "--every", 2, "--prompts", 3, "--out", tmp_path / "p",
+            "--png", tmp_path / "p.png", *TEST_OVERRIDES, f"model.path={tiny_model}", *SMALL_RUN,
+            "validation.tasks=[{name: ood-sum, dataset: chain_sum, config: {min_terms: 3, max_terms: 3}}]"]
+    out = bench("prolonged.py", *args, tmp_path=tmp_path)
+    resets, entropy, *passes = row(out, r"dapo\s")
+    assert resets == 0 and entropy > 0 and len(passes) == 8 and all(0 <= x <= 1 for x in passes), out
+    assert "[     dapo] " in out                                  # its per-step lines, prefixed
+    run = tmp_path / "p" / "dapo"
+    spec = load_spec(run / "spec.yaml")
+    assert spec.supervisor.kl.coef == 0 and spec.supervisor.resets.triggers == []   # DAPO only
+    assert spec.validation.num_samples == 64 and spec.validation.ks == [1, 4, 16, 64]
+    data = json.loads((tmp_path / "p" / "prolonged.json").read_text())["dapo"]
+    assert [v["step"] for v in data["validation"]] == [0, 2] and data["held_out"] == ["ood-sum"]
+    for v in data["validation"]:
+        assert v["pass@1/trained"] <= v["pass@4/trained"] <= v["pass@16/trained"] <= v["pass@64/trained"]
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    metrics = (run / "metrics.jsonl").read_text()
+    again = bench("prolonged.py", *args, tmp_path=tmp_path)
+    assert "finished earlier" in again and (run / "metrics.jsonl").read_text() == metrics
+    assert row(again, r"dapo\s") == row(out, r"dapo\s")
