@@ -103,8 +103,9 @@ def build_tiny_model(tiny: TinyModelSpec, data: DataSpec, out: Path, log=print) 
     mixture = TaskMixture(sft_data)
     demos = Scorer(sft_data)   # only builds demonstrations: starts no verifier process
     corpus_items = mixture.sample(tiny.tokenizer_corpus_items)
-    if tiny.sft_tasks:   # the tokenizer also sees the prompts RL will ask
-        corpus_items += TaskMixture(data).sample(tiny.tokenizer_corpus_items)
+    if tiny.sft_tasks:   # the tokenizer also sees prompts like those RL will ask (not the items themselves)
+        corpus_items += TaskMixture(dataclasses.replace(sft_data, tasks=data.tasks)).sample(
+            tiny.tokenizer_corpus_items)
     texts = [m["content"] for it in corpus_items for m in it.messages]
     texts += [c for it in corpus_items for f in (True, False) if (c := demos.completion(it, f))]
     tokenizer = train_tokenizer(texts, tiny.vocab_size)
