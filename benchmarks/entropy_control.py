@@ -40,18 +40,23 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train(spec: str, out: Path, name: str, overrides: list[str]) -> Path:
+def train(spec: str, out: Path, name: str, overrides: list[str], prefix: str = "") -> Path:
+    """`prorl train` into OUT/<name> (resuming a run there, per the spec's `resume`), its lines
+    printed as they come, each after `prefix`; its stderr kept in OUT/<name>.stderr.log."""
     cmd = [sys.executable, "-m", "prorl_actors.cli", "train", spec, f"output_dir={out}", f"name={name}", *overrides]
     print("$", " ".join(cmd), flush=True)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     out.mkdir(parents=True, exist_ok=True)
     log = out / f"{name}.stderr.log"      # Ray's and vLLM's chatter; its end is shown if the run fails
-    with open(log, "w") as err:
-        done = subprocess.run(cmd, env=env, stdout=sys.stdout, stderr=err)
-    if done.returncode:
+    with open(log, "a") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+        for line in proc.stdout:
+            print(f"{prefix}{line}", end="", flush=True)
+        code = proc.wait()
+    if code:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        sys.exit(f"{name} run failed (exit {done.returncode}); the end of {log}:\n{tail}")
+        sys.exit(f"{name} run failed (exit {code}); the end of {log}:\n{tail}")
     return out / name
 
 

@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from prorl_actors.spec import load_spec
+from entropy_control import TUNED, train   # the script's folder is on sys.path: the controller tuned for
+from prorl_actors.spec import load_spec    # the tiny model, and `prorl train` run and streamed
 
 ARMS = {
     "prorl": [],
@@ -58,7 +56,6 @@ def arm_overrides(arm: str, args) -> list[str]:
     if arm == "prorl":
         own.append(f"supervisor.resets.every_steps={args.reset_every}")
     if args.entropy_control and arm != "dapo":
-        from entropy_control import TUNED   # the controller tuned for the tiny model
         own += ["supervisor.kl.mode=entropy-target", "supervisor.kl.entropy_target_relative=0.8",
                 "supervisor.kl.band=0.025", *TUNED]
     return common + own + list(args.overrides)
@@ -67,25 +64,6 @@ def arm_overrides(arm: str, args) -> list[str]:
 def finished(run: Path, steps: int) -> bool:
     ms = _read(run / "metrics.jsonl")
     return bool(ms) and ms[-1]["step"] >= steps and (run / "summary.txt").exists()
-
-
-def train(spec: str, out: Path, arm: str, overrides: list[str]) -> Path:
-    """One arm's `prorl train`, its lines prefixed with the arm's name (resumes a run in OUT/<arm>)."""
-    cmd = [sys.executable, "-m", "prorl_actors.cli", "train", spec, f"output_dir={out}", f"name={arm}", *overrides]
-    print("$", " ".join(cmd), flush=True)
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("RAY_ADDRESS", None)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / f"{arm}.stderr.log"   # Ray's and vLLM's chatter; its end is shown if the run fails
-    with open(log, "a") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
-        for line in proc.stdout:
-            print(f"[{arm:>9}] {line}", end="", flush=True)
-        code = proc.wait()
-    if code:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        sys.exit(f"{arm} run failed (exit {code}); run the command again to resume it. The end of {log}:\n{tail}")
-    return out / arm
 
 
 def series(run: Path) -> dict:
@@ -159,7 +137,6 @@ def main() -> None:
     ap.add_argument("--png", default="benchmarks/results/prolonged.png")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value for every arm")
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).parent))
     out = Path(args.out)
     t0 = time.time()
     for arm in args.arms:
@@ -167,7 +144,7 @@ def main() -> None:
         if finished(run, args.steps):
             print(f"[{arm:>9}] finished earlier: read from {run}", flush=True)
             continue
-        train(args.spec, out, arm, arm_overrides(arm, args))
+        train(args.spec, out, arm, arm_overrides(arm, args), prefix=f"[{arm:>9}] ")
         print(f"[{arm:>9}] done ({(time.time() - t0) / 60:.1f} min since the start of this invocation)", flush=True)
 
     data = {arm: series(out / arm) for arm in args.arms}

@@ -62,7 +62,7 @@ def step_sum(rng: random.Random, min_terms: int = 3, max_terms: int = 3, max_val
     while True:   # with max_running: redraw until every running total stays under it (0s always do)
         terms = [rng.randint(0, first_hi)] + [rng.randint(0, max_value) for _ in range(n - 1)]
         totals = [sum(terms[:i + 1]) for i in range(1, n)]
-        if max_running is None or max(totals + [terms[0]]) <= max_running:
+        if max_running is None or totals[-1] <= max_running:   # the last total is the largest
             break
     steps = [f"{total - t}+{t}={total}." for t, total in zip(terms[1:], totals)]
     answer = str(totals[-1])
