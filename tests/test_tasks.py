@@ -182,6 +182,38 @@ def test_step_sum_works_each_addition_on_its_scratchpad():
     assert any(p == "data.tasks[0].config" and "min_terms" in allowed for p, _, allowed in e.value.errors)
 
 
+def test_compose_applies_named_functions_one_a_line():
+    """Each function by hand on 3821; a chain is worked one function a line, each on the last
+    line's result, in the prompt's order; the value has distinct digits (no function is the
+    identity on it); bad configs fail."""
+    import random
+    from prorl_actors.tasks.builtin import STRING_FUNCTIONS as F, compose
+    assert {k: f("3821") for k, f in F.items()} == {"rev": "1283", "rol": "8213", "ror": "1382",
+                                                   "swp": "8321", "inc": "4932"}
+    assert F["inc"]("19") == "21"                                     # 9 wraps to 1, never 0
+    prompt, answer, ref = compose(random.Random(3), min_fns=3, max_fns=3, functions=["rol", "inc", "swp"])
+    names = prompt[len("Apply "):].split(", to ")[0].split(", then ")
+    value = prompt.split(", to ")[1].rstrip(".")
+    assert sorted(names) == ["inc", "rol", "swp"] and len(set(value)) == 4 and "0" not in value
+    lines = ref["solution"].split(" ")
+    for line, name in zip(lines, names, strict=True):                 # "rol(3821)=8213."
+        assert line == f"{name}({value})={F[name](value)}."
+        value = F[name](value)
+    assert answer == ref["answer"] == value
+    assert compose(random.Random(1))[0].count(", then ") == 0         # default: one function
+    ends = {compose(random.Random(i), 2, 3, last=["swp", "inc"])[2]["solution"].split(" ")[-1][:3]
+            for i in range(200)}
+    assert ends == {"swp", "inc"}                                      # `last` picks the last function
+    for bad in ({"functions": ["rev", "mul"]}, {"min_fns": 3, "max_fns": 2}, {"max_fns": 6},
+                {"functions": ["rev"], "max_fns": 2}, {"digits": 10}, {"last": []},
+                {"functions": ["rev", "rol"], "last": ["inc"]}):
+        with pytest.raises(ValueError):
+            compose(random.Random(0), **bad)
+    with pytest.raises(SpecError) as e:                                # at load time, with its key path
+        _data([{"name": "c", "family": "math", "dataset": "compose", "config": {"last": ["mul"]}}])
+    assert any(p == "data.tasks[0].config" and "last" in allowed for p, _, allowed in e.value.errors)
+
+
 def test_warm_start_tasks_are_checked_with_their_key_paths():
     ok = {"name": "add", "family": "math", "dataset": "step_sum", "config": {"min_terms": 2, "max_terms": 2}}
     spec = build_spec({"data": {"tasks": MIX}, "model": {"tiny": {"sft_tasks": [ok]}}})

@@ -70,6 +70,51 @@ def step_sum(rng: random.Random, min_terms: int = 3, max_terms: int = 3, max_val
             {"answer": answer, "solution": " ".join(steps)})
 
 
+# Digit-string functions that `compose` chains: each a fixed, local operation on a string of
+# digits 1-9 (no 0, so no answer loses a leading zero when the verifier reads it as a number).
+STRING_FUNCTIONS: dict[str, Callable[[str], str]] = {
+    "rev": lambda s: s[::-1],                                   # reverse: 3821 -> 1283
+    "rol": lambda s: s[1:] + s[:1],                             # rotate left: 3821 -> 8213
+    "ror": lambda s: s[-1:] + s[:-1],                           # rotate right: 3821 -> 1382
+    "swp": lambda s: s[1:2] + s[:1] + s[2:],                    # swap the first two: 3821 -> 8321
+    "inc": lambda s: "".join(str(int(d) % 9 + 1) for d in s),   # each digit up one, 9 -> 1: 3821 -> 4932
+}
+
+
+@generator("math", "compose")
+def compose(rng: random.Random, min_fns: int = 1, max_fns: int = 1, digits: int = 4,
+            functions: list[str] | None = None, last: list[str] | None = None) -> Generated:
+    """A chain of named digit-string functions (`STRING_FUNCTIONS`, no name twice), applied in
+    order, one a line on a scratchpad: "Apply rol, then inc, to 3821." -> "rol(3821)=8213.
+    inc(8213)=9324." then 9324. Skills taught one at a time (min_fns = max_fns = 1) compose into
+    chains whose every step the model can already do; `last` (default: any) draws the chain's
+    last function from these, so that a warm start can compose some functions in a place where
+    RL alone meets others. The reference holds the worked solution."""
+    names = list(STRING_FUNCTIONS) if functions is None else list(functions)
+    unknown = sorted(set(names) - set(STRING_FUNCTIONS))
+    if unknown:
+        raise ValueError(f"unknown functions {unknown}; known: {sorted(STRING_FUNCTIONS)}")
+    if not 1 <= min_fns <= max_fns <= len(set(names)):
+        raise ValueError(f"need 1 <= min_fns <= max_fns <= {len(set(names))} (distinct functions), "
+                         f"got {min_fns}, {max_fns}")
+    if not 2 <= digits <= 9:
+        raise ValueError(f"digits must be 2..9 (distinct digits 1-9), got {digits}")
+    ends = sorted(set(names) if last is None else set(last))
+    if not ends or not set(ends) <= set(names):
+        raise ValueError(f"last must be a non-empty subset of the functions {sorted(set(names))}, got {last}")
+    n = rng.randint(min_fns, max_fns)
+    end = rng.choice(ends)
+    chain = rng.sample(sorted(set(names) - {end}), n - 1) + [end]
+    value = "".join(map(str, rng.sample(range(1, 10), digits)))   # distinct: no function is the identity
+    prompt = f"Apply {', then '.join(chain)}, to {value}."
+    steps = []
+    for name in chain:
+        out = STRING_FUNCTIONS[name](value)
+        steps.append(f"{name}({value})={out}.")
+        value = out
+    return prompt, value, {"answer": value, "solution": " ".join(steps)}
+
+
 @generator("math", "linear_equation")
 def linear_equation(rng: random.Random, max_coef: int = 9) -> Generated:
     """a*x + b = c with a rational solution, answered as a reduced fraction."""
