@@ -189,8 +189,10 @@ def test_compose_applies_named_functions_one_a_line():
     import random
     from prorl_actors.tasks.builtin import STRING_FUNCTIONS as F, compose
     assert {k: f("3821") for k, f in F.items()} == {"rev": "1283", "rol": "8213", "ror": "1382",
-                                                   "swp": "8321", "inc": "4932"}
-    assert F["inc"]("19") == "21"                                     # 9 wraps to 1, never 0
+                                                   "swp": "8321", "inc": "4932", "up": "4821"}
+    assert F["inc"]("19") == "21" and F["up"]("93") == "13"           # 9 wraps to 1, never 0
+    assert F["swp"](F["inc"]("3821")) == F["inc"](F["swp"]("3821")) == "9432"   # inc commutes with a reordering,
+    assert F["swp"](F["up"]("3821")) == "8421" != F["up"](F["swp"]("3821"))     # up does not
     prompt, answer, ref = compose(random.Random(3), min_fns=3, max_fns=3, functions=["rol", "inc", "swp"])
     names = prompt[len("Apply "):].split(", to ")[0].split(", then ")
     value = prompt.split(", to ")[1].rstrip(".")
@@ -204,7 +206,7 @@ def test_compose_applies_named_functions_one_a_line():
     ends = {compose(random.Random(i), 2, 3, last=["swp", "inc"])[2]["solution"].split(" ")[-1][:3]
             for i in range(200)}
     assert ends == {"swp", "inc"}                                      # `last` picks the last function
-    for bad in ({"functions": ["rev", "mul"]}, {"min_fns": 3, "max_fns": 2}, {"max_fns": 6},
+    for bad in ({"functions": ["rev", "mul"]}, {"min_fns": 3, "max_fns": 2}, {"max_fns": 7},
                 {"functions": ["rev"], "max_fns": 2}, {"digits": 10}, {"last": []},
                 {"functions": ["rev", "rol"], "last": ["inc"]}):
         with pytest.raises(ValueError):

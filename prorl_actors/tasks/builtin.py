@@ -78,7 +78,10 @@ STRING_FUNCTIONS: dict[str, Callable[[str], str]] = {
     "ror": lambda s: s[-1:] + s[:-1],                           # rotate right: 3821 -> 1382
     "swp": lambda s: s[1:2] + s[:1] + s[2:],                    # swap the first two: 3821 -> 8321
     "inc": lambda s: "".join(str(int(d) % 9 + 1) for d in s),   # each digit up one, 9 -> 1: 3821 -> 4932
+    "up": lambda s: str(int(s[0]) % 9 + 1) + s[1:],             # the first digit up one: 3821 -> 4821
 }
+# inc commutes with every reordering (rev, rol, ror, swp): a chain of both has the same answer in
+# either order, so a model that applies them out of order is still rewarded. up does not commute.
 
 
 @generator("math", "compose")
