@@ -19,7 +19,7 @@ is read, not run. Progress: each arm's line per step, prefixed with its name.
 
 Writes OUT/prolonged.json (per arm: validations and the entropy/KL/reset series), the plot
 benchmarks/results/prolonged.png (pass@1 and pass@64 over steps per arm, entropy with resets)
-and prints a table.
+and prints a table, per arm (the means over tasks) and per task.
 
     .venv/bin/python benchmarks/prolonged.py [--steps 200] [--every 20] [--prompts 24]
         [--arms prorl no-resets dapo] [--reset-every 50] [--entropy-control] [--out runs/prolonged]
@@ -161,6 +161,13 @@ def main() -> None:
                 row += f"{f'{a:.3f} -> {b:.3f}' if a is not None and b is not None else '-':>34}"
         ent = [e for e in d["entropy"] if e is not None]
         print(f"{arm:10}{len(d['resets']):8d}{ent[-1] if ent else float('nan'):13.4f}{row}")
+    print(f"\nper task (held-out prompts): pass@1 and pass@{kmax}, start -> end")
+    for arm, d in data.items():
+        vs = d["validation"]
+        for task in d["trained"] + d["held_out"]:
+            cells = [(vs[0].get(f"pass@{k}/{task}"), vs[-1].get(f"pass@{k}/{task}")) for k in (1, kmax)]
+            print(f"{task:24}{arm:>10}" + "".join(f"{f'{a:.3f} -> {b:.3f}' if None not in (a, b) else '-':>20}"
+                                                  for a, b in cells))
     print(f"plot: {args.png}; data: {out / 'prolonged.json'}")
 
 

@@ -200,6 +200,8 @@ def test_prolonged(tiny_model, tmp_path):
     resets, entropy, *passes = row(out, r"dapo\s")
     assert resets == 0 and entropy > 0 and len(passes) == 8 and all(0 <= x <= 1 for x in passes), out
     assert "[     dapo] " in out                                  # its per-step lines, prefixed
+    for task in ("chain_sum", "ood-sum"):                          # and each task's own figures
+        assert len(per_task := row(out, rf"{task}\s+dapo")) == 4 and all(0 <= x <= 1 for x in per_task), out
     run = tmp_path / "p" / "dapo"
     spec = load_spec(run / "spec.yaml")
     assert spec.supervisor.kl.coef == 0 and spec.supervisor.resets.triggers == []   # DAPO only
