@@ -206,9 +206,13 @@ def test_compose_applies_named_functions_one_a_line():
     ends = {compose(random.Random(i), 2, 3, last=["swp", "inc"])[2]["solution"].split(" ")[-1][:3]
             for i in range(200)}
     assert ends == {"swp", "inc"}                                      # `last` picks the last function
+    pairs = [["rol", "up"], ["up", "swp"]]                             # `chains` names them
+    assert {compose(random.Random(i), chains=pairs)[0].split(", to ")[0] for i in range(50)} == {
+        "Apply rol, then up", "Apply up, then swp"}
     for bad in ({"functions": ["rev", "mul"]}, {"min_fns": 3, "max_fns": 2}, {"max_fns": 7},
                 {"functions": ["rev"], "max_fns": 2}, {"digits": 10}, {"last": []},
-                {"functions": ["rev", "rol"], "last": ["inc"]}):
+                {"functions": ["rev", "rol"], "last": ["inc"]}, {"chains": []}, {"chains": [["rev", "rev"]]},
+                {"chains": [["rev", "mul"]]}, {"chains": [[]]}, {"chains": pairs, "max_fns": 2}):
         with pytest.raises(ValueError):
             compose(random.Random(0), **bad)
     with pytest.raises(SpecError) as e:                                # at load time, with its key path

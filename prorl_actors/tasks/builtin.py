@@ -86,13 +86,23 @@ STRING_FUNCTIONS: dict[str, Callable[[str], str]] = {
 
 @generator("math", "compose")
 def compose(rng: random.Random, min_fns: int = 1, max_fns: int = 1, digits: int = 4,
-            functions: list[str] | None = None, last: list[str] | None = None) -> Generated:
+            functions: list[str] | None = None, last: list[str] | None = None,
+            chains: list[list[str]] | None = None) -> Generated:
     """A chain of named digit-string functions (`STRING_FUNCTIONS`, no name twice), applied in
     order, one a line on a scratchpad: "Apply rol, then inc, to 3821." -> "rol(3821)=8213.
     inc(8213)=9324." then 9324. Skills taught one at a time (min_fns = max_fns = 1) compose into
     chains whose every step the model can already do; `last` (default: any) draws the chain's
     last function from these, so that a warm start can compose some functions in a place where
-    RL alone meets others. The reference holds the worked solution."""
+    RL alone meets others. `chains` instead names the chains to draw from (e.g. the pairs a warm
+    start composes, and other pairs for RL); the other settings then keep their defaults. The
+    reference holds the worked solution."""
+    if chains is not None:
+        if (min_fns, max_fns, functions, last) != (1, 1, None, None):
+            raise ValueError("chains names the chains: leave min_fns, max_fns, functions and last unset")
+        bad = [c for c in chains if not c or len(set(c)) < len(c) or not set(c) <= set(STRING_FUNCTIONS)]
+        if not chains or bad:
+            raise ValueError(f"chains must be non-empty lists of distinct names from {sorted(STRING_FUNCTIONS)}, "
+                             f"got {bad or chains}")
     names = list(STRING_FUNCTIONS) if functions is None else list(functions)
     unknown = sorted(set(names) - set(STRING_FUNCTIONS))
     if unknown:
@@ -105,9 +115,12 @@ def compose(rng: random.Random, min_fns: int = 1, max_fns: int = 1, digits: int 
     ends = sorted(set(names) if last is None else set(last))
     if not ends or not set(ends) <= set(names):
         raise ValueError(f"last must be a non-empty subset of the functions {sorted(set(names))}, got {last}")
-    n = rng.randint(min_fns, max_fns)
-    end = rng.choice(ends)
-    chain = rng.sample(sorted(set(names) - {end}), n - 1) + [end]
+    if chains is not None:
+        chain = list(rng.choice(chains))
+    else:
+        n = rng.randint(min_fns, max_fns)
+        end = rng.choice(ends)
+        chain = rng.sample(sorted(set(names) - {end}), n - 1) + [end]
     value = "".join(map(str, rng.sample(range(1, 10), digits)))   # distinct: no function is the identity
     prompt = f"Apply {', then '.join(chain)}, to {value}."
     steps = []
