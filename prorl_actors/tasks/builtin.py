@@ -96,6 +96,8 @@ def compose(rng: random.Random, min_fns: int = 1, max_fns: int = 1, digits: int 
     RL alone meets others. `chains` instead names the chains to draw from (e.g. the pairs a warm
     start composes, and other pairs for RL); the other settings then keep their defaults. The
     reference holds the worked solution."""
+    if not 2 <= digits <= 9:
+        raise ValueError(f"digits must be 2..9 (distinct digits 1-9), got {digits}")
     if chains is not None:
         if (min_fns, max_fns, functions, last) != (1, 1, None, None):
             raise ValueError("chains names the chains: leave min_fns, max_fns, functions and last unset")
@@ -103,25 +105,22 @@ def compose(rng: random.Random, min_fns: int = 1, max_fns: int = 1, digits: int 
         if not chains or bad:
             raise ValueError(f"chains must be non-empty lists of distinct names from {sorted(STRING_FUNCTIONS)}, "
                              f"got {bad or chains}")
-    names = list(STRING_FUNCTIONS) if functions is None else list(functions)
-    unknown = sorted(set(names) - set(STRING_FUNCTIONS))
-    if unknown:
-        raise ValueError(f"unknown functions {unknown}; known: {sorted(STRING_FUNCTIONS)}")
-    if not 1 <= min_fns <= max_fns <= len(set(names)):
-        raise ValueError(f"need 1 <= min_fns <= max_fns <= {len(set(names))} (distinct functions), "
-                         f"got {min_fns}, {max_fns}")
-    if not 2 <= digits <= 9:
-        raise ValueError(f"digits must be 2..9 (distinct digits 1-9), got {digits}")
-    ends = sorted(set(names) if last is None else set(last))
-    if not ends or not set(ends) <= set(names):
-        raise ValueError(f"last must be a non-empty subset of the functions {sorted(set(names))}, got {last}")
-    if chains is not None:
         chain = list(rng.choice(chains))
     else:
+        names = sorted(set(STRING_FUNCTIONS if functions is None else functions))
+        unknown = sorted(set(names) - set(STRING_FUNCTIONS))
+        if unknown:
+            raise ValueError(f"unknown functions {unknown}; known: {sorted(STRING_FUNCTIONS)}")
+        if not 1 <= min_fns <= max_fns <= len(names):
+            raise ValueError(f"need 1 <= min_fns <= max_fns <= {len(names)} (distinct functions), "
+                             f"got {min_fns}, {max_fns}")
+        ends = sorted(set(names) if last is None else set(last))
+        if not ends or not set(ends) <= set(names):
+            raise ValueError(f"last must be a non-empty subset of the functions {names}, got {last}")
         n = rng.randint(min_fns, max_fns)
         end = rng.choice(ends)
         chain = rng.sample(sorted(set(names) - {end}), n - 1) + [end]
-    value = "".join(map(str, rng.sample(range(1, 10), digits)))   # distinct: no function is the identity
+    value = "".join(map(str, rng.sample(range(1, 10), digits)))   # distinct: no function is the identity on it
     prompt = f"Apply {', then '.join(chain)}, to {value}."
     steps = []
     for name in chain:
