@@ -44,8 +44,9 @@ def cache_root() -> Path:
 
 def tiny_model_key(tiny: TinyModelSpec, data: DataSpec) -> str:
     shaped = dataclasses.asdict(tiny)
-    if not shaped["sft_tasks"]:
-        del shaped["sft_tasks"]   # the default keeps the keys (and the cached models) of before
+    for key in ("sft_tasks", "tokenize_roles"):
+        if not shaped[key]:
+            del shaped[key]   # the default keeps the keys (and the cached models) of before
     blob = json.dumps({"tiny": shaped, "tasks": [dataclasses.asdict(t) for t in data.tasks],
                        "prompts": dataclasses.asdict(data.prompts), "train_seed": data.train_seed, "v": 4},
                       sort_keys=True)
@@ -107,6 +108,8 @@ def build_tiny_model(tiny: TinyModelSpec, data: DataSpec, out: Path, log=print) 
         corpus_items += TaskMixture(dataclasses.replace(sft_data, tasks=data.tasks)).sample(
             tiny.tokenizer_corpus_items)
     texts = [m["content"] for it in corpus_items for m in it.messages]
+    if tiny.tokenize_roles:   # the role names the chat template writes: each message's, then the generation prompt's
+        texts += [m["role"] for it in corpus_items for m in it.messages] + ["assistant"] * len(corpus_items)
     texts += [c for it in corpus_items for f in (True, False) if (c := demos.completion(it, f))]
     tokenizer = train_tokenizer(texts, tiny.vocab_size)
     log(f"  tokenizer: vocab {len(tokenizer)} ({time.time() - t0:.1f}s)")

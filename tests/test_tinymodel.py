@@ -87,8 +87,30 @@ def test_warm_start_on_its_own_tasks(small_spec, monkeypatch, tmp_path):
     assert tm.tiny_model_key(tiny, spec.data) != tm.tiny_model_key(dataclasses.replace(tiny, sft_tasks=[]), spec.data)
     import hashlib
     import json
-    old = json.dumps({"tiny": {k: v for k, v in dataclasses.asdict(small_spec.model.tiny).items() if k != "sft_tasks"},
+    old = json.dumps({"tiny": {k: v for k, v in dataclasses.asdict(small_spec.model.tiny).items()
+                               if k not in ("sft_tasks", "tokenize_roles")},
                       "tasks": [dataclasses.asdict(t) for t in small_spec.data.tasks],
                       "prompts": dataclasses.asdict(small_spec.data.prompts),
                       "train_seed": small_spec.data.train_seed, "v": 4}, sort_keys=True)
     assert tm.tiny_model_key(small_spec.model.tiny, small_spec.data) == hashlib.sha256(old.encode()).hexdigest()[:16]
+
+
+def test_tokenize_roles(small_spec, tmp_path):
+    """model.tiny.tokenize_roles: the chat roles' names become a token each, so a prompt is shorter;
+    off, the cache key is that of before (test_warm_start_on_its_own_tasks checks the old key)."""
+    import prorl_actors.tinymodel as tm
+    toks = {}
+    for on in (False, True):
+        tiny = dataclasses.replace(small_spec.model.tiny, sft_steps=0, tokenize_roles=on)
+        tm.build_tiny_model(tiny, small_spec.data, tmp_path / str(on), log=lambda *_: None)
+        toks[on] = load_tokenizer(tmp_path / str(on))
+    messages = [{"role": "system", "content": "Solve it."}, {"role": "user", "content": "Compute 3 + 4."}]
+    ids = {on: t(t.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"] for on, t in toks.items()}   # as batch.make_prompts
+    pieces = {on: [toks[on].decode([i]) for i in ids[on]] for on in toks}
+    for role in ("system", "user", "assistant"):
+        assert pieces[True].count(role) == 1 and role not in pieces[False]
+    assert len(ids[True]) < len(ids[False])
+    tiny = small_spec.model.tiny
+    assert tm.tiny_model_key(tiny, small_spec.data) != tm.tiny_model_key(
+        dataclasses.replace(tiny, tokenize_roles=True), small_spec.data)
