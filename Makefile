@@ -22,15 +22,15 @@ $(STAMP): pyproject.toml
 
 # train, then the boundary report: the trained model against its base, pass@k up to k = 64
 demo: setup
-	$(BIN)/prorl train specs/tiny-compose.yaml
-	$(BIN)/prorl eval --model runs/tiny-compose --base
+	$(BIN)/prorl train specs/tiny-cpu.yaml
+	$(BIN)/prorl eval --model runs/tiny-cpu --base
 
 test: setup prometheus
 	$(BIN)/python -m pytest -q -rs --durations=30
 
 # Watch runs on this machine: Prometheus on 127.0.0.1:9090 with monitoring/prometheus/.
 monitor: setup prometheus
-	$(BIN)/prorl monitor runs/tiny-compose
+	$(BIN)/prorl monitor runs/tiny-cpu
 
 # Debian's prometheus and promtool, for `make monitor` and the monitoring tests (root with apt;
 # elsewhere those tests skip and say why).

@@ -1,8 +1,9 @@
 """Prolonged RL on the demo: does training longer keep moving the boundary, and what do the KL
 penalty and the reference resets contribute? (ProRL's ablation, at the demo's scale.)
 
-The demo's spec (or --spec) trained for --steps steps in three arms with the same seeds, model
-and data:
+specs/tiny-compose.yaml (or --spec), the composition experiment whose warm start answers in the
+verifier's format, so that what moves is solving, not the format (the demo's tiny-cpu.yaml mostly
+learns its format), trained for --steps steps in three arms with the same seeds, model and data:
   prorl:     the spec's recipe: a KL penalty to a reference that is reset (reference <- policy,
              optimizer state re-initialised) every --reset-every steps; with --entropy-control
              the KL coefficient is moved to hold entropy in a band (the tuned controller of
@@ -113,7 +114,7 @@ def plot(data: dict, png: Path) -> None:
     axes[1].set_ylabel("pass@64 (held-out prompts)")
     axes[2].set_ylabel("policy entropy (nats / token)")
     axes[2].set_xlabel("step")
-    axes[0].set_title("prolonged RL on the demo: ProRL vs no resets vs DAPO only (T 0.6, top_p 0.95)")
+    axes[0].set_title("prolonged RL: ProRL vs no resets vs DAPO only (held-out prompts, T 0.6, top_p 0.95)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -124,7 +125,7 @@ def plot(data: dict, png: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--spec", default="specs/tiny-cpu.yaml")
+    ap.add_argument("--spec", default="specs/tiny-compose.yaml")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--every", type=int, default=20, help="validation every N steps (64 samples per prompt)")
     ap.add_argument("--prompts", type=int, default=24, help="held-out prompts per task at each validation")
