@@ -1,5 +1,5 @@
-"""Prolonged RL on the demo: does training longer keep moving the boundary, and what do the KL
-penalty and the reference resets contribute? (ProRL's ablation, at the demo's scale.)
+"""Prolonged RL on the tiny model: does training longer keep moving the boundary, and what do the
+KL penalty and the reference resets contribute? (ProRL's ablation, at the tiny model's scale.)
 
 specs/tiny-compose.yaml (or --spec), the composition experiment whose warm start answers in the
 verifier's format, so that what moves is solving, not the format (the demo's tiny-cpu.yaml mostly

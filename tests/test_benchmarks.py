@@ -193,7 +193,8 @@ def test_prolonged(tiny_model, tmp_path):
     """One arm of the prolonged benchmark in a real run, validated with 64 samples per prompt at its
     start and end; the same command again reads the finished arm instead of training it again."""
     from prorl_actors.spec import load_spec
-    args = ["--spec", "specs/tiny-cpu.yaml", "--arms", "dapo", "--steps", 2, "--every", 2, "--prompts", 3, "--out", tmp_path / "p",
+    args = ["--spec", "specs/tiny-cpu.yaml", "--arms", "dapo", "--steps", 2, "--every", 2, "--prompts", 3,
+            "--out", tmp_path / "p",
             "--png", tmp_path / "p.png", *TEST_OVERRIDES, f"model.path={tiny_model}", *SMALL_RUN,
             "validation.tasks=[{name: ood-sum, dataset: chain_sum, config: {min_terms: 3, max_terms: 3}}]"]
     out = bench("prolonged.py", *args, tmp_path=tmp_path)
