@@ -18,6 +18,7 @@ from prorl_actors.algo import (
     get_adv_estimator,
     group_advantages,
     informative_groups,
+    k3_of_log_ratio,
     kl_penalty,
     masked_mean,
     boundary_verdict,
@@ -188,6 +189,15 @@ def test_policy_loss_decoupled_clip_values_and_stats():
     assert stats["approx_kl"] == pytest.approx(sum(k3) / 6, rel=1e-5)
     assert stats["pg_loss"] == pytest.approx(0.2 / 6, rel=1e-4)
     assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_k3_of_log_ratio_by_hand_and_never_negative_in_rounding():
+    # e^0.5 - 1.5 = 0.148721..., e^-0.5 - 0.5 = 0.106531..., 0 at d = 0
+    got = k3_of_log_ratio(torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64))
+    assert_close(got, torch.tensor([math.exp(0.5) - 1.5, math.exp(-0.5) - 0.5, 0.0], dtype=torch.float64))
+    d = torch.linspace(-1e-3, 1e-3, 2001)          # float32: exp(d) - 1 - d is below 0 at 200 of these
+    assert ((d.exp() - 1 - d) < 0).any()           # (a CI run's logp_mismatch_k3 was -5e-10)
+    assert (k3_of_log_ratio(d) >= 0).all()
 
 
 def test_policy_loss_gradient_zero_on_clipped_tokens():

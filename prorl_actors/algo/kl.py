@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from prorl_actors.algo.losses import LOG_RATIO_CLAMP, _compute_dtype
+from prorl_actors.algo.losses import LOG_RATIO_CLAMP, _compute_dtype, k3_of_log_ratio
 
 
 def _log_ratio(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -43,8 +43,7 @@ def _k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def _k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    d = -_log_ratio(logp, ref_logp)  # (B, T) log(ref / pi)
-    return (torch.expm1(d) - d).clamp(min=0.0)  # (B, T) exp(d) - 1 - d, expm1 for accuracy near 0
+    return k3_of_log_ratio(-_log_ratio(logp, ref_logp))  # (B, T), d = log(ref / pi)
 
 
 _KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {

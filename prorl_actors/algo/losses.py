@@ -27,6 +27,12 @@ import torch
 LOG_RATIO_CLAMP = 20.0  # |log pi/pi_old| bound before exp: exp(20) ~ 4.85e8, finite
 
 
+def k3_of_log_ratio(d: torch.Tensor) -> torch.Tensor:
+    """exp(d) - 1 - d for d = log(q / p) on samples of p: the k3 estimate of KL(p || q), any shape.
+    expm1 for accuracy near 0, and clamped at 0 (the value is >= 0; its rounding near d = 0 is not)."""
+    return (torch.expm1(d) - d).clamp(min=0.0)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for half/bf16 inputs, float64 stays float64."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -201,7 +207,7 @@ def policy_loss(
     loss = aggregate_loss(loss_mat, mask, agg)
 
     with torch.no_grad():
-        approx_kl = ratio - 1.0 - log_ratio  # (B, T) k3 of KL(pi_old || pi)
+        approx_kl = k3_of_log_ratio(log_ratio)  # (B, T) k3 of KL(pi_old || pi): ratio - 1 - log ratio
 
         def frac(x: torch.Tensor) -> float:
             return masked_mean(x.to(dtype), mask).item()

@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from prorl_actors.algo.losses import k3_of_log_ratio
+
 OFF_POLICY_MODES = ("none", "tis", "icepop", "seq_mask_tis")
 LOG_R_CLAMP = 20.0   # |log r| bound before exp (exp(20) ~ 4.9e8 is finite in float32)
 
@@ -81,7 +83,7 @@ def token_weights(old_logp: torch.Tensor, sample_logp: torch.Tensor, rows: torch
             w = r.clamp(max=high) * ((seq_r >= low) & (seq_r <= high))[seq]
         n = torch.tensor(float(len(r)), dtype=dtype, device=r.device)
         stats = {"tokens": n, "is_weight_sum": w.sum(), "is_masked_sum": (w == 0).sum().to(dtype),
-                 "logp_mismatch_k3_sum": (r - 1.0 - log_r).sum(),
+                 "logp_mismatch_k3_sum": k3_of_log_ratio(log_r).sum(),
                  "logp_gap_over_log2_sum": (log_r.abs() > math.log(2)).sum().to(dtype),
                  "logp_gap_max": log_r.abs().max() if len(r) else torch.zeros((), dtype=dtype, device=r.device)}
         d = n.clamp(min=1)
