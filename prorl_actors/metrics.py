@@ -54,21 +54,27 @@ class JsonlLog:
 
 
 class RunRecords:
-    def __init__(self, run_dir: Path, exporter=None):
-        """exporter: an exporter.Exporter that sees the records as they stand whenever the files
-        are opened (at the start, after a roll-back; with the rolled-back lines) and every
-        record written after that."""
-        self.run_dir, self.exporter = run_dir, exporter
+    def __init__(self, run_dir: Path, sinks=()):
+        """sinks: what sees the records as they stand whenever the files are opened (at the start,
+        after a roll-back; with the rolled-back lines) and every record written after that, through
+        `load(steps, validations, events, rolled_back)` and `observe(file, record)`: the Prometheus
+        exporter (exporter.Exporter) and the experiment trackers (trackers.Trackers)."""
+        self.run_dir, self.sinks = run_dir, [s for s in sinks if s is not None]
         self._open()
 
     def _open(self) -> None:
         names = ("metrics", "validation", "events")
-        if self.exporter is not None:
-            self.exporter.load(*(read_jsonl(self.run_dir / f"{n}.jsonl") for n in names),
-                               rolled_back=read_jsonl(self.run_dir / "rolled_back.jsonl"))
+        if self.sinks:
+            standing = [read_jsonl(self.run_dir / f"{n}.jsonl") for n in names]
+            rolled_back = read_jsonl(self.run_dir / "rolled_back.jsonl")
+            for sink in self.sinks:
+                sink.load(*standing, rolled_back=rolled_back)
         self.metrics, self.validation, self.events = (
-            JsonlLog(self.run_dir / f"{n}.jsonl", partial(self.exporter.observe, n) if self.exporter else None)
-            for n in names)
+            JsonlLog(self.run_dir / f"{n}.jsonl", partial(self._observe, n) if self.sinks else None) for n in names)
+
+    def _observe(self, file: str, record: dict) -> None:
+        for sink in self.sinks:
+            sink.observe(file, record)
 
     def roll_back_to(self, step: int, validated_to: int | None = None) -> int:
         """roll_back_records on the open files (closed, rewritten, reopened) -> lines moved."""

@@ -54,3 +54,13 @@ def prompt_table(tok, items):
                                     add_special_tokens=False)["input_ids"] for it in items], pa.list_(pa.int32())),
         B.TASK: [it.task for it in items], B.ITEM_INDEX: pa.array([it.index for it in items], pa.int64()),
         B.REFERENCE: [it.reference for it in items], B.GROUP_ID: pa.array(range(len(items)), pa.int64())})
+
+
+# the one library line left on a vLLM run's terminal: vLLM's C++ notice as its CPU worker starts,
+# printed below Python (prorl_actors/quiet.py says why it is not filtered)
+ALLOWED_WARNINGS = ("Warning: NUMA binding: Using MEMBIND policy",)
+
+
+def unexpected_warnings(text: str) -> list[str]:
+    """The lines of a run's terminal that speak of a warning, except the allowed ones."""
+    return [ln for ln in text.splitlines() if "warn" in ln.lower() and not any(a in ln for a in ALLOWED_WARNINGS)]

@@ -14,7 +14,7 @@ import pytest
 from prorl_actors import batch as B
 from prorl_actors.evaluate import boundary, markdown, prompt_tables, task_results
 from prorl_actors.spec import load_spec, to_yaml
-from tests.conftest import brute_pass_at_k
+from tests.conftest import brute_pass_at_k, unexpected_warnings
 
 
 def _scored(rows):
@@ -225,6 +225,7 @@ def test_eval_run_directory_against_its_base(tiny_model, tmp_path):
     (run / "spec.yaml").write_text(to_yaml(spec))
     r = _eval("--model", str(run), "--base", "--n", "4", "--num-prompts", "6", "--tasks", "chain_sum")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert not unexpected_warnings(r.stdout + r.stderr)   # vLLM's known noise is filtered (quiet.py)
     out = run / "eval" / "step_000003"
     rep = json.loads((out / "boundary.json").read_text())
     assert rep["model"].endswith("step_000003") and rep["base"] == str(tiny_model)

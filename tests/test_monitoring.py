@@ -202,7 +202,7 @@ def test_port_in_use_is_a_clear_error(tmp_path):
 
 def test_records_feed_the_exporter_and_a_rollback_takes_counters_back(tmp_path):
     x = Exporter("r", 10, PrometheusSpec(targets_dir=str(tmp_path)), reset_reasons=("scheduled",))
-    rec = RunRecords(tmp_path / "run", exporter=x)
+    rec = RunRecords(tmp_path / "run", sinks=[x])
     for s in (1, 2, 3):
         rec.metrics.write(_step(s, entropy=math.nan if s == 3 else 0.5))
     rec.event("reference_reset", 3, reason="scheduled")
@@ -223,7 +223,7 @@ def test_records_feed_the_exporter_and_a_rollback_takes_counters_back(tmp_path):
     rec.close()
     # a resumed driver (a new process) folds the same totals from the files
     x2 = Exporter("r", 10, PrometheusSpec(targets_dir=str(tmp_path)), reset_reasons=("scheduled",))
-    RunRecords(tmp_path / "run", exporter=x2).close()
+    RunRecords(tmp_path / "run", sinks=[x2]).close()
     assert _scrape(x2.figures) == _scrape(x.figures)
 
 

@@ -17,6 +17,8 @@ import pytest
 
 from prorl_actors.checkpoint import list_checkpoints, read_state
 from prorl_actors.metrics import read_jsonl
+from tests.conftest import unexpected_warnings
+from tests.readback import tensorboard_scalars, wandb_runs
 
 pytestmark = pytest.mark.integration
 
@@ -199,6 +201,8 @@ def baseline_one_step_off(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline-s1")
     d = Driver(_args(tiny_model, out, ONE_STEP_OFF), out / "log.txt")
     assert d.wait() == 0, d.text()[-4000:]
+    # a vLLM run's terminal: no library warning, not even the one at every weight update (quiet.py)
+    assert not unexpected_warnings(d.text()), unexpected_warnings(d.text())
     return out / "run"
 
 
@@ -255,7 +259,7 @@ def test_a_run_stopped_five_ways_ends_as_if_never_stopped(tiny_model, tmp_path, 
     The sixth start ends the run with the uninterrupted run's records and weights."""
     run, log = tmp_path / "run", lambda i: tmp_path / f"log{i}.txt"
     # the only checkpoints before the end are the stops'; validations long enough to be caught
-    extra = ["checkpoint.every_steps=0", "validation.num_prompts_per_task=64"]
+    extra = ["checkpoint.every_steps=0", "validation.num_prompts_per_task=64", "metrics.trackers=[tensorboard,wandb]"]
     ckpts = lambda: [p.name for p in list_checkpoints(run / "checkpoints")]  # noqa: E731
 
     saved_validation = lambda: read_state(run / "checkpoints" / "step_000002")["last_validation_step"]  # noqa: E731
@@ -315,6 +319,27 @@ def test_a_run_stopped_five_ways_ends_as_if_never_stopped(tiny_model, tmp_path, 
     assert all(r["step"] == 4 for r in moved) and resumed[-1]["rolled_back_lines"] == len(moved)
     # no validation was ever done twice (step 2's, interrupted in stop 1, was redone once)
     assert not [r for r in read_jsonl(run / "rolled_back.jsonl") if r["file"] == "validation.jsonl"]
+    _check_trackers(run, drivers=6)
+
+
+def _check_trackers(run: Path, drivers: int) -> None:
+    """What the trackers wrote across every driver of the run, read back: TensorBoard shows each
+    step once, with the records' figures; W&B has one run continued by each driver, whose last
+    point at each step is the record that stands."""
+    metrics, validations = read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "validation.jsonl")
+    tb = tensorboard_scalars(run / "tensorboard")
+    for k in ("reward_mean", "entropy", "kl_coef", "step_s"):
+        assert tb[k] == [(m["step"], pytest.approx(m[k], rel=1e-6)) for m in metrics], k
+    assert tb["validation/accuracy"] == [(v["step"], pytest.approx(v["accuracy"], rel=1e-6)) for v in validations]
+    resumes = [e["step"] for e in read_jsonl(run / "events.jsonl") if e["event"] == "run_resumed"]
+    assert tb["events/run_resumed"] == [(s, float(i + 1)) for i, s in enumerate(resumes)]
+    runs = wandb_runs(run / "wandb")   # a SIGKILLed driver's W&B service may not have written its first record
+    assert len(runs) == drivers and len({r["id"] for r in runs if r["id"]}) == 1
+    last = {}
+    for row in (row for r in runs for row in r["history"] if "reward_mean" in row):
+        last[row["step"]] = row
+    assert [(s, row["reward_mean"], row["entropy"]) for s, row in sorted(last.items())] == \
+        [(m["step"], pytest.approx(m["reward_mean"]), pytest.approx(m["entropy"])) for m in metrics]
 
 
 def test_kill_during_checkpoint_write_leaves_the_previous_one(tiny_model, tmp_path):

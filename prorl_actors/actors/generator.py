@@ -8,6 +8,7 @@ import pyarrow as pa
 
 from prorl_actors import batch as B
 from prorl_actors.engines.generation import SamplingSpec, make_engine
+from prorl_actors.quiet import quiet_known_noise
 from prorl_actors.spec import GeneratorSpec
 
 # the actor's process environment (the vLLM engine sets its own VLLM_* variables before importing vllm)
@@ -16,6 +17,7 @@ GENERATOR_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 class GeneratorActor:
     def __init__(self, model_path: str, dtype: str, spec: GeneratorSpec, seed: int):
+        quiet_known_noise()
         self.engine = make_engine(model_path, dtype, spec, seed)
         self.version = 0
 

@@ -44,6 +44,7 @@ from prorl_actors.checkpoint import weights_digest
 from prorl_actors.engines import weight_sync as ws
 from prorl_actors.engines.torch_policy import DTYPES, TokenScorer, chunk_tokens, load_causal_lm, pick_device, score_tokens
 from prorl_actors.engines.train import FiniteGuard, init_process_group, make_train_engine
+from prorl_actors.quiet import quiet_known_noise
 from prorl_actors.spec import AlgorithmSpec, LearnerSpec
 
 
@@ -52,6 +53,7 @@ class LearnerActor:
                  group_size: int, max_new_tokens: int, pad_id: int, seed: int, rank: int = 0,
                  world_size: int = 1, dist_url: str | None = None):
         """rank, world_size, dist_url (tcp://host:port of rank 0): the data-parallel group (deepspeed)."""
+        quiet_known_noise()
         torch.manual_seed(seed)
         torch.set_num_threads(spec.num_threads)
         self.device = pick_device(spec.num_gpus)

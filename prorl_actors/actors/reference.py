@@ -7,11 +7,13 @@ import torch
 from prorl_actors import batch as B
 from prorl_actors.engines.torch_policy import (TokenScorer, batched_logp, chunk_tokens, load_causal_lm,
                                                load_policy_weights, pick_device)
+from prorl_actors.quiet import quiet_known_noise
 from prorl_actors.spec import ReferenceSpec
 
 
 class ReferenceActor:
     def __init__(self, model_path: str, dtype: str, spec: ReferenceSpec, temperature: float, pad_id: int):
+        quiet_known_noise()
         torch.set_num_threads(spec.num_threads)
         self.device = pick_device(spec.num_gpus)
         self.spec, self.temperature, self.pad_id, self.dtype = spec, temperature, pad_id, dtype

@@ -17,6 +17,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import pyarrow as pa
 
 from prorl_actors import batch as B
+from prorl_actors.quiet import quiet_known_noise
 from prorl_actors.spec import DataSpec, TaskSpec, VerifierSpec
 from prorl_actors.tasks import Scorer
 from prorl_actors.tasks.mathcheck import CheckTimeout
@@ -24,6 +25,7 @@ from prorl_actors.tasks.mathcheck import CheckTimeout
 
 class VerifierActor:
     def __init__(self, data: DataSpec, verifier: VerifierSpec | None = None, extra_tasks: list[TaskSpec] = ()):
+        quiet_known_noise()
         self.spec = verifier or VerifierSpec()
         self.scorer = Scorer(data, self.spec, extra_tasks)
         self.pool = ThreadPoolExecutor(self.spec.num_threads, thread_name_prefix="verify")

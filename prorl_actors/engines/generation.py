@@ -170,6 +170,7 @@ class VLLMEngine:
                        gpu_memory_utilization=spec.vllm.gpu_memory_utilization,
                        worker_extension_cls="prorl_actors.engines.vllm_ext.WeightSyncExtension",
                        enable_prefix_caching=True,
+                       use_tqdm_on_load=False,   # a progress bar per load; the run logs its own lines
                        # logprobs of the distribution actually sampled from (after temperature and
                        # top-p), as the HF engine reports and the learner computes
                        logprobs_mode="processed_logprobs")

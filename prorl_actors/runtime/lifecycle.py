@@ -45,6 +45,7 @@ from prorl_actors.spec import RunSpec
 from prorl_actors.sync import WeightSync
 from prorl_actors.tasks import Item, TaskMixture, validation_items
 from prorl_actors.tinymodel import load_tokenizer
+from prorl_actors.trackers import Trackers
 
 
 class StopFlag:
@@ -86,7 +87,8 @@ class RunLifecycle:
         pspec = spec.metrics.prometheus
         self.exporter = Exporter(spec.name, spec.num_steps, pspec, reset_reasons=spec.supervisor.resets.triggers,
                                  log=log) if pspec.enabled else None
-        self.records = RunRecords(self.run_dir, exporter=self.exporter)
+        self.trackers = Trackers.from_spec(spec, log=log)   # TensorBoard, W&B: fed as the exporter is
+        self.records = RunRecords(self.run_dir, sinks=(self.exporter, self.trackers))
         if resume_state is not None:   # records of later steps go aside before anything is written
             rolled_back_lines = self.records.roll_back_to(resume_state["step"], resume_state["last_validation_step"])
         if self.exporter is not None:   # serving from here, on the records as they stand
@@ -311,6 +313,8 @@ class RunLifecycle:
         for grp in self.groups:
             grp.kill()
         self.placement.remove()
+        if self.trackers is not None:
+            self.trackers.close()
         if self.exporter is not None:
             # a finished run lets its end be scraped; a stopped one goes at once; a crashed one
             # leaves its target files, so Prometheus sees it down

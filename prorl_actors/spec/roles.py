@@ -1,9 +1,10 @@
 """The sections of the roles and of the run's machinery: model, generator (vLLM), verifier,
 learner (DeepSpeed), reference, checkpoints, fault tolerance, weight sync, placement,
-metrics (Prometheus) and Ray.
+metrics (Prometheus, TensorBoard, W&B) and Ray.
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -255,9 +256,37 @@ class PrometheusSpec:
 
 
 @dataclass
+class TensorBoardSpec:
+    """TensorBoard event files, written by the driver (torch.utils.tensorboard)."""
+    dir: str | None = opt(None, help="where the event files go; null: <run_dir>/tensorboard")
+
+
+@dataclass
+class WandbSpec:
+    """A Weights & Biases run, written by the driver; offline unless told otherwise."""
+    project: str = opt("prorl")
+    entity: str | None = opt(None, help="team or user; null: W&B's default for the API key")
+    mode: Literal["offline", "online"] | None = opt(None, help=(
+        "null: WANDB_MODE from the environment if set, else offline (the run is written under "
+        "<dir>/wandb/offline-run-*, and `wandb sync` uploads it later)"))
+    group: str | None = opt(None, help="W&B's run group, to compare runs side by side")
+    tags: list[str] = opt([])
+    dir: str | None = opt(None, help="where W&B writes (<dir>/wandb/...); null: the run directory")
+
+
+TrackerName = Literal["tensorboard", "wandb"]
+TRACKERS: tuple[str, ...] = typing.get_args(TrackerName)
+
+
+@dataclass
 class MetricsSpec:
     print_every_steps: int = opt(1, ge=1)
     prometheus: PrometheusSpec = opt(PrometheusSpec())
+    trackers: list[TrackerName] = opt([], help=(
+        "experiment trackers fed from the run's records, as Prometheus is: each step's figures, each "
+        "validation's, a count of each event kind (`pip install 'prorl-actors[trackers]'`)"))
+    tensorboard: TensorBoardSpec = opt(TensorBoardSpec())
+    wandb: WandbSpec = opt(WandbSpec())
 
 
 @dataclass

@@ -78,6 +78,9 @@ class RunSpec:
         if self.generator.in_flight_updates and self.supervisor.max_staleness == 0:
             errs.append(("generator.in_flight_updates", True, "false with supervisor.max_staleness 0 (no newer "
                                                               "weights exist while a batch is sampled)"))
+        trackers = self.metrics.trackers
+        if len(set(trackers)) < len(trackers):
+            errs.append(("metrics.trackers", trackers, "each tracker once"))
         kl, rs = self.supervisor.kl, self.supervisor.resets
         if kl.mode == "entropy-target" and (kl.entropy_target is None) == (kl.entropy_target_relative is None):
             errs.append(("supervisor.kl.entropy_target", kl.entropy_target,
