@@ -42,8 +42,9 @@ demo: setup
 	$(BIN)/prorl train specs/tiny-cpu.yaml
 	$(BIN)/prorl eval --model runs/tiny-cpu --base
 
+# tests/test_install.py checks the venv against the pins it was installed with (make pins: its own freeze)
 test: setup prometheus
-	$(BIN)/python -m pytest -q -rs --durations=30
+	PRORL_PINS=$(if $(CONSTRAINTS),$(CONSTRAINTS),$(VENV)/installed.txt) $(BIN)/python -m pytest -q -rs --durations=30
 
 # Watch runs on this machine: Prometheus on 127.0.0.1:9090 with monitoring/prometheus/.
 monitor: setup prometheus
