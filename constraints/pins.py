@@ -104,8 +104,8 @@ def write_gpu() -> None:
     moved = sorted(n for n in shared if n in pins and pins[n] != shared[n] and n not in released)
     if moved:   # cannot happen with -c; a check that the held pins were honoured
         raise SystemExit(f"the GPU resolution moved CPU pins: {moved}")
-    notes = "".join(f"# {n}: {shared[n]} on CPU, {pins.get(n, 'not needed')} here (the CUDA stack's own pin)\n"
-                    for n in sorted(released))
+    notes = "".join(f"# {n}: {shared[n]} on CPU, {pins.get(n, 'not needed')} here (not held: holding every CPU pin "
+                    "had no solution, and pip's own resolution moves this one)\n" for n in sorted(released))
     body = "".join(f"{n}=={v}\n" for n, v in sorted(pins.items()))
     held = sum(1 for n in shared if n in pins and n not in released)
     (HERE / "gpu.txt").write_text(header(
