@@ -9,7 +9,9 @@ processes, so the driver's filters do not reach them).
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 import warnings
 
 # (logger, the whole message, as a regex, why it does not matter here)
@@ -86,8 +88,8 @@ def quiet_known_noise() -> None:
             logger.addFilter(_DropKnown(patterns))
     for category, message, module, _why in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-    except ImportError:   # benchmarks/gpu_smoke.py's bare machine has transformers; a minimal install may not
-        pass
+    # without importing transformers (over a second, in processes that never use it): its bars
+    # follow this variable when it is imported, and its switch when it already is
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers.utils.logging" in sys.modules:
+        sys.modules["transformers.utils.logging"].disable_progress_bar()

@@ -14,14 +14,10 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "constraints"))
-from pins import read_pins  # noqa: E402
+from pins import canonical, read_pins  # noqa: E402
 
 EXTRAS = re.search(r"^EXTRAS\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M).group(1).split(",")
 REMOVED = {"torchvision", "torchaudio", "torchcodec", "triton"}   # `make setup` installs, then removes them
-
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def needed(root: str = "prorl-actors", extras=EXTRAS) -> dict[str, list[str]]:

@@ -1,6 +1,9 @@
 """Known library noise is dropped at its source, exactly: the same logger's other messages, and
 other warnings of the same kind, still show."""
 import logging
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -91,3 +94,18 @@ def test_each_known_warning_is_dropped_only_from_its_module():
         warnings.warn_explicit(msg, category, "mine.py", 1, module="prorl_actors.mine")      # our own use: shown
         warnings.warn_explicit("something else", category, "dispatcher.py", 139, module="vllm.triton_utils.dispatcher")
     assert [(str(w.message), w.filename) for w in seen] == [(msg, "mine.py"), ("something else", "dispatcher.py")]
+
+
+def test_progress_bars_off_without_importing_transformers():
+    # a fresh process: the filters cost no transformers import; transformers, imported after, has its bars off
+    code = ("import sys; from prorl_actors.quiet import quiet_known_noise; quiet_known_noise(); "
+            "assert 'transformers' not in sys.modules; "
+            "from transformers.utils import logging; assert not logging.is_progress_bar_enabled(); print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.stdout.strip() == "ok", r.stderr[-2000:]
+    # a process that imported transformers first: switched off in place
+    from transformers.utils import logging as hf_logging
+    hf_logging.enable_progress_bar()
+    quiet_known_noise()
+    assert not hf_logging.is_progress_bar_enabled()

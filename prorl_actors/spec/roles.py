@@ -4,7 +4,6 @@ metrics (Prometheus, TensorBoard, W&B) and Ray.
 """
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -275,7 +274,6 @@ class WandbSpec:
 
 
 TrackerName = Literal["tensorboard", "wandb"]
-TRACKERS: tuple[str, ...] = typing.get_args(TrackerName)
 
 
 @dataclass
