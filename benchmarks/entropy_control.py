@@ -27,8 +27,7 @@ import sys
 from pathlib import Path
 
 from prorl_actors.algo import mixture_entropy
-from prorl_actors.spec import load_spec
-
+from prorl_actors.config import load_spec
 
 # the controller's settings for the tiny model (README: "Entropy control and reference resets")
 TUNED = ["supervisor.kl.entropy_signal=task_mean", "supervisor.kl.coef=1", "supervisor.kl.coef_min=0.5",

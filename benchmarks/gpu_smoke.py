@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from prorl_actors import batch as B  # noqa: E402 - after the repository root is on sys.path
+from prorl_actors import batch as rb  # noqa: E402 - after the repository root is on sys.path
 
 SHAPES = {   # Qwen2 configs: the 1.5B's and a tiny one
     "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
@@ -95,16 +95,16 @@ def synthetic_rollouts(num_prompts: int, group: int, prompt_len: int, response_l
     prompts = [rng.integers(1, vocab, prompt_len).tolist() for _ in range(num_prompts)]
     responses = [rng.integers(1, vocab, int(rng.integers(response_len // 2, response_len + 1))).tolist()
                  for _ in range(n)]
-    t = B.make_rollouts(prompt_ids=[prompts[i // group] for i in range(n)], response_ids=responses,
+    t = rb.make_rollouts(prompt_ids=[prompts[i // group] for i in range(n)], response_ids=responses,
                         sample_logp=[[-1.0] * len(r) for r in responses], response_text=[""] * n, task=["smoke"] * n,
                         item_index=[i // group for i in range(n)], reference=[""] * n,
                         group_id=[i // group for i in range(n)], truncated=[False] * n, policy_version=[0] * n)
     adv = rng.standard_normal((num_prompts, group))
-    return B.with_column(t, B.ADV, (adv - adv.mean(1, keepdims=True)).ravel().astype(np.float32))
+    return rb.with_column(t, rb.ADV, (adv - adv.mean(1, keepdims=True)).ravel().astype(np.float32))
 
 
 def response_tokens(rollouts) -> int:
-    return sum(len(r) for r in rollouts[B.RESPONSE_IDS].to_pylist())
+    return sum(len(r) for r in rollouts[rb.RESPONSE_IDS].to_pylist())
 
 
 def phase_generation(s: Smoke, path: str, args) -> None:
@@ -140,7 +140,7 @@ def phase_reference(s: Smoke, path: str, rollouts, args):
     t0 = s.start_phase()
     out = ref.logprobs(rollouts)
     dt = time.perf_counter() - t0
-    logp = np.concatenate(out[B.REF_LOGP].to_numpy(zero_copy_only=False))
+    logp = np.concatenate(out[rb.REF_LOGP].to_numpy(zero_copy_only=False))
     s.check(bool(np.isfinite(logp).all() and (logp <= 0).all()), "reference log-probs finite and <= 0")
     s.row("reference", "bf16", "tokens/s", response_tokens(rollouts) / dt)
     return out
@@ -178,9 +178,9 @@ def phase_learner(s: Smoke, path: str, engine: str, rollouts, args) -> None:
     s.check(any(not torch.equal(w0[k], w1[k]) for k in w0) and all(torch.isfinite(v).all() for v in w1.values()),
             f"{engine}: the weights moved and are finite")
     del w0
-    nan_adv = rollouts[B.ADV].to_numpy().copy()
+    nan_adv = rollouts[rb.ADV].to_numpy().copy()
     nan_adv[0] = np.nan
-    stats = learner.update(B.with_column(rollouts, B.ADV, nan_adv), args.kl_coef)
+    stats = learner.update(rb.with_column(rollouts, rb.ADV, nan_adv), args.kl_coef)
     w2 = learner.get_weights()
     unchanged = all(torch.equal(w1[k], w2[k]) for k in w1)
     s.check(stats["skipped_updates"] == 1 and stats["optimizer_steps"] == 0 and unchanged,

@@ -29,38 +29,39 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def make_batch(spec, path: str) -> None:
     """One step's batch: P prompts x G samples from the spec's tasks and tiny model -> Arrow file."""
+    import dataclasses
+
     import numpy as np
     import pyarrow.compute as pc
     import torch
 
-    from prorl_actors import batch as B
+    from prorl_actors import batch as rb
     from prorl_actors.actors.generator import GeneratorActor
     from prorl_actors.algo import group_advantages
+    from prorl_actors.config import build_spec
     from prorl_actors.engines.generation import SamplingSpec
-    from prorl_actors.spec import build_spec
     from prorl_actors.tasks import TaskMixture
     from prorl_actors.tinymodel import load_tokenizer, resolve_model_path
-    import dataclasses
 
     model = resolve_model_path(spec.model, spec.data)
     tok = load_tokenizer(model)
     g = spec.generator
     hf = build_spec({"generator": {**dataclasses.asdict(g), "engine": "hf"}}).generator
     items = TaskMixture(spec.data).sample(spec.supervisor.num_prompts_per_step)
-    prompts, _ = B.make_prompts(items, tok, g.max_model_len - g.max_new_tokens, 0)
+    prompts, _ = rb.make_prompts(items, tok, g.max_model_len - g.max_new_tokens, 0)
     gen = GeneratorActor(str(model), spec.model.dtype, hf, spec.seed)
     rollouts = gen.generate(prompts, SamplingSpec(n=spec.group_size, temperature=g.temperature, top_p=g.top_p,
                                                   max_new_tokens=g.max_new_tokens, seed=spec.seed))
     rng = np.random.default_rng(0)
     rewards = torch.tensor(rng.integers(0, 2, rollouts.num_rows), dtype=torch.float32)
-    rollouts = B.with_column(rollouts, B.ADV, group_advantages(rewards, spec.group_size).numpy())
+    rollouts = rb.with_column(rollouts, rb.ADV, group_advantages(rewards, spec.group_size).numpy())
     import pyarrow.feather as feather
     feather.write_feather(rollouts, path)
-    n_resp = int(pc.sum(pc.list_value_length(rollouts[B.RESPONSE_IDS])).as_py())
-    n_prompt = int(pc.sum(pc.list_value_length(rollouts[B.PROMPT_IDS])).as_py())
+    n_resp = int(pc.sum(pc.list_value_length(rollouts[rb.RESPONSE_IDS])).as_py())
+    n_prompt = int(pc.sum(pc.list_value_length(rollouts[rb.PROMPT_IDS])).as_py())
     print(f"batch: {rollouts.num_rows} rows ({spec.supervisor.num_prompts_per_step} prompts x {spec.group_size}), "
           f"{n_resp} response tokens, {n_prompt} prompt tokens, longest response "
-          f"{int(pc.max(pc.list_value_length(rollouts[B.RESPONSE_IDS])).as_py())}", flush=True)
+          f"{int(pc.max(pc.list_value_length(rollouts[rb.RESPONSE_IDS])).as_py())}", flush=True)
 
 
 def measure(spec_path: str, overrides: list[str], batch_path: str, repeats: int) -> dict:
@@ -71,10 +72,10 @@ def measure(spec_path: str, overrides: list[str], batch_path: str, repeats: int)
     import pyarrow.feather as feather
     import torch
 
-    from prorl_actors import batch as B
+    from prorl_actors import batch as rb
     from prorl_actors.actors.learner import LearnerActor
     from prorl_actors.actors.reference import ReferenceActor
-    from prorl_actors.spec import load_spec
+    from prorl_actors.config import load_spec
     from prorl_actors.tinymodel import load_tokenizer, resolve_model_path
 
     spec = load_spec(spec_path, overrides)
@@ -97,9 +98,9 @@ def measure(spec_path: str, overrides: list[str], batch_path: str, repeats: int)
         t0 = time.perf_counter()
         stats = learner.update(with_ref, kl)
         learn_s.append(time.perf_counter() - t0)
-    n_resp = int(pc.sum(pc.list_value_length(batch[B.RESPONSE_IDS])).as_py())
-    n_pos = n_resp + int(pc.sum(pc.list_value_length(batch[B.PROMPT_IDS])).as_py())
-    return {"code": os.path.dirname(os.path.dirname(inspect.getfile(B))),
+    n_resp = int(pc.sum(pc.list_value_length(batch[rb.RESPONSE_IDS])).as_py())
+    n_pos = n_resp + int(pc.sum(pc.list_value_length(batch[rb.PROMPT_IDS])).as_py())
+    return {"code": os.path.dirname(os.path.dirname(inspect.getfile(rb))),
             "reference_s": statistics.median(ref_s[1:]), "learn_s": statistics.median(learn_s[1:]),
             "response_tokens": n_resp, "positions": n_pos, "optimizer_steps": stats.get("optimizer_steps"),
             "pad_frac": stats.get("pad_frac"), "clip_frac": stats.get("clip_frac")}
@@ -133,7 +134,7 @@ def main() -> None:
     if args.child:
         return _child(args)
     sys.path.insert(0, ROOT)
-    from prorl_actors.spec import load_spec
+    from prorl_actors.config import load_spec
     spec = load_spec(args.spec, args.overrides)
     batch_path = os.path.join(tempfile.mkdtemp(prefix="prorl-learner-bench-"), "batch.arrow")
     make_batch(spec, batch_path)

@@ -33,7 +33,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prorl_actors.metrics import read_jsonl  # noqa: E402
 
-
 SYNC = ["learner.num_threads=2", "reference.num_threads=2", "algorithm.off_policy_correction.mode=none"]
 
 
@@ -108,7 +107,7 @@ def main() -> None:
     out = Path(a.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    from prorl_actors.spec import load_spec
+    from prorl_actors.config import load_spec
     G = load_spec("specs/tiny-cpu.yaml", a.overrides).group_size
     runs: dict[str, list[dict]] = {s: [] for s in a.staleness}
     for i in range(a.repeats):

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from entropy_control import TUNED, train   # the script's folder is on sys.path: the controller tuned for
-from prorl_actors.spec import load_spec    # the tiny model, and `prorl train` run and streamed
+from prorl_actors.config import load_spec  # the tiny model, and `prorl train` run and streamed
 
 ARMS = {
     "prorl": [],

@@ -101,7 +101,7 @@ def main() -> None:
     out = Path(a.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    from prorl_actors.spec import load_spec
+    from prorl_actors.config import load_spec
     results: dict[str, list[dict]] = {arm: [] for arm in a.arms}
     for seed in a.seeds:
         for arm in a.arms:

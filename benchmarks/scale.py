@@ -48,13 +48,14 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 
-from prorl_actors import batch as B  # noqa: E402
+from prorl_actors import batch as rb  # noqa: E402
 from prorl_actors.actors.generator import GeneratorActor  # noqa: E402
 from prorl_actors.actors.learner import LearnerActor  # noqa: E402
+from prorl_actors.config import load_spec  # noqa: E402
 from prorl_actors.engines.generation import SamplingSpec  # noqa: E402
 from prorl_actors.group import ActorGroup, LearnerGroup  # noqa: E402
 from prorl_actors.placement import Placement  # noqa: E402
-from prorl_actors.spec import load_spec  # noqa: E402
+from prorl_actors.roles import Generator, Role  # noqa: E402
 from prorl_actors.sync import WeightSync  # noqa: E402
 from prorl_actors.tasks import TaskMixture  # noqa: E402
 from prorl_actors.tinymodel import load_tokenizer, resolve_model_path  # noqa: E402
@@ -88,21 +89,21 @@ def prompt_tables(spec, tok, num_tables: int, num_prompts: int, max_new_tokens: 
     limit = spec.generator.max_model_len - max_new_tokens
     tables, gid = [], 0
     for _ in range(num_tables):
-        rows = {B.PROMPT_IDS: [], B.TASK: [], B.ITEM_INDEX: [], B.REFERENCE: [], B.GROUP_ID: []}
-        while len(rows[B.PROMPT_IDS]) < num_prompts:
-            for it in mixture.sample(num_prompts - len(rows[B.PROMPT_IDS])):
+        rows = {rb.PROMPT_IDS: [], rb.TASK: [], rb.ITEM_INDEX: [], rb.REFERENCE: [], rb.GROUP_ID: []}
+        while len(rows[rb.PROMPT_IDS]) < num_prompts:
+            for it in mixture.sample(num_prompts - len(rows[rb.PROMPT_IDS])):
                 text = tok.apply_chat_template(it.messages, tokenize=False, add_generation_prompt=True)
                 ids = tok(text, add_special_tokens=False)["input_ids"]
                 if len(ids) > limit:
                     continue
-                for k, v in ((B.PROMPT_IDS, ids), (B.TASK, it.task), (B.ITEM_INDEX, it.index),
-                             (B.REFERENCE, it.reference), (B.GROUP_ID, gid)):
+                for k, v in ((rb.PROMPT_IDS, ids), (rb.TASK, it.task), (rb.ITEM_INDEX, it.index),
+                             (rb.REFERENCE, it.reference), (rb.GROUP_ID, gid)):
                     rows[k].append(v)
                 gid += 1
         tables.append(pa.table({
-            B.PROMPT_IDS: pa.array(rows[B.PROMPT_IDS], pa.list_(pa.int32())),
-            B.TASK: pa.array(rows[B.TASK], pa.string()), B.ITEM_INDEX: pa.array(rows[B.ITEM_INDEX], pa.int64()),
-            B.REFERENCE: pa.array(rows[B.REFERENCE], pa.string()), B.GROUP_ID: pa.array(rows[B.GROUP_ID], pa.int64())}))
+            rb.PROMPT_IDS: pa.array(rows[rb.PROMPT_IDS], pa.list_(pa.int32())),
+            rb.TASK: pa.array(rows[rb.TASK], pa.string()), rb.ITEM_INDEX: pa.array(rows[rb.ITEM_INDEX], pa.int64()),
+            rb.REFERENCE: pa.array(rows[rb.REFERENCE], pa.string()), rb.GROUP_ID: pa.array(rows[rb.GROUP_ID], pa.int64())}))
     return tables
 
 
@@ -114,17 +115,18 @@ def bench_model(label: str, spec, model_path: Path, fleets: list[int], pushes: i
     sync_rows, gen_rows = [], []
     placement = Placement(spec)
     t0 = time.perf_counter()
-    learner = LearnerGroup(LearnerActor, 1, num_cpus=spec.learner.num_cpus, name="learner",
-                           placement=placement.options("learner"),
-                           args=lambda rank: (str(model_path), spec.learner, spec.algorithm, g.temperature,
-                                              spec.group_size, g.max_new_tokens, tok.pad_token_id, spec.seed))
+    learner = LearnerGroup.for_role(Role.LEARNER, LearnerActor, 1, num_cpus=spec.learner.num_cpus,
+                                    placement=placement.options("learner"),
+                                    args=lambda rank: (str(model_path), spec.learner, spec.algorithm,
+                                                       g.temperature, spec.group_size, g.max_new_tokens,
+                                                       tok.pad_token_id, spec.seed))
     try:
         learner.ping(timeout_s=600)
         log(f"[{label}] learner up in {time.perf_counter() - t0:.1f}s")
         for n in fleets:
             t0 = time.perf_counter()
-            gens = ActorGroup(GeneratorActor, n, num_cpus=g.num_cpus, env=GEN_ENV, name="generator",
-                              args=lambda rank: (str(model_path), spec.model.dtype, g, spec.seed + rank))
+            gens = ActorGroup.for_role(Role.GENERATOR, GeneratorActor, n, num_cpus=g.num_cpus, env=GEN_ENV,
+                                       args=lambda rank: (str(model_path), spec.model.dtype, g, spec.seed + rank))
             try:
                 gens.ping(timeout_s=600)
                 log(f"[{label}] {n} {g.engine} generator(s) up in {time.perf_counter() - t0:.1f}s")
@@ -163,9 +165,9 @@ def bench_generation(label: str, gens: ActorGroup, g, gen: dict) -> dict:
     rates, toks, seqs, secs = [], 0, 0, 0.0
     for i, table in enumerate(tables):
         t0 = time.perf_counter()
-        out = gens.map_table("generate", table, dataclasses.replace(sp, seed=i), num_chunks=chunks)
+        out = gens.map_table(Generator.generate, table, dataclasses.replace(sp, seed=i), num_chunks=chunks)
         s = time.perf_counter() - t0
-        ntok = sum(len(r) for r in out[B.RESPONSE_IDS].to_pylist())
+        ntok = sum(len(r) for r in out[rb.RESPONSE_IDS].to_pylist())
         if out.num_rows != table.num_rows * sp.n:
             raise RuntimeError(f"{out.num_rows} rollouts for {table.num_rows} prompts x {sp.n}")
         log(f"[{label}] {n} gen, generate call {i}{' (warm-up)' if i == 0 else ''}: {out.num_rows} sequences, "

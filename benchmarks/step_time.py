@@ -18,7 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from prorl_actors.cli import connect_ray  # noqa: E402
-from prorl_actors.spec import load_spec  # noqa: E402
+from prorl_actors.config import load_spec  # noqa: E402
 from prorl_actors.metrics import RECORD_PHASES  # noqa: E402
 from prorl_actors.supervisor import Supervisor  # noqa: E402
 from prorl_actors.tinymodel import resolve_model_path  # noqa: E402

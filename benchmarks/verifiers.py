@@ -14,9 +14,9 @@ import time
 
 import pyarrow as pa
 
-from prorl_actors import batch as B
+from prorl_actors import batch as rb
 from prorl_actors.actors.verifier import VerifierActor
-from prorl_actors.spec import build_spec
+from prorl_actors.config import build_spec
 from prorl_actors.tasks import Scorer, validation_items
 
 TASKS = {
@@ -43,13 +43,13 @@ def _responses(scorer: Scorer, items):
 def _table(rows):
     n = len(rows)
     return pa.table({
-        B.PROMPT_IDS: pa.array([[1]] * n, pa.list_(pa.int32())),
-        B.RESPONSE_IDS: pa.array([[2]] * n, pa.list_(pa.int32())),
-        B.SAMPLE_LOGP: pa.array([[0.0]] * n, pa.list_(pa.float32())),
-        B.RESPONSE_TEXT: [r[1] for r in rows], B.TASK: [r[0] for r in rows],
-        B.ITEM_INDEX: pa.array(range(n), pa.int64()), B.REFERENCE: [r[2] for r in rows],
-        B.GROUP_ID: pa.array(range(n), pa.int64()), B.TRUNCATED: [False] * n,
-        B.POLICY_VERSION: pa.array([0] * n, pa.int64())})
+        rb.PROMPT_IDS: pa.array([[1]] * n, pa.list_(pa.int32())),
+        rb.RESPONSE_IDS: pa.array([[2]] * n, pa.list_(pa.int32())),
+        rb.SAMPLE_LOGP: pa.array([[0.0]] * n, pa.list_(pa.float32())),
+        rb.RESPONSE_TEXT: [r[1] for r in rows], rb.TASK: [r[0] for r in rows],
+        rb.ITEM_INDEX: pa.array(range(n), pa.int64()), rb.REFERENCE: [r[2] for r in rows],
+        rb.GROUP_ID: pa.array(range(n), pa.int64()), rb.TRUNCATED: [False] * n,
+        rb.POLICY_VERSION: pa.array([0] * n, pa.int64())})
 
 
 def main() -> None:
@@ -78,8 +78,8 @@ def main() -> None:
         t0 = time.perf_counter()
         out = actor.verify(_table(rows))
         pooled = time.perf_counter() - t0
-        errors = sum(out[B.VERIFY_ERROR].to_pylist()) + sum(out[B.VERIFY_TIMEOUT].to_pylist())
-        reward = sum(out[B.REWARD].to_pylist()) / len(rows)
+        errors = sum(out[rb.VERIFY_ERROR].to_pylist()) + sum(out[rb.VERIFY_TIMEOUT].to_pylist())
+        reward = sum(out[rb.REWARD].to_pylist()) / len(rows)
         print(f"{family:8}{len(rows):8d}{len(rows) / serial:12.0f}{len(rows) / pooled:13.0f}{reward:13.2f}"
               f"{errors:8d}", flush=True)
         actor.close()

@@ -68,7 +68,7 @@ def run_prorl_child(args) -> None:
     job = json.loads(open(args.job).read())
     sys.path.insert(0, job["tree"])
     from prorl_actors.cli import connect_ray
-    from prorl_actors.spec import load_spec
+    from prorl_actors.config import load_spec
     from prorl_actors.supervisor import Supervisor
     spec = load_spec(os.path.join(job["tree"], "specs/tiny-cpu.yaml"), job["overrides"])
     connect_ray(spec)
@@ -103,7 +103,7 @@ def main() -> None:
         return run_prorl_child(args)
     t_all = time.time()
     sys.path.insert(0, ROOT)
-    from prorl_actors.spec import load_spec
+    from prorl_actors.config import load_spec
     from prorl_actors.tasks import TaskMixture
     from prorl_actors.tinymodel import resolve_model_path
 

@@ -6,6 +6,9 @@ Columns are named constants, so no code indexes a batch by a magic string twice.
 generator fills the sampling columns, the verifier adds `reward`, the supervisor adds
 `adv` and the reference adds `ref_logp`. `to_tensors` turns a table into padded torch
 tensors for the learner and the reference.
+
+Imported as `rb` ("rollout batch": `rb.REWARD`, `rb.to_tensors`), never as `B`, which is the
+batch dimension in the shape comments.
 """
 from __future__ import annotations
 

@@ -20,9 +20,20 @@ import sys
 import time
 from pathlib import Path
 
+from prorl_actors.config import load_spec
 from prorl_actors.errors import InputError
+from prorl_actors.events import Event
 from prorl_actors.quiet import quiet_known_noise
-from prorl_actors.spec import SpecError, load_spec, to_yaml
+from prorl_actors.spec import FAMILIES, SpecError, to_yaml
+from prorl_actors.tasks import OOD_EVAL_DATASETS, check_sources
+from prorl_actors.tasks.checks import generator_names
+from prorl_actors.tasks.convert import convert_file
+from prorl_actors.tasks.files import DataError
+
+# torch, Ray, transformers and matplotlib come in through checkpoint, supervisor, tinymodel,
+# evaluate, monitor and plots: those are imported inside the commands that use them, so that
+# `prorl validate` and `prorl tasks` start in a fraction of a second (no circle needs it:
+# tests/test_architecture.py)
 
 
 def _load(args):
@@ -35,7 +46,6 @@ def _load(args):
 def _check_sources(spec) -> list[str]:
     """The model directory there and every data file of the spec read and every row checked,
     before anything starts -> what each task holds."""
-    from prorl_actors.tasks import check_sources
     if spec.model.path is not None and not (Path(spec.model.path) / "config.json").is_file():
         raise InputError(f"model.path {spec.model.path}: not a model directory (no config.json there)")
     return (["data.tasks:"] + [f"  {ln}" for ln in check_sources(spec.data.tasks)]
@@ -163,9 +173,9 @@ def cmd_train(args) -> int:
     try:
         sup = Supervisor(spec, model_path, log=log, resume_from=ckpt, stop=stop)
         for c, aside, why in damaged:
-            sup.records.event("checkpoint_damaged", sup.step, checkpoint=str(c), moved_to=str(aside), problem=why)
+            sup.records.event(Event.CHECKPOINT_DAMAGED, sup.step, checkpoint=str(c), moved_to=str(aside), problem=why)
         if changes:
-            sup.records.event("spec_changed", sup.step, changes=changes)
+            sup.records.event(Event.SPEC_CHANGED, sup.step, changes=changes)
         try:
             result = sup.run()
         finally:
@@ -253,8 +263,6 @@ def cmd_make_tiny_model(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from prorl_actors.tasks.convert import convert_file
-    from prorl_actors.tasks.files import DataError
     try:
         convert_file(args.format, args.input, args.output, strict=args.strict)
     except FileNotFoundError as e:
@@ -283,8 +291,6 @@ def cmd_checkpoint_verify(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from prorl_actors.spec import FAMILIES
-    from prorl_actors.tasks import OOD_EVAL_DATASETS, generator_names
     if args.yaml:   # the default training mix: every generator of the family but the held-out ones
         for fam in [args.family] if args.family else FAMILIES:
             for n in generator_names(fam):
@@ -352,7 +358,7 @@ def main(argv=None) -> int:
     v.add_argument("dir", help="a checkpoint directory (step_NNNNNN)")
     v.set_defaults(fn=cmd_checkpoint_verify)
     sp = sub.add_parser("tasks", help="list the generators each task family can name as `dataset`")
-    sp.add_argument("family", nargs="?", choices=["math", "code", "stem", "logic", "ifeval"])
+    sp.add_argument("family", nargs="?", choices=FAMILIES)
     sp.add_argument("--yaml", action="store_true", help="print data.tasks entries for every generator but "
                                                         "the held-out evaluation ones (a default training mix)")
     sp.set_defaults(fn=cmd_tasks)

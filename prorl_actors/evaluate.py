@@ -42,19 +42,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from prorl_actors import batch as B
+from prorl_actors import batch as rb
 from prorl_actors.actors.generator import GENERATOR_ENV, GeneratorActor
 from prorl_actors.actors.verifier import VerifierActor
 from prorl_actors.algo import VERDICTS, boundary_verdict, novel_ngrams, pass_at_k_diff, pass_at_k_mean
 from prorl_actors.engines.generation import SamplingSpec, generation_chunks
 from prorl_actors.group import ActorGroup
 from prorl_actors.plots import plot_passk
+from prorl_actors.roles import Generator, Role, Verifier
 from prorl_actors.spec import RunSpec
 from prorl_actors.tasks import Item, validation_items
 from prorl_actors.tinymodel import load_tokenizer
 
-SAMPLE_COLUMNS = (B.TASK, B.ITEM_INDEX, B.RESPONSE_TEXT, B.REWARD, B.FORMATTED, B.TRUNCATED, B.VERIFY_ERROR,
-                  B.VERIFY_TIMEOUT)
+SAMPLE_COLUMNS = (rb.TASK, rb.ITEM_INDEX, rb.RESPONSE_TEXT, rb.REWARD, rb.FORMATTED, rb.TRUNCATED, rb.VERIFY_ERROR,
+                  rb.VERIFY_TIMEOUT)
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -78,12 +79,12 @@ def prompt_tables(items: list[Item], tokenizers: dict, max_prompt_tokens: int,
     tokenization}; the others go to `rejected`, once each."""
     tables, too_long = {}, {}
     for label, tok in tokenizers.items():
-        tables[label], bad = B.make_prompts(items, tok, max_prompt_tokens, 0)
+        tables[label], bad = rb.make_prompts(items, tok, max_prompt_tokens, 0)
         for it, why in bad:
             too_long.setdefault((it.task, it.index), f"prompt too long for the {label} model: {why}")
     rejected += [{"task": t, "item_index": i, "error": why} for (t, i), why in too_long.items()]
     fits = lambda table: pa.array([(t, i) not in too_long for t, i in zip(  # noqa: E731
-        table[B.TASK].to_pylist(), table[B.ITEM_INDEX].to_pylist())], pa.bool_())
+        table[rb.TASK].to_pylist(), table[rb.ITEM_INDEX].to_pylist())], pa.bool_())
     return {label: table.filter(fits(table)) for label, table in tables.items()}
 
 
@@ -97,9 +98,9 @@ class Evaluator:
         ft = spec.fault_tolerance
         self.common = dict(max_restarts=ft.max_actor_restarts, call_timeout_s=ft.call_timeout_s,
                            on_event=lambda kind, step=None, **f: log(f"{kind.replace('_', ' ')}: {f}"))
-        self.verifiers = ActorGroup(VerifierActor, spec.verifier.num_actors, num_cpus=spec.verifier.num_cpus,
-                                    args=(spec.data, spec.verifier, spec.validation.tasks), name="verifier",
-                                    **self.common)
+        self.verifiers = ActorGroup.for_role(Role.VERIFIER, VerifierActor, spec.verifier.num_actors,
+                                             num_cpus=spec.verifier.num_cpus,
+                                             args=(spec.data, spec.verifier, spec.validation.tasks), **self.common)
         self.verifiers.ping(timeout_s=600)
 
     def sampling(self) -> SamplingSpec:
@@ -112,22 +113,23 @@ class Evaluator:
         consecutive rows per prompt, task by task (one progress line each)."""
         spec, g, sp = self.spec, self.spec.generator, self.sampling()
         t0 = time.time()
-        gens = ActorGroup(GeneratorActor, g.num_actors, num_cpus=g.num_cpus, num_gpus=g.num_gpus, env=GENERATOR_ENV,
-                          args=lambda rank: (str(model_path), spec.model.dtype, g, spec.seed + rank),
-                          name="generator", **self.common)
+        gens = ActorGroup.for_role(Role.GENERATOR, GeneratorActor, g.num_actors, num_cpus=g.num_cpus,
+                                   num_gpus=g.num_gpus, env=GENERATOR_ENV,
+                                   args=lambda rank: (str(model_path), spec.model.dtype, g, spec.seed + rank),
+                                   **self.common)
         try:
             gens.ping(timeout_s=600)
             self.log(f"{label}: {len(gens)} generator ({g.engine}) up in {time.time() - t0:.0f}s: {model_path}")
             fill = g.vllm.max_num_seqs if g.engine == "vllm" else g.hf_batch_size
             out = []
-            for task in dict.fromkeys(prompts[B.TASK].to_pylist()):   # in order
+            for task in dict.fromkeys(prompts[rb.TASK].to_pylist()):   # in order
                 t1 = time.time()
-                rows = prompts.filter(pc.equal(prompts[B.TASK], task))
+                rows = prompts.filter(pc.equal(prompts[rb.TASK], task))
                 chunks = generation_chunks(rows.num_rows, sp.n, g.num_actors, g.chunks_per_actor, fill)
-                rollouts = gens.map_table("generate", rows, sp, num_chunks=chunks)
-                rollouts = self.verifiers.map_table("verify", rollouts, rows_per_unit=sp.n)
-                tokens = pc.sum(pc.list_value_length(rollouts[B.RESPONSE_IDS])).as_py() or 0
-                correct = rollouts[B.REWARD].to_numpy().reshape(-1, sp.n) >= 1.0           # (P, n)
+                rollouts = gens.map_table(Generator.generate, rows, sp, num_chunks=chunks)
+                rollouts = self.verifiers.map_table(Verifier.verify, rollouts, rows_per_unit=sp.n)
+                tokens = pc.sum(pc.list_value_length(rollouts[rb.RESPONSE_IDS])).as_py() or 0
+                correct = rollouts[rb.REWARD].to_numpy().reshape(-1, sp.n) >= 1.0           # (P, n)
                 self.log(f"{label}: {task}: {rows.num_rows} prompts x {sp.n}: pass@1 {correct.mean():.3f}, "
                          f"solved {correct.any(1).mean():.3f} ({time.time() - t1:.0f}s, "
                          f"{tokens / max(time.time() - t1, 1e-9):,.0f} tokens/s)")
@@ -143,9 +145,9 @@ class Evaluator:
 # ------------------------------------------------------------------------------ results
 def by_prompt(rollouts: pa.Table, n: int) -> dict[str, dict[int, tuple[np.ndarray, list[str]]]]:
     """-> {task: {item index: (correct (n,) bool, the n response texts)}} in row order."""
-    correct = rollouts[B.REWARD].to_numpy().reshape(-1, n) >= 1.0                      # (P, n)
-    texts = rollouts[B.RESPONSE_TEXT].to_pylist()
-    keys = list(zip(rollouts[B.TASK].to_pylist(), rollouts[B.ITEM_INDEX].to_pylist()))
+    correct = rollouts[rb.REWARD].to_numpy().reshape(-1, n) >= 1.0                      # (P, n)
+    texts = rollouts[rb.RESPONSE_TEXT].to_pylist()
+    keys = list(zip(rollouts[rb.TASK].to_pylist(), rollouts[rb.ITEM_INDEX].to_pylist()))
     out: dict = {}
     for p in range(len(keys) // n):
         block = keys[p * n:(p + 1) * n]
@@ -166,17 +168,17 @@ def task_results(rollouts: pa.Table, n: int, ks: list[int], info: dict[str, dict
     answer format was followed and the response cut, verifier failures, per-prompt counts."""
     out = {task: {**i, "num_prompts": 0} for task, i in info.items()}   # a task left without a prompt stays
     for task, prompts in by_prompt(rollouts, n).items():
-        rows = rollouts.filter(pc.equal(rollouts[B.TASK], task))
+        rows = rollouts.filter(pc.equal(rollouts[rb.TASK], task))
         counts = [int(c.sum()) for c, _ in prompts.values()]
         out[task] = {**info[task], "num_prompts": len(counts),
                      "pass@1": float(np.mean([c.mean() for c, _ in prompts.values()])),
                      **curve(counts, n, ks),
                      "solved_frac": float(np.mean([c > 0 for c in counts])),
-                     "format_frac": float(rows[B.FORMATTED].to_numpy(zero_copy_only=False).mean()),
-                     "truncated_frac": float(rows[B.TRUNCATED].to_numpy(zero_copy_only=False).mean()),
-                     "response_tokens_mean": float(pc.mean(pc.list_value_length(rows[B.RESPONSE_IDS])).as_py()),
-                     "verify_errors": int(rows[B.VERIFY_ERROR].to_numpy(zero_copy_only=False).sum()),
-                     "verify_timeouts": int(rows[B.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False).sum()),
+                     "format_frac": float(rows[rb.FORMATTED].to_numpy(zero_copy_only=False).mean()),
+                     "truncated_frac": float(rows[rb.TRUNCATED].to_numpy(zero_copy_only=False).mean()),
+                     "response_tokens_mean": float(pc.mean(pc.list_value_length(rows[rb.RESPONSE_IDS])).as_py()),
+                     "verify_errors": int(rows[rb.VERIFY_ERROR].to_numpy(zero_copy_only=False).sum()),
+                     "verify_timeouts": int(rows[rb.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False).sum()),
                      "correct_per_prompt": dict(zip(map(str, prompts), counts))}
     return out
 
@@ -186,9 +188,9 @@ FORMAT_MAJORITY = 0.5   # a base with fewer of its responses in the answer forma
 
 def format_share(rollouts: pa.Table, task: str, items: list[int]) -> float:
     """The share of `task`'s responses to the prompts `items` that are in the family's answer format."""
-    rows = rollouts.filter(pc.and_(pc.equal(rollouts[B.TASK], task),
-                                   pc.is_in(rollouts[B.ITEM_INDEX], pa.array(items, pa.int64()))))
-    return float(rows[B.FORMATTED].to_numpy(zero_copy_only=False).mean())
+    rows = rollouts.filter(pc.and_(pc.equal(rollouts[rb.TASK], task),
+                                   pc.is_in(rollouts[rb.ITEM_INDEX], pa.array(items, pa.int64()))))
+    return float(rows[rb.FORMATTED].to_numpy(zero_copy_only=False).mean())
 
 
 def boundary(model: pa.Table, base: pa.Table, n: int, ks: list[int], info: dict[str, dict], ngram: int,
@@ -276,7 +278,7 @@ def markdown(report: dict) -> str:
 def write_samples(rollouts: pa.Table, path: Path) -> None:
     """Every response with its reward and flags (the token columns left out), zstd Parquet."""
     table = rollouts.select(list(SAMPLE_COLUMNS)).append_column(
-        "response_tokens", pc.list_value_length(rollouts[B.RESPONSE_IDS]))
+        "response_tokens", pc.list_value_length(rollouts[rb.RESPONSE_IDS]))
     pq.write_table(table, path, compression="zstd")
 
 

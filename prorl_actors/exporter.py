@@ -28,10 +28,11 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
-from prorl_actors.algo.resets import trigger_of
+from prorl_actors.events import Event
 from prorl_actors.metrics import RECORD_PHASES
+from prorl_actors.roles import Role
 
-ROLES = ("generator", "verifier", "learner", "reference")
+ROLES = tuple(Role)
 
 # gauges from the last step record: (metric, record key, help)
 STEP_GAUGES = (
@@ -143,6 +144,8 @@ VALIDATION_TASK_GAUGES = (
 )
 PASS_AT_K = ("prorl_supervisor_validation_task_pass_at_k", "held-out pass@k (unbiased estimator)")
 # counters of events: (metric, event kind, label taken from the event (or None), help)
+# the label `reason` of the reset counter (its name predates the field) is the event's `trigger`
+LABEL_FIELD = {"reason": "trigger"}
 EVENT_COUNTERS = (
     ("prorl_supervisor_reference_resets_total", "reference_reset", "reason",
      "reference resets (reference <- policy), by trigger"),
@@ -279,16 +282,16 @@ class RunFigures:
             self._set(PASS_AT_K[0], (task, k), v)
 
     def _event(self, e):
-        if e["event"] == "run_end":
+        if e["event"] == Event.RUN_END:
             self.run_end_step = e["step"]
-        elif e["event"] == "checkpoint":
+        elif e["event"] == Event.CHECKPOINT:
             self._set("prorl_supervisor_last_checkpoint_step", (), e["step"])
 
     def _count_event(self, e):
         for name, kind, label, help in EVENT_COUNTERS:
             if e.get("event") == kind:
-                v = str(e.get(label, "")) if label else None
-                self._inc(name, ((trigger_of(v) if label == "reason" else v),) if label else (), 1)
+                v = str(e.get(LABEL_FIELD.get(label, label), "unrecorded")) if label else None
+                self._inc(name, (v,) if label else (), 1)
 
 
 def families(run: str, num_steps: int, last_progress: float, figures: RunFigures, errors: int = 0):

@@ -1,12 +1,17 @@
 """ActorGroup: N Ray actors of one role, and what happens when one of them dies.
 
-The group owns creation, fan-out of work across its actors, waiting, and replacement:
-- A stateless role (generators, verifiers) heals itself: when an actor dies in the middle of
-  a call (its process killed, its node gone, or a call over `call_timeout_s`), the group
-  starts a replacement, brings it up to date (`on_restart`, e.g. the current weights) and
-  sends it the same piece of work again, so the caller gets every row it asked for.
-- A stateful role (learner, reference) raises `ActorLost`: only the supervisor knows what
-  state to restore (from a checkpoint or from weights it holds) before calling `replace`.
+The group owns creation, fan-out of work across its actors, waiting, and replacement. It is
+called with methods of its role's interface (roles.py), `group.call_all(Generator.set_weights,
+...)`, and refuses any other. When an actor dies in the middle of a call (its process killed,
+its node gone, or a call over `call_timeout_s`), the group does what the role's restart strategy
+(roles.RESTART) says:
+- REPLACE (generators, verifiers): a replacement is started, brought up to date (`on_restart`,
+  e.g. the current weights) and sent the same piece of work again, so the caller gets every
+  row it asked for;
+- REBUILD (reference): a replacement is started and restored (`on_restart`: the weights of the
+  last reset), and the whole call is made again;
+- ROLL_BACK (learner): `ActorLost` is raised; the run rolls back to its last checkpoint and
+  calls `replace`, whose `on_restart` restores the checkpoint's state.
 Every replacement is an `actor_restarted` event and counts against `max_restarts`.
 Waiting polls, so that a SIGTERM (`should_stop`) can interrupt a long call with `Preempted`.
 """
@@ -20,6 +25,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
+
+from prorl_actors.events import Event
+from prorl_actors.roles import INTERFACE, RESTART, Restart, Role
 
 POLL_S = 0.2
 PEER_GRACE_S = 30.0   # how long an error in one rank waits for a peer's death to explain it
@@ -44,16 +52,25 @@ class TooManyRestarts(RuntimeError):
 class ActorGroup:
     def __init__(self, cls, num_actors: int, *, num_cpus: float, num_gpus: float = 0.0,
                  env: dict[str, str] | None = None, args: tuple | Callable[[int], tuple] = (),
-                 name: str | None = None, stateless: bool = True, max_restarts: int = 20,
-                 call_timeout_s: float = 0.0, on_restart: Callable | None = None,
+                 name: str | None = None, interface: type | None = None, restart: Restart = Restart.REPLACE,
+                 max_restarts: int = 20, call_timeout_s: float = 0.0, on_restart: Callable | None = None,
                  on_event: Callable | None = None, should_stop: Callable[[], bool] = lambda: False,
                  placement: Callable[[int], dict] | None = None):
         """`args` are the constructor's, or a function of the actor's rank giving them (evaluated
         at every start, so a replacement can be built from state that has moved on);
-        on_restart(actor) brings a fresh replacement up to date; on_event(kind, **fields) records;
-        placement(rank) -> extra actor options (a placement group's bundle: placement.py)."""
+        interface: the class whose methods the group may be called with (default: `cls`);
+        restart: what a death does (see the module's docstring); on_restart(actor) brings a
+        fresh replacement up to date; on_event(kind, **fields) records; placement(rank) -> extra
+        actor options (a placement group's bundle: placement.py). `for_role` fills name,
+        interface and restart from roles.py."""
         self.role = name or cls.__name__
-        self.stateless, self.max_restarts, self.call_timeout_s = stateless, max_restarts, call_timeout_s
+        self.interface = interface or cls
+        missing = [m for m in _methods(self.interface) if not callable(getattr(cls, m, None))]
+        if missing:
+            raise TypeError(f"{cls.__name__} lacks {', '.join(missing)} of {self.interface.__name__}")
+        if restart is Restart.REBUILD and on_restart is None:
+            raise TypeError(f"{self.role}: restart REBUILD needs on_restart (what a rebuilt actor is given)")
+        self.restart, self.max_restarts, self.call_timeout_s = restart, max_restarts, call_timeout_s
         self.on_restart, self.on_event, self.should_stop = on_restart, on_event or (lambda *a, **k: None), should_stop
         self._remote = ray.remote(cls)
         self._opts = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)  # we restart, with state
@@ -67,6 +84,18 @@ class ActorGroup:
         # own work or for `refs`, and returns False when it cannot run now (re-entered)
         self.background: Callable[[float, list], bool] | None = None
         self.actors = [self._spawn(rank) for rank in range(num_actors)]
+
+    @classmethod
+    def for_role(cls, role: Role, actor_cls, num_actors: int, **kw) -> ActorGroup:
+        """A group of one of the run's roles: its interface and restart strategy from roles.py."""
+        return cls(actor_cls, num_actors, name=role.value, interface=INTERFACE[role], restart=RESTART[role], **kw)
+
+    def method_name(self, method: Callable) -> str:
+        """The name of `method`, a function of the group's interface; TypeError for anything else."""
+        name = getattr(method, "__name__", None)
+        if name is None or getattr(self.interface, name, None) is not method:
+            raise TypeError(f"{self.role}: {method!r} is not a method of {self.interface.__name__}")
+        return name
 
     def _spawn(self, rank: int):
         return self._remote.options(**self._opts, **self._placement(rank)).remote(*self._args_for(rank))
@@ -101,12 +130,12 @@ class ActorGroup:
                         raise
                     dead[key] = _cause(e)
                 except Exception as e:
-                    if self.stateless or len(calls) == 1:
+                    if self.restart.resends_pieces or len(calls) == 1:
                         raise
                     # ranks in a collective: a peer's death reaches the others as an error of
                     # their own ("connection closed by peer"), often before Ray reports the death
                     errors.setdefault(key, (e, time.monotonic()))
-            if dead and not self.stateless:   # the others may wait on the dead one in a collective
+            if dead and not self.restart.resends_pieces:   # the others may wait on the dead one in a collective
                 return done, dead
             if errors and (not waiting or time.monotonic() - min(t for _, t in errors.values()) > PEER_GRACE_S):
                 raise next(iter(errors.values()))[0]     # no death behind it: a bug
@@ -137,7 +166,7 @@ class ActorGroup:
             except ActorLost as e:         # a rank of the replacement died while it was brought up to date
                 cause = f"replacement died while starting: {e.cause}"
                 continue
-            self.on_event("actor_restarted", role=self.role, rank=rank, cause=cause, step=step,
+            self.on_event(Event.ACTOR_RESTARTED, role=self.role, rank=rank, cause=cause, step=step,
                           restart_s=round(time.monotonic() - t0, 3), restarts=self.restarts)
             return
 
@@ -151,17 +180,32 @@ class ActorGroup:
         ray.get(self.actors[rank].ping.remote(), timeout=max(600.0, self.call_timeout_s))
 
     def _lost(self, rank: int, cause: str, step: int | None):
-        """A death: a stateless role replaces the actor (the caller re-sends its work); a
-        stateful role leaves it to the supervisor."""
-        self.on_event("actor_died", role=self.role, rank=rank, cause=cause, step=step)
-        if not self.stateless:
+        """A death: under REPLACE the actor is replaced (the caller re-sends its piece); otherwise
+        ActorLost (REBUILD: the group's call catches it, rebuilds and calls again)."""
+        self.on_event(Event.ACTOR_DIED, role=self.role, rank=rank, cause=cause, step=step)
+        if not self.restart.resends_pieces:
             raise ActorLost(self.role, rank, cause)
         self.replace(rank, cause, step)
 
+    def _healing(self, call: Callable, step: int | None):
+        """call() -> its result; under REBUILD a death rebuilds the actor and makes the call again."""
+        while True:
+            try:
+                return call()
+            except ActorLost as e:
+                if self.restart is not Restart.REBUILD:
+                    raise
+                self.replace(e.rank, e.cause, step=step)
+
     # ------------------------------------------------------------------ calls
-    def _call(self, method: str, args: tuple, ranks: list[int], step: int | None,
+    def _call(self, method: Callable, args: tuple, ranks: list[int], step: int | None,
               timeout_s: float | None = None) -> dict:
         """The same call on the actors at `ranks` -> {rank: result} (a replacement gets it again)."""
+        name = self.method_name(method)
+        return self._healing(lambda: self._call_ranks(name, args, ranks, step, timeout_s), step)
+
+    def _call_ranks(self, method: str, args: tuple, ranks: list[int], step: int | None,
+                    timeout_s: float | None) -> dict:
         results, todo = {}, list(ranks)
         if len(ranks) > 1:   # a batch sent to every rank is stored once, not once per call
             args = tuple(ray.put(a) if isinstance(a, pa.Table) else a for a in args)
@@ -173,24 +217,28 @@ class ActorGroup:
             todo = sorted(dead)
         return results
 
-    def call_all(self, method: str, *args, step: int | None = None, timeout_s: float | None = None) -> list:
+    def call_all(self, method: Callable, *args, step: int | None = None, timeout_s: float | None = None) -> list:
         """The same call on every actor -> list of results (timeout_s: its deadline, default the
         group's call_timeout_s)."""
         results = self._call(method, args, list(range(len(self.actors))), step, timeout_s)
         return [results[r] for r in range(len(self.actors))]
 
-    def call_one(self, method: str, *args, step: int | None = None):
-        """Roles with state kept once (learner, reference) use actor 0."""
+    def call_one(self, method: Callable, *args, step: int | None = None):
+        """Actor 0's answer (state kept once: the reference's save, the learner's)."""
         return self._call(method, args, [0], step)[0]
 
-    def map_table(self, method: str, table: pa.Table, *args, rows_per_unit: int = 1, num_chunks: int | None = None,
-                  step: int | None = None) -> pa.Table:
+    def map_table(self, method: Callable, table: pa.Table, *args, rows_per_unit: int = 1,
+                  num_chunks: int | None = None, step: int | None = None) -> pa.Table:
         """Split `table` into `num_chunks` contiguous chunks of whole units (e.g. groups of G
         rows; default: one chunk per actor), call `method(chunk, *args)` and concatenate the
         results in chunk order. Each actor works on one chunk at a time and takes the next one
         when it is done, so a faster actor takes more (load balancing); which actor ran a chunk
-        does not change its result. A chunk whose actor dies goes to its replacement."""
+        does not change its result. A chunk whose actor dies goes to its replacement (REPLACE),
+        or the call is made again after the rebuild (REBUILD)."""
         chunks = split_table(table, rows_per_unit, num_chunks or len(self.actors))
+        return self._healing(lambda: self._map_chunks(method, chunks, args, step), step)
+
+    def _map_chunks(self, method: Callable, chunks: list[pa.Table], args: tuple, step: int | None) -> pa.Table:
         pool = WorkPool(self)
         for c, chunk in enumerate(chunks):
             pool.submit(c, method, chunk, *args)
@@ -202,6 +250,7 @@ class ActorGroup:
         return pa.concat_tables([results[c] for c in range(len(chunks))])
 
     def ping(self, timeout_s: float = 60.0) -> list[str]:
+        """Every actor's answer to RoleActor.ping (the group's health check)."""
         return ray.get([a.ping.remote() for a in self.actors], timeout=timeout_s)
 
     def kill(self) -> None:
@@ -222,7 +271,7 @@ def split_table(table: pa.Table, rows_per_unit: int, num_chunks: int) -> list[pa
 
 
 class WorkPool:
-    """Pieces of work for a stateless group, each actor running one piece at a time, results
+    """Pieces of work for a group, each actor running one piece at a time, results
     collected as they come (`poll`), so that a caller can do other things in between: the
     rollout producer streams generation into verification with it, and map_table waits on it.
 
@@ -242,8 +291,9 @@ class WorkPool:
         self.busy_s = 0.0
         self.held = False                                   # True: nothing new is handed out
 
-    def submit(self, key, method: str, *args) -> None:
-        self.work[key] = (method, args)
+    def submit(self, key, method: Callable, *args) -> None:
+        """A piece: method (of the group's interface) called with args on the next free actor."""
+        self.work[key] = (self.group.method_name(method), args)
         self.queue.append(key)
 
     def pending(self) -> int:
@@ -305,7 +355,7 @@ class WorkPool:
                 self.failed_on.setdefault(key, []).append(rank)   # another actor tries it first
                 n = len(self.failed_on[key])
                 cause = _error(e)
-                g.on_event("work_failed", role=g.role, rank=rank, method=self.work[key][0], cause=cause,
+                g.on_event(Event.WORK_FAILED, role=g.role, rank=rank, method=self.work[key][0], cause=cause,
                            attempt=n, step=step)
                 if n > self.retries:
                     done[key] = PieceFailed(cause)
@@ -321,7 +371,7 @@ class WorkPool:
         for rank, (key, cause) in sorted(dead.items()):
             g._lost(rank, cause, step)
             method, args = self.work[key]
-            g.on_event("work_redispatched", role=g.role, rank=rank, method=method,
+            g.on_event(Event.WORK_REDISPATCHED, role=g.role, rank=rank, method=method,
                        rows=args[0].num_rows if args and isinstance(args[0], pa.Table) else None, step=step)
             self.queue.insert(0, key)
             self.idle.insert(0, rank)
@@ -356,12 +406,13 @@ class LearnerGroup(ActorGroup):
     meet in collectives) and answers rank 0's result. The ranks rendezvous at a fresh
     tcp://host:port on the node of rank 0's bundle at every start; the constructor gets
     (*args, rank, world_size, dist_url). A rank's death loses the group's optimizer state
-    (ActorLost); `replace` then builds every rank again and `on_restart` restores them."""
+    (ActorLost: its restart strategy is ROLL_BACK whatever its role); `replace` then builds
+    every rank again and `on_restart` restores them."""
 
     def __init__(self, cls, num_actors: int, **kw):
         self._world = num_actors
         self.dist_url = self._rendezvous(kw.get("placement") or (lambda rank: {}))
-        super().__init__(cls, num_actors, stateless=False, **kw)
+        super().__init__(cls, num_actors, **{**kw, "restart": Restart.ROLL_BACK})
 
     @staticmethod
     def _rendezvous(placement: Callable[[int], dict]) -> str:
@@ -378,7 +429,7 @@ class LearnerGroup(ActorGroup):
         self.actors = [self._spawn(r) for r in range(self._world)]
         ray.get([a.ping.remote() for a in self.actors], timeout=max(600.0, self.call_timeout_s))
 
-    def call_one(self, method: str, *args, step: int | None = None):
+    def call_one(self, method: Callable, *args, step: int | None = None):
         """Every rank is called; rank 0's answer."""
         return self.call_all(method, *args, step=step)[0]
 
@@ -398,3 +449,8 @@ def _cause(e: Exception) -> str:
     lines = [ln.strip() for ln in str(e).strip().splitlines()]
     pid = next((ln for ln in lines if ln.startswith("pid:")), None)
     return (f"{type(e).__name__}: {lines[0] if lines else ''}" + (f" ({pid})" if pid else ""))[:300]
+
+
+def _methods(interface: type) -> list[str]:
+    """The public methods an interface declares (a Protocol's, or a class's own)."""
+    return [n for n, v in vars(interface).items() if callable(v) and not n.startswith("_")]

@@ -13,16 +13,30 @@ import json
 import math
 import os
 import time
+from collections import Counter
+from enum import StrEnum
 from functools import partial
 from pathlib import Path
+
+from prorl_actors.events import LIFE_EVENTS, Event
+
 
 # the phases of a step, timed in every metrics.jsonl line as time/<phase>_s (with time/other_s):
 # generate and verify are the step's batch's own (made ahead, in the background, when
 # supervisor.max_staleness > 0); wait is how long the step waited for it; wait + reference + learn
 # + sync + other is the step's wall time (sync: staging the new version, and pushing the batch's)
-PHASES = ("generate", "verify", "wait", "reference", "learn", "sync")
+class Phase(StrEnum):
+    GENERATE = "generate"
+    VERIFY = "verify"
+    WAIT = "wait"
+    REFERENCE = "reference"
+    LEARN = "learn"
+    SYNC = "sync"
+
+
+PHASES = tuple(Phase)
 RECORD_PHASES = (*PHASES, "other")
-STEP_PHASES = ("wait", "reference", "learn", "sync", "other")   # these add up to step_s
+STEP_PHASES = (Phase.WAIT, Phase.REFERENCE, Phase.LEARN, Phase.SYNC, "other")   # these add up to step_s
 
 # the keys every metrics.jsonl line has (others are added per task: reward/<task>, ...)
 STEP_KEYS = ("step", "reward_mean", "accuracy", "entropy", "kl", "kl_coef", "clip_frac_low",
@@ -58,14 +72,20 @@ class RunRecords:
         """sinks: what sees the records as they stand whenever the files are opened (at the start,
         after a roll-back; with the rolled-back lines) and every record written after that, through
         `load(steps, validations, events, rolled_back)` and `observe(file, record)`: the Prometheus
-        exporter (exporter.Exporter) and the experiment trackers (trackers.Trackers)."""
+        exporter (exporter.Exporter) and the experiment trackers (trackers.Trackers).
+
+        The records also count the events of the run's life (deaths, restarts, rollbacks,
+        resumes: events.LIFE_EVENTS), over every driver of the run: `life_count`."""
         self.run_dir, self.sinks = run_dir, [s for s in sinks if s is not None]
+        self._life: Counter = Counter()       # (event, role or None) -> how many, in events.jsonl
         self._open()
 
     def _open(self) -> None:
         names = ("metrics", "validation", "events")
+        events = read_jsonl(self.run_dir / "events.jsonl")
+        self._life = Counter((e["event"], e.get("role")) for e in events if e.get("event") in LIFE_EVENTS)
         if self.sinks:
-            standing = [read_jsonl(self.run_dir / f"{n}.jsonl") for n in names]
+            standing = [read_jsonl(self.run_dir / f"{n}.jsonl") for n in names[:2]] + [events]
             rolled_back = read_jsonl(self.run_dir / "rolled_back.jsonl")
             for sink in self.sinks:
                 sink.load(*standing, rolled_back=rolled_back)
@@ -83,17 +103,25 @@ class RunRecords:
         self._open()
         return moved
 
-    def event(self, kind: str, step: int, **fields) -> None:
+    def event(self, kind: Event, step: int, **fields) -> None:
+        """An events.jsonl line; `kind` must be an Event (ValueError otherwise)."""
+        kind = Event(kind)
         self.events.write({"event": kind, "step": step, "time": time.time(), **fields})
+        if kind in LIFE_EVENTS:
+            self._life[(kind, fields.get("role"))] += 1
+
+    def life_count(self, kind: Event, role: str | None = None) -> int:
+        """How many `kind` events (of LIFE_EVENTS; of `role`'s actors, when given) the run has
+        had, over all its drivers."""
+        if kind not in LIFE_EVENTS:
+            raise ValueError(f"{kind} is not counted: not one of events.LIFE_EVENTS")
+        if role is not None:
+            return self._life[(kind, role)]
+        return sum(n for (k, _), n in self._life.items() if k == kind)
 
     def close(self) -> None:
         for log in (self.metrics, self.validation, self.events):
             log.close()
-
-
-# events about the run itself, not about its training steps: never rolled back
-LIFE_EVENTS = ("actor_died", "actor_restarted", "work_redispatched", "rolled_back", "run_resumed", "preempted",
-               "spec_changed", "checkpoint_damaged")
 
 
 def roll_back_records(run_dir: Path, step: int, validated_to: int | None = None) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from prorl_actors.algo.resets import trigger_of
+from prorl_actors.events import Event
 from prorl_actors.metrics import STEP_PHASES, read_jsonl
 
 RESET_COLORS = {"scheduled": "tab:green", "validation": "tab:orange", "kl": "tab:red"}
@@ -28,8 +28,8 @@ def plot_run(run_dir: Path) -> list[Path]:
 
     m = read_jsonl(run_dir / "metrics.jsonl")
     v = read_jsonl(run_dir / "validation.jsonl")
-    resets = [(e["step"], trigger_of(e.get("reason", ""))) for e in read_jsonl(run_dir / "events.jsonl")
-              if e["event"] == "reference_reset"]
+    resets = [(e["step"], e.get("trigger", "unrecorded")) for e in read_jsonl(run_dir / "events.jsonl")
+              if e["event"] == Event.REFERENCE_RESET]
     steps = [r["step"] for r in m]
 
     def mark_resets(ax):

@@ -25,11 +25,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from prorl_actors import batch as B
+from prorl_actors import batch as rb
 from prorl_actors.algo import length_penalty_on, pass_at_k_mean
 from prorl_actors.engines.generation import SamplingSpec, generation_chunks
+from prorl_actors.events import Event
 from prorl_actors.group import ActorLost, Preempted
-from prorl_actors.metrics import PHASES, read_jsonl
+from prorl_actors.metrics import PHASES, Phase, read_jsonl
+from prorl_actors.roles import Generator, Verifier
 from prorl_actors.runtime.consumer import trainable_batch
 from prorl_actors.runtime.lifecycle import RunLifecycle, StopFlag
 from prorl_actors.runtime.producer import Fill
@@ -43,7 +45,7 @@ class PhaseTimer:
         self.s = {p: 0.0 for p in PHASES}
 
     @contextmanager
-    def __call__(self, phase: str):
+    def __call__(self, phase: Phase):
         t0 = time.perf_counter()
         yield
         self.s[phase] += time.perf_counter() - t0
@@ -55,16 +57,16 @@ class Supervisor(RunLifecycle):
         g = self.spec.generator
         fill = g.vllm.max_num_seqs if g.engine == "vllm" else g.hf_batch_size
         chunks = generation_chunks(prompts.num_rows, sp.n, g.num_actors, g.chunks_per_actor, fill)
-        rollouts = self.generators.map_table("generate", prompts, sp, num_chunks=chunks, step=self.step)
+        rollouts = self.generators.map_table(Generator.generate, prompts, sp, num_chunks=chunks, step=self.step)
         check_staleness(rollouts, self.consumer.version, 0, self.step)
-        return self.verifiers.map_table("verify", rollouts, rows_per_unit=sp.n, step=self.step)
+        return self.verifiers.map_table(Verifier.verify, rollouts, rows_per_unit=sp.n, step=self.step)
 
     def train_step(self) -> dict:
         """One step of the recipe: its batch (made ahead by the producer, within the staleness
         bound) -> advantages -> reference log-probs -> update -> the new version published ->
         controllers and resets."""
         timer, t0 = PhaseTimer(), time.perf_counter()
-        with timer("wait"):
+        with timer(Phase.WAIT):
             fill = self.producer.take(self.step)
         try:
             batch, n_groups, ages, shaping = self._batch_of(fill)
@@ -77,8 +79,8 @@ class Supervisor(RunLifecycle):
         stats.update(shaping if stats else {})
         updated = bool(stats) and stats["optimizer_steps"] > 0
         if stats and not updated:          # every update was non-finite: the weights unchanged
-            self.records.event("update_skipped", self.step, skipped_updates=stats["skipped_updates"])
-        with timer("sync") if updated else nullcontext():
+            self.records.event(Event.UPDATE_SKIPPED, self.step, skipped_updates=stats["skipped_updates"])
+        with timer(Phase.SYNC) if updated else nullcontext():
             self._publish()                # the step is done (on the same version when nothing changed)
         if updated:
             self.consumer.control(stats, batch, self.step)
@@ -90,24 +92,24 @@ class Supervisor(RunLifecycle):
         "span" (B,) versions between its oldest and newest token (in-flight updates)."""
         spec, G = self.spec, self.spec.group_size
         for kind, fields in fill.events:
-            if kind == "item_rejected":
+            if kind == Event.ITEM_REJECTED:
                 self.num_item_rejects += 1
             self.records.event(kind, fill.step, **fields)
         batch = fill.batch(spec.supervisor.num_prompts_per_step, G)
         n_groups = batch.num_rows // G if batch is not None else 0
         if n_groups < spec.supervisor.num_prompts_per_step:
-            self.records.event("batch_short", self.step, groups=n_groups,
+            self.records.event(Event.BATCH_SHORT, self.step, groups=n_groups,
                                wanted=spec.supervisor.num_prompts_per_step, rounds=fill.rounds)
         if batch is None:
-            self.records.event("no_informative_groups", self.step, rounds=fill.rounds)
+            self.records.event(Event.NO_INFORMATIVE_GROUPS, self.step, rounds=fill.rounds)
             return None, 0, {}, {}
         stale = check_staleness(batch, self.consumer.version, spec.supervisor.max_staleness, self.step)   # (B,)
-        oldest = batch[B.POLICY_VERSION].to_numpy()
-        newest = batch[B.POLICY_VERSION_MAX].to_numpy() if B.POLICY_VERSION_MAX in batch.column_names else oldest
+        oldest = batch[rb.POLICY_VERSION].to_numpy()
+        newest = batch[rb.POLICY_VERSION_MAX].to_numpy() if rb.POLICY_VERSION_MAX in batch.column_names else oldest
         ages = {"staleness": stale, "span": newest - oldest}
         batch, shaping = trainable_batch(batch, spec)
         if not batch.num_rows:   # every response truncated, under overlong mask
-            self.records.event("no_trainable_rows", self.step, groups=n_groups)
+            self.records.event(Event.NO_TRAINABLE_ROWS, self.step, groups=n_groups)
             batch = None
         return batch, n_groups, ages, shaping
 
@@ -116,14 +118,14 @@ class Supervisor(RunLifecycle):
         if not fill.made and not fill.carried:
             raise RuntimeError(f"step {self.step}: no usable prompt in {fill.rounds} rounds (see events.jsonl)")
         # what was generated for the step (none when the last step's surplus filled its batch)
-        allr = B.concat(fill.made) if fill.made else fill.kept[0].slice(0, 0)
-        failed = allr[B.GENERATE_ERROR].to_numpy(zero_copy_only=False) if B.GENERATE_ERROR in allr.column_names \
+        allr = rb.concat(fill.made) if fill.made else fill.kept[0].slice(0, 0)
+        failed = allr[rb.GENERATE_ERROR].to_numpy(zero_copy_only=False) if rb.GENERATE_ERROR in allr.column_names \
             else np.zeros(allr.num_rows, bool)                      # (B,) generations that failed: no response
         avg = lambda x: float(x[~failed].mean()) if (~failed).any() else math.nan  # noqa: E731
         valid = valid_rows(allr).numpy()                     # a failed verification is no reward at all
-        rewards = allr[B.REWARD].to_numpy()
-        resp_len = pc.list_value_length(allr[B.RESPONSE_IDS]).to_numpy()
-        tasks = np.array(allr[B.TASK].to_pylist())
+        rewards = allr[rb.REWARD].to_numpy()
+        resp_len = pc.list_value_length(allr[rb.RESPONSE_IDS]).to_numpy()
+        tasks = np.array(allr[rb.TASK].to_pylist())
         lp = self.spec.algorithm.reward_shaping.length_penalty
         penalty_on = length_penalty_on(self.step, lp.period_steps, lp.on_steps) if lp.mode != "none" else 0.0
         beta_next, bonus_next = self.consumer.coefs()
@@ -173,13 +175,13 @@ class Supervisor(RunLifecycle):
             "buffered_batches": self.producer.buffered(),
             "generator_idle_frac": frac(1.0 - (busy - last_busy) / (len(self.generators) * window)),
             "generator_bound_wait_frac": frac((bound - last_bound) / window),
-            "learner_idle_frac": frac(1.0 - (timer.s["learn"] + timer.s["sync"]) / window),
-            "learner_wait_frac": frac(timer.s["wait"] / window),
+            "learner_idle_frac": frac(1.0 - (timer.s[Phase.LEARN] + timer.s[Phase.SYNC]) / window),
+            "learner_wait_frac": frac(timer.s[Phase.WAIT] / window),
             "response_len_mean": avg(resp_len),
-            "answer_format_frac": avg(allr[B.FORMATTED].to_numpy(zero_copy_only=False)),
-            "truncated_frac": avg(allr[B.TRUNCATED].to_numpy(zero_copy_only=False)),
-            "verify_errors": int(allr[B.VERIFY_ERROR].to_numpy(zero_copy_only=False).sum()),
-            "verify_timeouts": int(allr[B.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False).sum()),
+            "answer_format_frac": avg(allr[rb.FORMATTED].to_numpy(zero_copy_only=False)),
+            "truncated_frac": avg(allr[rb.TRUNCATED].to_numpy(zero_copy_only=False)),
+            "verify_errors": int(allr[rb.VERIFY_ERROR].to_numpy(zero_copy_only=False).sum()),
+            "verify_timeouts": int(allr[rb.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False).sum()),
             "skipped_updates": stats.get("skipped_updates", 0),
             "item_rejects": self.num_item_rejects,
             "reference_resets": self.consumer.resets.num_resets,
@@ -190,16 +192,16 @@ class Supervisor(RunLifecycle):
             "last_checkpoint_step": self.last_checkpoint_step(),
             "step_s": step_s,
             "gen_tokens": int(resp_len.sum()),
-            "gen_tokens_per_s": float(resp_len.sum()) / max(fill.times["generate"], 1e-9),
+            "gen_tokens_per_s": float(resp_len.sum()) / max(fill.times[Phase.GENERATE], 1e-9),
             "trained_tokens": trained_tokens,
-            "train_tokens_per_s": trained_tokens / timer.s["learn"] if trained_tokens else math.nan,
+            "train_tokens_per_s": trained_tokens / timer.s[Phase.LEARN] if trained_tokens else math.nan,
             # the weights pushed to the generators during the step (a version, when a batch starts on it)
             "sync_mb": pushes[-1]["sync_mb"] if pushes else math.nan,
             "sync_mb_per_s": sum(p["sync_mb"] for p in pushes) / max(sum(p["sync_s"] for p in pushes), 1e-9)
             if pushes else math.nan,
         }
-        errors = allr[B.VERIFY_ERROR].to_numpy(zero_copy_only=False)
-        timeouts = allr[B.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False)
+        errors = allr[rb.VERIFY_ERROR].to_numpy(zero_copy_only=False)
+        timeouts = allr[rb.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False)
         m["generate_errors"] = int(failed.sum())
         for t in sorted(set(tasks)):
             m[f"reward/{t}"] = mean_of(rewards, valid & (tasks == t))
@@ -208,11 +210,11 @@ class Supervisor(RunLifecycle):
             m[f"verify_timeouts/{t}"] = int(timeouts[tasks == t].sum())
             m[f"generate_errors/{t}"] = int(failed[tasks == t].sum())
             m[f"entropy/{t}"] = stats.get(f"entropy/{t}", math.nan)    # trained tokens of the task
-        timer.s["generate"], timer.s["verify"] = fill.times["generate"], fill.times["verify"]   # the batch's own
+        timer.s[Phase.GENERATE], timer.s[Phase.VERIFY] = fill.times[Phase.GENERATE], fill.times[Phase.VERIFY]   # the batch's own
         for p in PHASES:
             m[f"time/{p}_s"] = timer.s[p]
         # what the step waited on: its batch (the generation the learner could not hide), then its own phases
-        m["time/other_s"] = step_s - sum(timer.s[p] for p in ("wait", "reference", "learn", "sync"))
+        m["time/other_s"] = step_s - sum(timer.s[p] for p in (Phase.WAIT, Phase.REFERENCE, Phase.LEARN, Phase.SYNC))
         return m
 
     # ------------------------------------------------------------------ validation
@@ -223,18 +225,18 @@ class Supervisor(RunLifecycle):
         self._generators_at_current()
         with self.producer.generators_held():
             rollouts = self._rollouts(self.val_prompts, sp)
-        correct = (rollouts[B.REWARD].to_numpy() >= 1.0).reshape(-1, v.num_samples)  # (prompts, n)
-        rewards = rollouts[B.REWARD].to_numpy().reshape(-1, v.num_samples)          # (prompts, n)
-        tasks = np.array(rollouts[B.TASK].to_pylist()[::v.num_samples])               # (prompts,)
-        formatted = rollouts[B.FORMATTED].to_numpy(zero_copy_only=False).reshape(-1, v.num_samples)
+        correct = (rollouts[rb.REWARD].to_numpy() >= 1.0).reshape(-1, v.num_samples)  # (prompts, n)
+        rewards = rollouts[rb.REWARD].to_numpy().reshape(-1, v.num_samples)          # (prompts, n)
+        tasks = np.array(rollouts[rb.TASK].to_pylist()[::v.num_samples])               # (prompts,)
+        formatted = rollouts[rb.FORMATTED].to_numpy(zero_copy_only=False).reshape(-1, v.num_samples)
         train = np.isin(tasks, list(self.train_task_names))   # evaluation-only tasks are reported apart
         ok = formatted[train].reshape(-1)
         out = {"step": self.step, "accuracy": float(correct[train].mean()),
                # how much of the accuracy is following the answer format, how much is being right
                "answer_format_frac": float(ok.mean()),
                "accuracy_when_formatted": float(correct[train].reshape(-1)[ok].mean()) if ok.any() else 0.0,
-               "verify_errors": int(rollouts[B.VERIFY_ERROR].to_numpy(zero_copy_only=False).sum()),
-               "verify_timeouts": int(rollouts[B.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False).sum())}
+               "verify_errors": int(rollouts[rb.VERIFY_ERROR].to_numpy(zero_copy_only=False).sum()),
+               "verify_timeouts": int(rollouts[rb.VERIFY_TIMEOUT].to_numpy(zero_copy_only=False).sum())}
         for t in sorted(set(tasks)):
             c = correct[tasks == t].sum(1)                                           # (prompts,)
             out[f"accuracy/{t}"] = float(correct[tasks == t].mean())
@@ -251,13 +253,13 @@ class Supervisor(RunLifecycle):
         "preempted": True when a SIGTERM stopped it first (after a checkpoint)."""
         spec = self.spec
         if self.step == 0 and self.last_validation_step < 0:
-            self.records.event("run_start", 0, model=str(self.model_path), num_steps=spec.num_steps)
+            self.records.event(Event.RUN_START, 0, model=str(self.model_path), num_steps=spec.num_steps)
             for bad in self.val_rejected:
-                self.records.event("item_rejected", 0, split="validation", **bad)
+                self.records.event(Event.ITEM_REJECTED, 0, split="validation", **bad)
             for note in self.data_notes:
                 self.records.event(note.pop("event"), 0, **note)
             for task, skipped in self.mixture.skipped_rows().items():
-                self.records.event("rows_skipped", 0, task=task, count=len(skipped), first=skipped[:5])
+                self.records.event(Event.ROWS_SKIPPED, 0, task=task, count=len(skipped), first=skipped[:5])
                 self.log(f"task {task}: {len(skipped)} bad rows skipped (first: {skipped[0]})")
         while True:
             try:
@@ -269,9 +271,9 @@ class Supervisor(RunLifecycle):
                     self._validate_and_record()      # the final evaluation
                     self.complete = True
                     self.checkpoint()
-                    self.records.event("run_end", self.step, policy_version=self.consumer.version)
+                    self.records.event(Event.RUN_END, self.step, policy_version=self.consumer.version)
                 break
-            except ActorLost as e:   # the learner (a reference is rebuilt where it is called)
+            except ActorLost as e:   # a role whose restart is ROLL_BACK (roles.RESTART: the learner)
                 self.rollback(e)
             except Preempted:
                 break   # nothing of an interrupted step was kept: the state is the last complete step's

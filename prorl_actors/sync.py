@@ -32,6 +32,7 @@ from ray.exceptions import RayActorError
 
 from prorl_actors.engines.weight_sync import meta_mb
 from prorl_actors.group import ActorGroup, ActorLost, _cause
+from prorl_actors.roles import Generator, Learner
 from prorl_actors.spec import WeightSyncSpec
 
 MAX_ATTEMPTS = 3
@@ -57,7 +58,7 @@ class WeightSync:
     def stage(self, version: int, step: int | None = None) -> None:
         """The learner's weights now are `version`: put them in the object store (once)."""
         if version not in self._refs:
-            self._refs[version] = ray.put(self.learner.call_one("get_weights", self.dtype, step=step))
+            self._refs[version] = ray.put(self.learner.call_one(Learner.get_weights, self.dtype, step=step))
 
     def weights_ref(self, version: int | None = None):
         """`version`'s weights (default: the generators') in the object store; a version not staged
@@ -72,14 +73,14 @@ class WeightSync:
         t0 = time.perf_counter()
         self.version, self._moot = version, False
         if self._meta is None:
-            self._meta = self.learner.call_one("weights_meta", self.dtype, step=step)
+            self._meta = self.learner.call_one(Learner.weights_meta, self.dtype, step=step)
         for old in [v for v in self._refs if v < version]:
             del self._refs[old]
         if self.spec.method == "object_store":
             # a generator that does not take them within weight_sync.timeout_s, after a piece it may
             # still be running (at most call_timeout_s), is hung: replaced
             limit = self.generators.call_timeout_s
-            held = self.generators.call_all("set_weights", self.weights_ref(version), version, step=step,
+            held = self.generators.call_all(Generator.set_weights, self.weights_ref(version), version, step=step,
                                             timeout_s=self.spec.timeout_s + limit if limit else None)
         else:
             held = self._broadcast(version, step)

@@ -23,7 +23,7 @@ TEST_OVERRIDES = [
 @pytest.fixture(scope="session")
 def small_spec():
     """A spec whose tiny model builds in seconds (a weak model: tests need a real one, not a good one)."""
-    from prorl_actors.spec import load_spec
+    from prorl_actors.config import load_spec
     return load_spec("specs/tiny-cpu.yaml", TEST_OVERRIDES)
 
 
@@ -48,12 +48,12 @@ def prompt_table(tok, items):
     """Task items -> the prompt table a generator takes (chat template applied, one group each)."""
     import pyarrow as pa
 
-    from prorl_actors import batch as B
+    from prorl_actors import batch as rb
     return pa.table({
-        B.PROMPT_IDS: pa.array([tok(tok.apply_chat_template(it.messages, tokenize=False, add_generation_prompt=True),
+        rb.PROMPT_IDS: pa.array([tok(tok.apply_chat_template(it.messages, tokenize=False, add_generation_prompt=True),
                                     add_special_tokens=False)["input_ids"] for it in items], pa.list_(pa.int32())),
-        B.TASK: [it.task for it in items], B.ITEM_INDEX: pa.array([it.index for it in items], pa.int64()),
-        B.REFERENCE: [it.reference for it in items], B.GROUP_ID: pa.array(range(len(items)), pa.int64())})
+        rb.TASK: [it.task for it in items], rb.ITEM_INDEX: pa.array([it.index for it in items], pa.int64()),
+        rb.REFERENCE: [it.reference for it in items], rb.GROUP_ID: pa.array(range(len(items)), pa.int64())})
 
 
 # the one library line left on a vLLM run's terminal: vLLM's C++ notice as its CPU worker starts,
@@ -64,3 +64,44 @@ ALLOWED_WARNINGS = ("Warning: NUMA binding: Using MEMBIND policy",)
 def unexpected_warnings(text: str) -> list[str]:
     """The lines of a run's terminal that speak of a warning, except the allowed ones."""
     return [ln for ln in text.splitlines() if "warn" in ln.lower() and not any(a in ln for a in ALLOWED_WARNINGS)]
+
+
+@pytest.fixture(scope="module")
+def sb():
+    """A sandbox of 2 workers, one per test module (skipped where the host lacks its layers);
+    it must leave no process behind."""
+    from sandbox import Limits, Sandbox, probe
+    iso = probe()
+    if not iso.full:
+        pytest.skip(f"host lacks isolation layers: {iso.missing}")
+    with Sandbox(Limits(wall_s=1.0), workers=2) as s:
+        yield s
+        assert s.leftover_processes() == []
+
+
+@pytest.fixture(autouse=True)
+def nothing_left(request):
+    """After every test that used the sandbox: none of its programs' processes is left."""
+    yield
+    if "sb" in request.fixturenames:
+        assert request.getfixturevalue("sb").leftover_processes() == []
+
+
+@pytest.fixture(scope="module")
+def parts(small_spec, tiny_model):
+    """(the test spec with the HF engine, its tokenizer, G = 4 rollouts of 6 prompts from a real
+    generator), once per module: tests/test_actors.py, tests/test_learner.py."""
+    import dataclasses
+
+    from prorl_actors.actors.generator import GeneratorActor
+    from prorl_actors.config import build_spec
+    from prorl_actors.engines.generation import SamplingSpec
+    from prorl_actors.tasks import validation_items
+    from prorl_actors.tinymodel import load_tokenizer
+    d = dataclasses.asdict(small_spec)
+    spec = build_spec({**d, "generator": {**d["generator"], "engine": "hf"}})
+    tok = load_tokenizer(tiny_model)
+    gen = GeneratorActor(str(tiny_model), "float32", spec.generator, 0)
+    prompts = prompt_table(tok, validation_items(spec.data, 6))
+    rollouts = gen.generate(prompts, SamplingSpec(n=4, temperature=1.2, top_p=1.0, max_new_tokens=12, seed=0))
+    return spec, tok, rollouts

@@ -192,7 +192,7 @@ def test_gpu_smoke_tiny(tmp_path):
 def test_prolonged(tiny_model, tmp_path):
     """One arm of the prolonged benchmark in a real run, validated with 64 samples per prompt at its
     start and end; the same command again reads the finished arm instead of training it again."""
-    from prorl_actors.spec import load_spec
+    from prorl_actors.config import load_spec
     args = ["--spec", "specs/tiny-cpu.yaml", "--arms", "dapo", "--steps", 2, "--every", 2, "--prompts", 3,
             "--out", tmp_path / "p",
             "--png", tmp_path / "p.png", *TEST_OVERRIDES, f"model.path={tiny_model}", *SMALL_RUN,

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from prorl_actors.algo import (KLController, ResetPolicy, kl_coef_for_entropy, kl_coef_for_kl, kl_share,
-                               mask_truncated, overlong_penalty, scale_for_entropy, validation_dropped,
-                               validation_stalled)
+from prorl_actors.algo import (KLController, ResetPolicy, kl_coef_for_entropy, kl_coef_for_kl, kl_share, mask_truncated,
+                               overlong_penalty, scale_for_entropy, validation_dropped, validation_stalled)
+from prorl_actors.algo.resets import Reason
 
 STEP = dict(rate=0.2, kp=1.0, coef_min=1e-6, coef_max=1.0)
 L = math.log(1e-3)
@@ -57,7 +57,7 @@ def _plant(ctrl: KLController, steps: int, h0: float, drift: float, gain: float,
     for _ in range(steps):
         hs.append(h)
         coefs.append(ctrl.update(h + rng.gauss(0.0, measurement_noise), kl=0.0))
-        h = h - drift + gain * ctrl.coef + rng.gauss(0.0, noise)
+        h = h - drift + gain * ctrl.value + rng.gauss(0.0, noise)
     return hs, coefs
 
 
@@ -67,7 +67,7 @@ def _in_band(ctrl, hs):
 
 
 def test_step_response_settles_in_the_band():
-    ctrl = KLController(mode="entropy-target", coef=1e-4, target=1.0, band=0.05)
+    ctrl = KLController(mode="entropy-target", value=1e-4, target=1.0, band=0.05)
     hs, coefs = _plant(ctrl, 300, h0=1.2, drift=0.01, gain=1.0)   # equilibrium coefficient 0.01
     assert _in_band(ctrl, hs[100:]) >= 0.9
     assert abs(sum(hs[150:]) / len(hs[150:]) - 1.0) < 0.01          # on the target, not at an edge of the band
@@ -77,20 +77,20 @@ def test_step_response_settles_in_the_band():
 
 def test_integral_action_alone_would_oscillate():
     """The reason for the proportional term: with kp = 0 the same loop cycles for ever."""
-    ctrl = KLController(mode="entropy-target", coef=1e-4, target=1.0, band=0.05, kp=0.0)
+    ctrl = KLController(mode="entropy-target", value=1e-4, target=1.0, band=0.05, kp=0.0)
     hs, coefs = _plant(ctrl, 300, h0=1.2, drift=0.01, gain=1.0)
     assert _in_band(ctrl, hs[100:]) < 0.5 and max(coefs[150:]) / min(coefs[150:]) > 100
 
 
 def test_without_control_entropy_leaves_the_band():
-    ctrl = KLController(mode="fixed", coef=1e-4)
+    ctrl = KLController(mode="fixed", value=1e-4)
     hs, coefs = _plant(ctrl, 300, h0=1.0, drift=0.01, gain=1.0)
     assert set(coefs) == {1e-4} and hs[-1] < 0.5
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_no_runaway_oscillation_under_noise(seed):
-    ctrl = KLController(mode="entropy-target", coef=1e-3, target=1.0, band=0.05)
+    ctrl = KLController(mode="entropy-target", value=1e-3, target=1.0, band=0.05)
     hs, coefs = _plant(ctrl, 600, h0=1.0, drift=0.01, gain=1.0, noise=0.003, measurement_noise=0.02, seed=seed)
     tail = coefs[200:]
     assert max(tail) / min(tail) < 30 and max(tail) < 1.0 and min(tail) > 1e-6   # near 0.01, never pinned
@@ -98,34 +98,34 @@ def test_no_runaway_oscillation_under_noise(seed):
 
 
 def test_bounds_hold_when_the_target_is_unreachable():
-    ctrl = KLController(mode="entropy-target", coef=1e-3, target=5.0, band=0.1, coef_max=0.05)
+    ctrl = KLController(mode="entropy-target", value=1e-3, target=5.0, band=0.1, coef_max=0.05)
     _, coefs = _plant(ctrl, 100, h0=1.0, drift=0.5, gain=1.0)
     assert max(coefs) == coefs[-1] == 0.05
-    ctrl = KLController(mode="entropy-target", coef=1e-3, target=0.1, band=0.01, coef_min=1e-5)
+    ctrl = KLController(mode="entropy-target", value=1e-3, target=0.1, band=0.01, coef_min=1e-5)
     _, coefs = _plant(ctrl, 100, h0=3.0, drift=0.0, gain=1.0)
     assert coefs[-1] == 1e-5
 
 
 def test_nan_entropy_is_counted_and_ignored():
-    ctrl = KLController(mode="entropy-target", coef=1e-3, target=1.0, band=0.05)
+    ctrl = KLController(mode="entropy-target", value=1e-3, target=1.0, band=0.05)
     ctrl.update(0.5, 0.0)
-    before = (ctrl.coef, ctrl.smoothed)
+    before = (ctrl.value, ctrl.smoothed)
     assert ctrl.update(math.nan, 0.0) == before[0] and ctrl.smoothed == before[1] and ctrl.nan_inputs == 1
     ctrl.update(0.5, 0.0)
-    assert ctrl.coef > before[0] and math.isfinite(ctrl.smoothed)
+    assert ctrl.value > before[0] and math.isfinite(ctrl.smoothed)
 
 
 def test_relative_target_and_state_round_trip():
-    ctrl = KLController(mode="entropy-target", coef=1e-3, target_relative=0.8, band=0.05)
+    ctrl = KLController(mode="entropy-target", value=1e-3, target_relative=0.8, band=0.05)
     ctrl.update(1.5, 0.0)
     assert ctrl.target == pytest.approx(1.2)
     state = ctrl.state_dict()
     a = [ctrl.update(h, 0.0) for h in (1.1, 1.0, 1.3)]
-    fresh = KLController(mode="entropy-target", coef=0.5, target_relative=0.8, band=0.05)
+    fresh = KLController(mode="entropy-target", value=0.5, target_relative=0.8, band=0.05)
     fresh.load_state_dict(state)
     assert [fresh.update(h, 0.0) for h in (1.1, 1.0, 1.3)] == a
     fresh.restore_initial()
-    assert fresh.coef == 1e-3
+    assert fresh.value == 1e-3
 
 
 def test_scale_for_entropy_bisects_and_clamps():
@@ -141,15 +141,15 @@ def test_scale_for_entropy_bisects_and_clamps():
     assert s == pytest.approx(1.3, rel=1e-4) and len(calls) == 1 + 2 + 20
     assert scale_for_entropy(entropy_at, entropy_at(0.4), 0.5, 2.0) == 0.5       # out of reach: the bounds
     assert scale_for_entropy(entropy_at, math.log(2), 0.5, 2.0) == 2.0
-    ctrl = KLController(mode="entropy-target", coef=1.0, target=0.2, band=0.01, coef_min=0.8, coef_max=1.5)
-    ctrl.set_coef(2.0)
-    assert ctrl.coef == 1.5 and ctrl.log_integral == pytest.approx(math.log(1.5))
-    ctrl.set_coef(1.2)   # the integral goes on from the value set: at the target only kp * e = 0 is added
+    ctrl = KLController(mode="entropy-target", value=1.0, target=0.2, band=0.01, coef_min=0.8, coef_max=1.5)
+    ctrl.set_value(2.0)
+    assert ctrl.value == 1.5 and ctrl.log_integral == pytest.approx(math.log(1.5))
+    ctrl.set_value(1.2)   # the integral goes on from the value set: at the target only kp * e = 0 is added
     assert ctrl.update(0.2, 0.0) == pytest.approx(1.2)
 
 
 def test_fixed_mode_never_moves_and_bad_settings_fail():
-    ctrl = KLController(mode="fixed", coef=1e-4)
+    ctrl = KLController(mode="fixed", value=1e-4)
     assert [ctrl.update(h, 1.0) for h in (0.1, 5.0, math.nan)] == [1e-4] * 3
     with pytest.raises(ValueError, match="exactly one"):
         KLController(mode="entropy-target", target=1.0, target_relative=0.5)
@@ -211,6 +211,24 @@ def test_kl_ceiling_needs_m_steps_in_a_row():
         ResetPolicy(triggers=("weekly",))
 
 
+def test_a_reset_reason_carries_its_trigger():
+    """Each trigger's reason names it as a field; text added later (waits) keeps it."""
+    p = ResetPolicy(triggers=("scheduled", "validation", "kl"), every_steps=100, patience=1, kl_ceiling=0.1,
+                    kl_steps=1)
+    p.observe_validation(0.5)
+    p.observe_validation(0.4)
+    assert (p.due(2), p.due(2).trigger) == ("validation stalled for 1 evaluations", "validation")
+    p.observe_step(kl=0.2)
+    p.val_since_reset = []
+    assert (p.due(3), p.due(3).trigger) == ("KL above 0.1 for 1 steps", "kl")
+    p.recent_entropy = [0.5]
+    action, reason = p.decide(3, kl=0.2, entropy_floor=1.0)
+    assert action == "wait" and reason.trigger == "kl" and reason.startswith("KL above 0.1 for 1 steps; entropy")
+    assert ResetPolicy(every_steps=4).due(4).trigger == "scheduled"
+    with pytest.raises(ValueError, match="unknown reset trigger"):
+        Reason("by hand", "by hand")
+
+
 def test_a_due_reset_waits_for_entropy_then_resets_or_is_skipped():
     p = ResetPolicy(triggers=("scheduled",), every_steps=5, max_wait_steps=3, entropy_window=2)
     decisions = {}
@@ -258,7 +276,7 @@ def _anchored_plant(wait: bool, seed: int, steps: int = 300):
     entropy, harder the larger the coefficient; scheduled resets move the reference to the
     current policy. Measured with noise, as one batch's entropy is."""
     rng = random.Random(seed)
-    ctrl = KLController(mode="entropy-target", coef=0.01, target=1.0, band=0.05, coef_min=0.01, coef_max=10.0)
+    ctrl = KLController(mode="entropy-target", value=0.01, target=1.0, band=0.05, coef_min=0.01, coef_max=10.0)
     policy = ResetPolicy(triggers=("scheduled",), every_steps=25)
     h = ref = 1.2
     hs = []
@@ -271,7 +289,7 @@ def _anchored_plant(wait: bool, seed: int, steps: int = 300):
         if decision and decision[0] == "reset":
             policy.record(step, decision[1])
             ref = h
-        h = ref + (h - ref) * math.exp(-0.5 * ctrl.coef) - 0.01 + rng.gauss(0.0, 0.005)
+        h = ref + (h - ref) * math.exp(-0.5 * ctrl.value) - 0.01 + rng.gauss(0.0, 0.005)
     return _in_band(ctrl, hs[50:]), policy
 
 
@@ -300,7 +318,7 @@ def test_the_supervisor_holds_the_signal_the_spec_names():
     entropies weighted by data.tasks' weights (here (1 * 0.2 + 3 * 0.4) / 4 = 0.35, not 0.3)."""
     from types import SimpleNamespace
 
-    from prorl_actors.spec import build_spec
+    from prorl_actors.config import build_spec
     from prorl_actors.runtime.consumer import Consumer
     tasks = [{"name": "a", "dataset": "chain_sum", "weight": 1.0}, {"name": "b", "dataset": "chain_sum", "weight": 3.0}]
     stats = {"entropy": 0.3, "entropy/a": 0.2, "entropy/b": 0.4}
@@ -312,7 +330,7 @@ def test_the_supervisor_holds_the_signal_the_spec_names():
 def test_the_reference_is_skipped_only_when_nothing_reads_the_kl():
     from types import SimpleNamespace
 
-    from prorl_actors.spec import build_spec
+    from prorl_actors.config import build_spec
     from prorl_actors.runtime.consumer import Consumer
     cases = [({"kl": {"mode": "fixed", "coef": 0.0}}, False),                          # beta 0: no pass
              ({"kl": {"mode": "fixed", "coef": 1e-4}}, True),
@@ -327,55 +345,55 @@ def test_the_reference_is_skipped_only_when_nothing_reads_the_kl():
 def test_trainable_batch_advantages_then_truncated_rows_leave():
     """Under overlong mask the truncated responses count in their group's advantages, then leave
     the batch before the reference and the learner; soft_punish shapes the rewards instead."""
-    from prorl_actors import batch as B
-    from prorl_actors.spec import build_spec
+    from prorl_actors import batch as rb
+    from prorl_actors.config import build_spec
     from prorl_actors.runtime.consumer import trainable_batch
-    t = B.make_rollouts(prompt_ids=[[1]] * 4, response_ids=[[5, 6], [5, 6, 7, 8], [5], [5, 6, 7, 8]],
+    t = rb.make_rollouts(prompt_ids=[[1]] * 4, response_ids=[[5, 6], [5, 6, 7, 8], [5], [5, 6, 7, 8]],
                         sample_logp=[[0.0, 0.0], [0.0] * 4, [0.0], [0.0] * 4], response_text=[""] * 4,
                         task=["t"] * 4, item_index=[0] * 4, reference=["{}"] * 4, group_id=[0, 0, 1, 1],
                         truncated=[False, True, False, True], policy_version=[0] * 4)
-    t = B.with_column(t, B.REWARD, [1.0, 0.0, 0.0, 1.0])
-    t = B.with_column(B.with_column(t, B.VERIFY_ERROR, [False] * 4), B.VERIFY_TIMEOUT, [False] * 4)
+    t = rb.with_column(t, rb.REWARD, [1.0, 0.0, 0.0, 1.0])
+    t = rb.with_column(rb.with_column(t, rb.VERIFY_ERROR, [False] * 4), rb.VERIFY_TIMEOUT, [False] * 4)
     base = {"generator": {"num_samples_per_prompt": 2, "max_new_tokens": 4}}
     masked, figures = trainable_batch(t, build_spec({**base, "algorithm": {"overlong": {"mode": "mask"}}}))
     assert figures == {"unverified_rows": 0}
     s = 1 / math.sqrt(0.5)                     # (r - mean) / unbiased std of {0, 1}
-    assert masked[B.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s], rel=1e-5)   # rows 0, 2 stay (std + 1e-6)
-    assert masked[B.GROUP_ID].to_pylist() == [0, 1] and B.group_bounds(masked).tolist() == [0, 1, 2]
+    assert masked[rb.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s], rel=1e-5)   # rows 0, 2 stay (std + 1e-6)
+    assert masked[rb.GROUP_ID].to_pylist() == [0, 1] and rb.group_bounds(masked).tolist() == [0, 1, 2]
     kept, _ = trainable_batch(t, build_spec(base))
-    assert kept.num_rows == 4 and kept[B.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s, -0.5 * s, 0.5 * s], rel=1e-5)
+    assert kept.num_rows == 4 and kept[rb.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s, -0.5 * s, 0.5 * s], rel=1e-5)
     soft, figures = trainable_batch(t, build_spec({**base, "algorithm": {"overlong": {"mode": "soft_punish",
                                                                                        "buffer_tokens": 2}}}))
     # lengths 2, 4, 1, 4 against a ramp over the last 2 tokens before 4: penalties 0, -1, 0, -1
-    assert soft[B.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s, 0.0, 0.0], rel=1e-5)
+    assert soft[rb.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s, 0.0, 0.0], rel=1e-5)
     assert figures == {"overlong_penalty": -0.5, "unverified_rows": 0}
     # a verification that raised is no reward: its row leaves, its group has no baseline left
-    failed = B.with_column(t, B.VERIFY_ERROR, [False, False, True, False])
+    failed = rb.with_column(t, rb.VERIFY_ERROR, [False, False, True, False])
     out, figures = trainable_batch(failed, build_spec(base))
-    assert out[B.GROUP_ID].to_pylist() == [0, 0, 1] and figures["unverified_rows"] == 1
-    assert out[B.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s, 0.0], rel=1e-5)
+    assert out[rb.GROUP_ID].to_pylist() == [0, 0, 1] and figures["unverified_rows"] == 1
+    assert out[rb.ADV].to_pylist() == pytest.approx([0.5 * s, -0.5 * s, 0.0], rel=1e-5)
 
 
 def test_a_failed_generation_is_rows_that_count_and_never_train():
     """A chunk whose generation raised on every try: G rows per prompt with no response and no
     reward, marked GENERATE_ERROR; valid_rows leaves them out (of baselines, filter and loss)
     while a row whose generation worked stays in; a group without two valid rows is not kept."""
-    from prorl_actors import batch as B
+    from prorl_actors import batch as rb
     from prorl_actors.algo import informative_groups
     from prorl_actors.runtime.rows import failed_generation, valid_rows
-    prompts = pa.table({B.PROMPT_IDS: pa.array([[1, 2], [3]], pa.list_(pa.int32())), B.TASK: ["a", "b"],
-                        B.ITEM_INDEX: pa.array([4, 5], pa.int64()), B.REFERENCE: ["{}", "{}"],
-                        B.GROUP_ID: pa.array([7, 8], pa.int64())})
+    prompts = pa.table({rb.PROMPT_IDS: pa.array([[1, 2], [3]], pa.list_(pa.int32())), rb.TASK: ["a", "b"],
+                        rb.ITEM_INDEX: pa.array([4, 5], pa.int64()), rb.REFERENCE: ["{}", "{}"],
+                        rb.GROUP_ID: pa.array([7, 8], pa.int64())})
     rows = failed_generation(prompts, 3, version=2)
-    assert rows.num_rows == 6 and rows[B.GROUP_ID].to_pylist() == [7, 7, 7, 8, 8, 8]
-    assert rows[B.TASK].to_pylist() == ["a"] * 3 + ["b"] * 3 and rows[B.POLICY_VERSION].to_pylist() == [2] * 6
-    assert rows[B.RESPONSE_IDS].to_pylist() == [[]] * 6 and rows[B.REWARD].to_pylist() == [0.0] * 6
-    assert rows[B.GENERATE_ERROR].to_pylist() == [True] * 6 and not valid_rows(rows).any()
-    B.check_batch(rows)
-    ok = B.with_column(rows, B.GENERATE_ERROR, [False, True, True, False, False, False])
-    ok = B.with_column(ok, B.REWARD, [1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    assert rows.num_rows == 6 and rows[rb.GROUP_ID].to_pylist() == [7, 7, 7, 8, 8, 8]
+    assert rows[rb.TASK].to_pylist() == ["a"] * 3 + ["b"] * 3 and rows[rb.POLICY_VERSION].to_pylist() == [2] * 6
+    assert rows[rb.RESPONSE_IDS].to_pylist() == [[]] * 6 and rows[rb.REWARD].to_pylist() == [0.0] * 6
+    assert rows[rb.GENERATE_ERROR].to_pylist() == [True] * 6 and not valid_rows(rows).any()
+    rb.check_batch(rows)
+    ok = rb.with_column(rows, rb.GENERATE_ERROR, [False, True, True, False, False, False])
+    ok = rb.with_column(ok, rb.REWARD, [1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
     assert valid_rows(ok).tolist() == [True, False, False, True, True, True]
-    keep = informative_groups(torch.tensor(ok[B.REWARD].to_numpy()), 3, valid_rows(ok))
+    keep = informative_groups(torch.tensor(ok[rb.REWARD].to_numpy()), 3, valid_rows(ok))
     assert keep.tolist() == [False, True]       # group 7 has one valid row: no baseline, not kept
 
 

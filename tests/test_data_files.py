@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from prorl_actors.spec import build_spec
+from prorl_actors.config import build_spec
 from prorl_actors.tasks import Scorer, TaskMixture, validation_items
 from prorl_actors.tasks.convert import convert, convert_file
 from prorl_actors.tasks.files import DataError, load_rows, write_rows

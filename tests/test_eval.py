@@ -11,22 +11,23 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from prorl_actors import batch as B
+from prorl_actors import batch as rb
+from prorl_actors.config import load_spec
 from prorl_actors.evaluate import boundary, markdown, prompt_tables, task_results
-from prorl_actors.spec import load_spec, to_yaml
+from prorl_actors.spec import to_yaml
 from tests.conftest import brute_pass_at_k, unexpected_warnings
 
 
 def _scored(rows):
     """rows: (task, item, text, reward) -> a scored rollout table (n consecutive rows per prompt)."""
     n = len(rows)
-    t = B.make_rollouts(prompt_ids=[[1]] * n, response_ids=[[5] * len(r[2].split()) for r in rows],
+    t = rb.make_rollouts(prompt_ids=[[1]] * n, response_ids=[[5] * len(r[2].split()) for r in rows],
                         sample_logp=[[0.0] * len(r[2].split()) for r in rows], response_text=[r[2] for r in rows],
                         task=[r[0] for r in rows], item_index=[r[1] for r in rows], reference=["{}"] * n,
                         group_id=[r[1] for r in rows], truncated=[False] * n, policy_version=[0] * n)
-    for col, vals in ((B.REWARD, [r[3] for r in rows]), (B.FORMATTED, [r[3] > 0 for r in rows]),
-                      (B.VERIFY_ERROR, [False] * n), (B.VERIFY_TIMEOUT, [False] * n)):
-        t = B.with_column(t, col, vals)
+    for col, vals in ((rb.REWARD, [r[3] for r in rows]), (rb.FORMATTED, [r[3] > 0 for r in rows]),
+                      (rb.VERIFY_ERROR, [False] * n), (rb.VERIFY_TIMEOUT, [False] * n)):
+        t = rb.with_column(t, col, vals)
     return t
 
 
@@ -93,7 +94,7 @@ def test_an_expansion_on_a_base_out_of_format_is_flagged():
                    "settings": {"num_samples": 2, "ks": [1, 2], "temperature": 0.6, "top_p": 0.95,
                                 "max_new_tokens": 8, "novelty_ngram": 1, "margin": 0.02, "z": 0.0}})
     assert "| 0.00 → 1.00 |" in md and "expands (format-driven: the base was mostly out of format) |" in md
-    formatted = B.with_column(unformatted, B.FORMATTED, [True] * unformatted.num_rows)   # in format, wrong
+    formatted = rb.with_column(unformatted, rb.FORMATTED, [True] * unformatted.num_rows)   # in format, wrong
     rep = boundary(model, formatted, 2, [1, 2], info, ngram=1, margin=0.02, z=0.0)["sym"]
     assert rep["verdict"] == "expands" and rep["format_driven"] is False
 
@@ -119,8 +120,8 @@ def test_prompts_too_long_for_one_model_are_left_out_for_both():
     tables = prompt_tables(items, {"model": _Tok(1), "base": _Tok(2)}, 16, rejected)
     # 5, 12, 8 characters: all fit the model (16 tokens); 10, 24, 16 tokens for the base: item 1 does not
     for label, per_char in (("model", 1), ("base", 2)):
-        assert tables[label][B.ITEM_INDEX].to_pylist() == [0, 2]
-        assert [len(p) for p in tables[label][B.PROMPT_IDS].to_pylist()] == [5 * per_char, 8 * per_char]
+        assert tables[label][rb.ITEM_INDEX].to_pylist() == [0, 2]
+        assert [len(p) for p in tables[label][rb.PROMPT_IDS].to_pylist()] == [5 * per_char, 8 * per_char]
     assert rejected == [{"task": "math", "item_index": 1, "error": "prompt too long for the base model: 24 tokens > 16"}]
 
 

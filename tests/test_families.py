@@ -9,9 +9,9 @@ import pyarrow as pa
 import pytest
 import reasoning_gym
 
-from prorl_actors import batch as B
+from prorl_actors import batch as rb
 from prorl_actors.actors.verifier import VerifierActor
-from prorl_actors.spec import build_spec
+from prorl_actors.config import build_spec
 from prorl_actors.tasks.families import LogicFamily, MathFamily, StemFamily
 
 
@@ -159,12 +159,12 @@ def test_stem_multiple_choice_reference_checks(stem):
 def _rollouts(rows):
     n = len(rows)
     return pa.table({
-        B.PROMPT_IDS: pa.array([[1]] * n, pa.list_(pa.int32())), B.RESPONSE_IDS: pa.array([[2]] * n, pa.list_(pa.int32())),
-        B.SAMPLE_LOGP: pa.array([[0.0]] * n, pa.list_(pa.float32())),
-        B.RESPONSE_TEXT: [r[1] for r in rows], B.TASK: [r[0] for r in rows],
-        B.ITEM_INDEX: pa.array(range(n), pa.int64()), B.REFERENCE: [r[2] for r in rows],
-        B.GROUP_ID: pa.array(range(n), pa.int64()), B.TRUNCATED: [False] * n,
-        B.POLICY_VERSION: pa.array([0] * n, pa.int64())})
+        rb.PROMPT_IDS: pa.array([[1]] * n, pa.list_(pa.int32())), rb.RESPONSE_IDS: pa.array([[2]] * n, pa.list_(pa.int32())),
+        rb.SAMPLE_LOGP: pa.array([[0.0]] * n, pa.list_(pa.float32())),
+        rb.RESPONSE_TEXT: [r[1] for r in rows], rb.TASK: [r[0] for r in rows],
+        rb.ITEM_INDEX: pa.array(range(n), pa.int64()), rb.REFERENCE: [r[2] for r in rows],
+        rb.GROUP_ID: pa.array(range(n), pa.int64()), rb.TRUNCATED: [False] * n,
+        rb.POLICY_VERSION: pa.array([0] * n, pa.int64())})
 
 
 def test_verifier_actor_counts_errors_and_timeouts_per_task_and_keeps_going():
@@ -191,17 +191,17 @@ def test_verifier_actor_counts_errors_and_timeouts_per_task_and_keeps_going():
             ("aiw", "hang", aiw_ref), ("aiw", tag(AIW["answer"]), aiw_ref), ("aiw", "no tags", aiw_ref),
             ("sums", "\\boxed{8}", json.dumps({"answer": "7"}))]
     out = actor.verify(_rollouts(rows))        # the hung check is abandoned at its limit: stuck_threads below
-    B.check_batch(out, needs=(B.REWARD, B.VERIFY_ERROR, B.VERIFY_TIMEOUT, B.FORMATTED))
-    assert out[B.REWARD].to_pylist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
-    assert out[B.VERIFY_ERROR].to_pylist() == [False, True, False, False, False, False]
-    assert out[B.VERIFY_TIMEOUT].to_pylist() == [False, False, True, False, False, False]
-    assert out[B.FORMATTED].to_pylist() == [True, False, False, True, False, True]
+    rb.check_batch(out, needs=(rb.REWARD, rb.VERIFY_ERROR, rb.VERIFY_TIMEOUT, rb.FORMATTED))
+    assert out[rb.REWARD].to_pylist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    assert out[rb.VERIFY_ERROR].to_pylist() == [False, True, False, False, False, False]
+    assert out[rb.VERIFY_TIMEOUT].to_pylist() == [False, False, True, False, False, False]
+    assert out[rb.FORMATTED].to_pylist() == [True, False, False, True, False, True]
     stats = actor.stats()
     assert stats["errors"] == {"sums": 1} and stats["timeouts"] == {"aiw": 1}
     assert stats["scored"] == {"sums": 3, "aiw": 3} and stats["stuck_threads"] == 1   # the warm-up is not the actor's
     assert "verifier bug" in stats["last_errors"][0]
     again = actor.verify(_rollouts(rows[:1] + rows[3:4]))   # a fresh pool: the next batch scores normally
-    assert again[B.REWARD].to_pylist() == [1.0, 1.0]
+    assert again[rb.REWARD].to_pylist() == [1.0, 1.0]
     actor.close()
 
 

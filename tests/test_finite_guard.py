@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from prorl_actors import batch as B
+from prorl_actors import batch as rb
 from prorl_actors.actors.learner import LearnerActor
 from prorl_actors.engines.train import FiniteGuard
 from prorl_actors.spec import DeepSpeedSpec, LearnerSpec
@@ -62,11 +62,11 @@ def _rollouts(vocab: int, adv: list[float]):
     rng = np.random.default_rng(0)
     n = GROUPS * G
     responses = [rng.integers(3, vocab, int(rng.integers(3, 9))).tolist() for _ in range(n)]
-    t = B.make_rollouts(prompt_ids=[rng.integers(3, vocab, 6).tolist() for _ in range(n)], response_ids=responses,
+    t = rb.make_rollouts(prompt_ids=[rng.integers(3, vocab, 6).tolist() for _ in range(n)], response_ids=responses,
                         sample_logp=[[-1.0] * len(r) for r in responses], response_text=[""] * n, task=["t"] * n,
                         item_index=[i // G for i in range(n)], reference=[""] * n,
                         group_id=[i // G for i in range(n)], truncated=[False] * n, policy_version=[0] * n)
-    return B.with_column(t, B.ADV, adv)
+    return rb.with_column(t, rb.ADV, adv)
 
 
 @pytest.fixture

@@ -31,9 +31,10 @@ def test_nccl_broadcast_reaches_a_generator_on_another_gpu(small_spec, tiny_mode
 
     from prorl_actors.actors.generator import GeneratorActor
     from prorl_actors.actors.learner import LearnerActor
+    from prorl_actors.config import build_spec
     from prorl_actors.group import ActorGroup, LearnerGroup
     from prorl_actors.placement import Placement
-    from prorl_actors.spec import build_spec
+    from prorl_actors.roles import Generator, Learner, Role
     from prorl_actors.sync import WeightSync
     d = dataclasses.asdict(small_spec)
     d["learner"].update(engine="deepspeed", num_gpus=1, lr=5e-2)
@@ -43,32 +44,32 @@ def test_nccl_broadcast_reaches_a_generator_on_another_gpu(small_spec, tiny_mode
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         placement = Placement(spec)
-        learner = LearnerGroup(LearnerActor, 1, num_cpus=0.5, num_gpus=1, name="learner",
-                               placement=placement.options("learner"),
-                               args=lambda rank: (str(tiny_model), spec.learner, spec.algorithm, 1.2, 4, 12,
-                                                  batch[1], 0))
-        gens = ActorGroup(GeneratorActor, 1, num_cpus=0.5, num_gpus=1, name="generator",
-                          args=lambda rank: (str(tiny_model), "float32", spec.generator, rank))
+        learner = LearnerGroup.for_role(Role.LEARNER, LearnerActor, 1, num_cpus=0.5, num_gpus=1,
+                                        placement=placement.options("learner"),
+                                        args=lambda rank: (str(tiny_model), spec.learner, spec.algorithm, 1.2, 4,
+                                                           12, batch[1], 0))
+        gens = ActorGroup.for_role(Role.GENERATOR, GeneratorActor, 1, num_cpus=0.5, num_gpus=1,
+                                   args=lambda rank: (str(tiny_model), "float32", spec.generator, rank))
         import pyarrow as pa
 
-        from prorl_actors import batch as B
+        from prorl_actors import batch as rb
         from prorl_actors.engines.generation import SamplingSpec
         from tests.test_scale import _greedy_hf
         table, _ = batch
         for _ in range(2):      # weights the generator does not have yet
-            learner.call_one("update", table, 0.0)
-        w = learner.call_one("get_weights")
+            learner.call_one(Learner.update, table, 0.0)
+        w = learner.call_one(Learner.get_weights)
         ids = [[1, 2, 3, 4], [5, 6, 7]]
         sync = WeightSync(spec.weight_sync, learner, gens, workers_per_generator=1, backend="nccl")
         stats = sync.push(1)
         assert stats["sync_mb"] > 0
-        prompts = pa.table({B.PROMPT_IDS: pa.array(ids, pa.list_(pa.int32())), B.TASK: ["t", "t"],
-                            B.ITEM_INDEX: pa.array([0, 1], pa.int64()), B.REFERENCE: ["", ""],
-                            B.GROUP_ID: pa.array([0, 1], pa.int64())})
-        out = gens.map_table("generate", prompts, SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=8,
+        prompts = pa.table({rb.PROMPT_IDS: pa.array(ids, pa.list_(pa.int32())), rb.TASK: ["t", "t"],
+                            rb.ITEM_INDEX: pa.array([0, 1], pa.int64()), rb.REFERENCE: ["", ""],
+                            rb.GROUP_ID: pa.array([0, 1], pa.int64())})
+        out = gens.map_table(Generator.generate, prompts, SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=8,
                                                                seed=0))
-        assert out[B.POLICY_VERSION].to_pylist() == [1, 1]
-        assert out[B.RESPONSE_IDS].to_pylist() == _greedy_hf(tiny_model, w, ids, 8)
+        assert out[rb.POLICY_VERSION].to_pylist() == [1, 1]
+        assert out[rb.RESPONSE_IDS].to_pylist() == _greedy_hf(tiny_model, w, ids, 8)
     finally:
         ray.shutdown()
 

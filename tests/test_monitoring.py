@@ -1,16 +1,13 @@
 """Prometheus exporter, alert rules, Grafana dashboards and `prorl monitor`.
 
 The unit tests feed the exporter hand-written records and check the figures a scrape returns.
-The integration test starts a real Prometheus (Debian's package) with the checked-in config
-through `prorl monitor`, lets it scrape a real short training, and runs every dashboard query,
-every template variable query and every alert expression against it.
+The integration test with a real Prometheus is tests/test_prometheus_live.py.
 """
 import json
 import math
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,10 +22,11 @@ import yaml
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from prorl_actors.algo.resets import trigger_of
+from prorl_actors.config import load_spec
+from prorl_actors.events import Event
 from prorl_actors.exporter import Exporter, RunFigures, families, metric_names
 from prorl_actors.metrics import RunRecords
-from prorl_actors.spec import PrometheusSpec, SpecError, load_spec
+from prorl_actors.spec import PrometheusSpec, SpecError
 
 MON = Path(__file__).resolve().parents[1] / "monitoring"
 PROMTOOL = shutil.which("promtool")
@@ -102,9 +100,10 @@ def test_validation_gauges_and_pass_at_k_labels():
 
 
 def test_event_counters_start_at_zero_and_count_resets_by_trigger():
-    events = [{"event": "reference_reset", "step": 3, "reason": "scheduled"},
-              {"event": "reference_reset", "step": 6, "reason": "scheduled; after waiting 2 steps for entropy"},
-              {"event": "reference_reset", "step": 9, "reason": "KL above 0.1 for 3 steps"},
+    events = [{"event": "reference_reset", "step": 3, "trigger": "scheduled", "reason": "scheduled"},
+              {"event": "reference_reset", "step": 6, "trigger": "scheduled",
+               "reason": "scheduled; after waiting 2 steps for entropy"},
+              {"event": "reference_reset", "step": 9, "trigger": "kl", "reason": "KL above 0.1 for 3 steps"},
               {"event": "actor_restarted", "step": 4, "role": "generator"},
               {"event": "rolled_back", "step": 5}, {"event": "item_rejected", "step": 1, "split": "train"},
               {"event": "run_end", "step": 9}]
@@ -125,18 +124,20 @@ def test_event_counters_start_at_zero_and_count_resets_by_trigger():
     assert m[("prorl_supervisor_run_complete", ())] == 0
 
 
-def test_trigger_of_reasons():
-    assert trigger_of("scheduled") == "scheduled"
-    assert trigger_of("validation stalled for 3 evaluations; after waiting 2 steps for entropy") == "validation"
-    assert trigger_of("KL share of the loss above 0.5") == "kl"
-    assert trigger_of("by hand") == "by hand"
+def test_a_reset_is_counted_under_its_trigger_field_never_its_text():
+    """The trigger is a field of the event; the reason is text for people and is not read."""
+    events = [{"event": "reference_reset", "step": 3, "trigger": "validation", "reason": "scheduled, said a person"},
+              {"event": "reference_reset", "step": 4, "reason": "kl"}]     # recorded before the field existed
+    m = _scrape(events=events, reset_reasons=("scheduled", "kl", "validation"))
+    resets = {dict(k[1])["reason"]: v for k, v in m.items() if k[0] == "prorl_supervisor_reference_resets_total"}
+    assert resets == {"scheduled": 0, "kl": 0, "validation": 1, "unrecorded": 1}
 
 
 def test_exposition_parses_and_names_follow_the_convention(tmp_path):
     x = Exporter("r", 10, PrometheusSpec(targets_dir=str(tmp_path)), reset_reasons=("scheduled",))
     x.load([_step(1), _step(2, **{"reward/code": 0.2})],
            [{"step": 0, "accuracy": 0.5, "accuracy/math": 0.5, "pass@4/math": 0.7}],
-           [{"event": "reference_reset", "step": 2, "reason": "scheduled"}])
+           [{"event": "reference_reset", "step": 2, "trigger": "scheduled", "reason": "scheduled"}])
     text = x.scrape()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     # the OpenMetrics format too (what Prometheus negotiates when it can)
@@ -200,12 +201,36 @@ def test_port_in_use_is_a_clear_error(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_records_count_the_runs_life_across_drivers_and_refuse_unknown_kinds(tmp_path):
+    """The run's life events are counted by the records as they are written, and over every
+    driver (a new RunRecords on the same directory starts from the counts on disk); a rollback
+    leaves them (they are never moved aside); an event kind that is not an Event is refused."""
+    rec = RunRecords(tmp_path / "run")
+    rec.event(Event.ACTOR_RESTARTED, 1, role="verifier")
+    rec.event(Event.ACTOR_RESTARTED, 2, role="generator")
+    rec.event("actor_restarted", 3, role="verifier")
+    rec.event(Event.ROLLED_BACK, 3, to_step=1)
+    rec.event(Event.REFERENCE_RESET, 2, trigger="scheduled", reason="scheduled")   # not a life event
+    assert rec.life_count(Event.ACTOR_RESTARTED, role="verifier") == 2
+    assert rec.life_count(Event.ACTOR_RESTARTED) == 3 and rec.life_count(Event.ROLLED_BACK) == 1
+    rec.roll_back_to(1)
+    rec.close()
+    again = RunRecords(tmp_path / "run")     # the next driver
+    again.event(Event.RUN_RESUMED, 1)
+    assert again.life_count(Event.ACTOR_RESTARTED, role="verifier") == 2 and again.life_count(Event.RUN_RESUMED) == 1
+    with pytest.raises(ValueError, match="not counted"):
+        again.life_count(Event.REFERENCE_RESET)
+    with pytest.raises(ValueError, match="reference_rest"):
+        again.event("reference_rest", 2)
+    again.close()
+
+
 def test_records_feed_the_exporter_and_a_rollback_takes_counters_back(tmp_path):
     x = Exporter("r", 10, PrometheusSpec(targets_dir=str(tmp_path)), reset_reasons=("scheduled",))
     rec = RunRecords(tmp_path / "run", sinks=[x])
     for s in (1, 2, 3):
         rec.metrics.write(_step(s, entropy=math.nan if s == 3 else 0.5))
-    rec.event("reference_reset", 3, reason="scheduled")
+    rec.event("reference_reset", 3, trigger="scheduled", reason="scheduled")
     rec.event("actor_restarted", 3, role="verifier", seconds=1.0)
     m = _scrape(x.figures)
     assert m[("prorl_supervisor_step", ())] == 3 and m[("prorl_learner_optimizer_steps_total", ())] == 6
@@ -331,144 +356,3 @@ def test_dashboards_are_well_formed():
     assert any("reference_resets" in a.get("expr", "") for a in overview["annotations"]["list"])
     band = next(p for p in overview["panels"] if p["title"].startswith("Entropy"))
     assert any(pr["id"] == "custom.fillBelowTo" for o in band["fieldConfig"]["overrides"] for pr in o["properties"])
-
-
-# ---------------------------------------------------------------------------- a real Prometheus
-class Prom:
-    def __init__(self, url: str):
-        self.url = url
-
-    def get(self, path: str, **params):
-        u = f"{self.url}{path}?{urllib.parse.urlencode(params, doseq=True)}"
-        with urllib.request.urlopen(u, timeout=30) as r:
-            d = json.load(r)
-        assert d["status"] == "success", d
-        return d["data"]
-
-    def range(self, expr: str, start: float, end: float):
-        return self.get("/api/v1/query_range", query=expr, start=start, end=end, step=2)["result"]
-
-
-def _with_bool(expr: str) -> str:
-    """An alert expression whose comparisons return 0/1 instead of filtering: it returns data
-    whenever every series it reads exists (whether or not the alert would fire)."""
-    return re.sub(r"(==|!=|>=|<=|>|<)(?!\s*bool)", r"\1 bool", expr)
-
-
-# the series the real run below has no cause to fill, and why
-MAY_STAY_EMPTY = {}
-
-
-@needs_prometheus
-@pytest.mark.integration
-def test_real_prometheus_scrapes_a_training_and_every_query_returns_data(tiny_model, tmp_path):
-    from tests.conftest import TEST_OVERRIDES
-    port, name = _free_port(), f"mon-{os.getpid()}"
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("RAY_ADDRESS", None)
-    monitor = subprocess.Popen([sys.executable, "-m", "prorl_actors.cli", "monitor", str(tmp_path / "runs" / name),
-                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=env)
-    try:
-        ready = monitor.stdout.readline()
-        assert "ready" in ready, ready + monitor.stdout.read()
-        prom = Prom(f"http://127.0.0.1:{port}")
-        config = prom.get("/api/v1/status/config")["yaml"]
-        assert "job_name: prorl" in config and "/tmp/prorl/prometheus/*.prorl.json" in config
-        t0 = time.time()
-        # the checked-in targets_dir (TEST_OVERRIDES point other tests elsewhere)
-        train = subprocess.Popen(
-            [sys.executable, "-m", "prorl_actors.cli", "train", "specs/tiny-cpu.yaml", *TEST_OVERRIDES,
-             f"model.path={tiny_model}", f"output_dir={tmp_path / 'runs'}", f"name={name}", "generator.engine=hf",
-             "num_steps=36", "supervisor.num_prompts_per_step=8", "learner.num_prompts_per_mini_batch=4",
-             "generator.num_samples_per_prompt=4", "generator.max_new_tokens=8",
-             "validation.num_prompts_per_task=8", "validation.num_samples=4", "validation.ks=[1,2,4]",
-             "validation.every_steps=12", "supervisor.resets.every_steps=3", "supervisor.kl.mode=entropy-target",
-             "supervisor.kl.entropy_target_relative=0.9", "checkpoint.every_steps=12", "ray.num_cpus=2",
-             "metrics.prometheus.targets_dir=/tmp/prorl/prometheus", "metrics.prometheus.linger_s=12"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        # the live exposition of the running driver, read through its target file
-        target_file, exposition, ray_targets = None, None, []
-        deadline = time.time() + 300
-        while exposition is None and time.time() < deadline and train.poll() is None:
-            target_file = next(Path("/tmp/prorl/prometheus").glob(f"{name}-*.prorl.json"), None)
-            if target_file is not None:
-                address = json.loads(target_file.read_text())[0]["targets"][0]
-                ray_targets = json.loads(target_file.with_name(target_file.name.replace(".prorl.", ".ray."))
-                                         .read_text())[0]["targets"]
-                body = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
-                if "prorl_supervisor_validation_accuracy{" in body and "prorl_supervisor_step{" in body:
-                    exposition = body
-            time.sleep(0.5)
-        out, _ = train.communicate(timeout=600)
-        assert train.returncode == 0, out[-5000:]
-        assert exposition is not None, "never read the exporter during the run\n" + out[-3000:]
-        fams = list(text_string_to_metric_families(exposition))
-        assert {f.name + ("_total" if f.type == "counter" else "") for f in fams} == metric_names()
-        assert not target_file.exists() and not list(Path("/tmp/prorl/prometheus").glob(f"{name}-*.ray.json"))
-        t1 = time.time()
-
-        # every dashboard query, annotation and variable, every alert expression: data from this run
-        steps = prom.range(f'prorl_supervisor_step{{run="{name}"}}', t0, t1)
-        assert steps and max(float(v) for _, v in steps[0]["values"]) == 36
-        tasks = prom.get("/api/v1/label/task/values", **{"match[]": f'prorl_verifier_task_reward{{run="{name}"}}'})
-        assert tasks, "no task label"
-        empty = []
-        for dname, d in _dashboards().items():
-            for v in d["templating"]["list"]:
-                if v["type"] == "query":   # label_values(selector, label)
-                    sel, label = re.fullmatch(r"label_values\((.*), (\w+)\)", v["query"]["query"]).groups()
-                    values = prom.get(f"/api/v1/label/{label}/values",
-                                      **{"match[]": sel.replace("$run", name)}, start=t0, end=t1)
-                    if not values or (label == "run" and name not in values):
-                        empty.append(f"{dname} variable {v['name']}")
-            for where, expr in _queries(d):
-                for task in (tasks if "$task" in expr else tasks[:1]):
-                    e = (expr.replace("$run", name).replace("$task", task).replace("$__rate_interval", "30s")
-                         .replace("$__interval", "10s"))
-                    if not prom.range(e, t0, t1):
-                        empty.append(f"{dname} {where}: {e}")
-        for rule in _alert_rules():
-            if not prom.range(_with_bool(rule["expr"]), t0, t1):
-                empty.append(f"alert {rule['alert']}: {_with_bool(rule['expr'])}")
-        # every catalogued series was filled by this run, with a finite value at least once (the
-        # exporter declares every family even when nothing fills it, so the names alone prove nothing)
-        for metric in sorted(metric_names() - set(MAY_STAY_EMPTY)):
-            got = prom.range(f'{metric}{{run="{name}"}}', t0, t1)
-            if not any(math.isfinite(float(v)) for r in got for _, v in r["values"]):
-                empty.append(f"series {metric}: no finite sample")
-        # on failure (only then is the message built), when Prometheus saw the reset counter, in seconds
-        # after t0: a run that did all its resets between two scrapes leaves the annotation nothing to mark
-        resets_seen = f'prorl_supervisor_reference_resets_total{{run="{name}"}}[10m]'
-        assert not empty, "queries without data:\n" + "\n".join(empty) + "\nreset counter samples: " + str(
-            [[(round(float(t) - t0), v) for t, v in r["values"]]
-             for r in prom.get("/api/v1/query", query=resets_seen, time=t1)["result"]])
-        # the server loaded the rules and evaluates them without errors
-        loaded = [r for g in prom.get("/api/v1/rules")["groups"] for r in g["rules"]]
-        assert sorted(r["name"] for r in loaded) == sorted(r["alert"] for r in _alert_rules())
-        assert all(r["health"] == "ok" for r in loaded), loaded
-        # Ray's own metrics were scraped from the run's Ray node
-        assert len(ray_targets) == 1
-        up = prom.range(f'up{{job="ray", instance="{ray_targets[0]}"}} == 1', t0, t1)
-        assert up, f"the run's Ray node {ray_targets[0]} was never scraped"
-        assert prom.range(f'ray_cluster_active_nodes{{instance="{ray_targets[0]}"}}', t0, t1)
-        resets = prom.range(f'prorl_supervisor_reference_resets_total{{run="{name}",reason="scheduled"}}', t0, t1)
-        assert max(float(v) for _, v in resets[0]["values"]) >= 1
-    finally:
-        monitor.send_signal(signal.SIGTERM)
-        rest = monitor.communicate(timeout=60)[0]
-    assert monitor.returncode == 0, rest
-    assert (tmp_path / "runs" / ".prometheus").is_dir()
-    r = subprocess.run(["pgrep", "-f", f"web.listen-address=127.0.0.1:{port}"], capture_output=True)
-    assert r.returncode == 1, "prometheus still running after prorl monitor stopped"
-    run_dir = tmp_path / "runs" / name
-    assert (run_dir / "curves.png").stat().st_size > 10_000 and (run_dir / "throughput.png").stat().st_size > 10_000
-
-
-def test_monitor_without_prometheus_says_how_to_install(monkeypatch, capsys):
-    from types import SimpleNamespace
-
-    from prorl_actors import monitor
-    monkeypatch.setattr(monitor, "find_prometheus", lambda: None)
-    assert monitor.cmd_monitor(SimpleNamespace(run=None, port=0, retention="1d", config=None)) == 2
-    assert "apt-get install prometheus" in capsys.readouterr().err

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from prorl_actors import batch as B
+from prorl_actors import batch as rb
 from prorl_actors.algo import (cosine_length_factor, get_adv_estimator, informative_groups, length_penalized,
                                length_penalty_on, reinforce_pp_baseline, stop_properly)
+from prorl_actors.config import build_spec, load_spec
 from prorl_actors.runtime.rows import train_rewards, valid_rows, with_shaped_rewards
-from prorl_actors.spec import SpecError, build_spec, load_spec
+from prorl_actors.spec import SpecError
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 t = lambda *x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
@@ -79,12 +80,12 @@ def test_cosine_length_factor_and_schedule_hand_values():
 
 def _rows(rewards, lengths, truncated, G):
     n = len(rewards)
-    rows = B.make_rollouts(prompt_ids=[[1]] * n, response_ids=[[5] * k for k in lengths],
+    rows = rb.make_rollouts(prompt_ids=[[1]] * n, response_ids=[[5] * k for k in lengths],
                            sample_logp=[[0.0] * k for k in lengths], response_text=[""] * n, task=["t"] * n,
                            item_index=[0] * n, reference=["{}"] * n, group_id=[i // G for i in range(n)],
                            truncated=truncated, policy_version=[0] * n)
-    rows = B.with_column(rows, B.REWARD, rewards)
-    return B.with_column(B.with_column(rows, B.VERIFY_ERROR, [False] * n), B.VERIFY_TIMEOUT, [False] * n)
+    rows = rb.with_column(rows, rb.REWARD, rewards)
+    return rb.with_column(rb.with_column(rows, rb.VERIFY_ERROR, [False] * n), rb.VERIFY_TIMEOUT, [False] * n)
 
 
 def test_shaping_comes_before_the_filter_and_the_baselines():
@@ -99,15 +100,15 @@ def test_shaping_comes_before_the_filter_and_the_baselines():
     assert plain.tolist() == [False, True]
     rs = spec.algorithm.reward_shaping
     assert informative_groups(train_rewards(shaped, rs), 2, valid_rows(shaped)).tolist() == [True, True]
-    assert shaped[B.REWARD].to_pylist() == [1.0, 1.0, 1.0, 0.0]
-    assert shaped[B.SHAPED_REWARD].to_pylist() == [1.0, 0.0, 1.0, 0.0]
-    B.check_batch(shaped, needs=(B.REWARD, B.SHAPED_REWARD))
+    assert shaped[rb.REWARD].to_pylist() == [1.0, 1.0, 1.0, 0.0]
+    assert shaped[rb.SHAPED_REWARD].to_pylist() == [1.0, 0.0, 1.0, 0.0]
+    rb.check_batch(shaped, needs=(rb.REWARD, rb.SHAPED_REWARD))
     from prorl_actors.runtime.consumer import trainable_batch
     out, _ = trainable_batch(shaped, spec)
     # a = .5 -.5 .5 -.5, weights 2 4 1 3: mean (1 - 2 + .5 - 1.5) / 10 = -.2, var = sum w (a + .2)^2 / 10
     a, w = torch.tensor([.5, -.5, .5, -.5]), torch.tensor([2., 4, 1, 3])
     s = math.sqrt(float((w * (a + 0.2) ** 2).sum() / 10))
-    assert out[B.ADV].to_pylist() == pytest.approx(((a + 0.2) / s).tolist(), rel=1e-5)
+    assert out[rb.ADV].to_pylist() == pytest.approx(((a + 0.2) / s).tolist(), rel=1e-5)
     # overlong mask: the truncated row leaves after its group's baseline and out of the batch's
     # statistics, so the rows trained on have token mean 0: a = .5 .5 -.5, weights 2 1 3
     masked = build_spec({"generator": {"num_samples_per_prompt": 2, "max_new_tokens": 4},
@@ -117,7 +118,7 @@ def test_shaping_comes_before_the_filter_and_the_baselines():
     a, w = torch.tensor([.5, .5, -.5]), torch.tensor([2., 1, 3])
     m = float((w * a).sum() / 6)
     s = math.sqrt(float((w * (a - m) ** 2).sum() / 6))
-    assert out.num_rows == 3 and out[B.ADV].to_pylist() == pytest.approx(((a - m) / s).tolist(), rel=1e-5)
+    assert out.num_rows == 3 and out[rb.ADV].to_pylist() == pytest.approx(((a - m) / s).tolist(), rel=1e-5)
     # shaping off: the rows are returned as they are (no column added)
     assert with_shaped_rewards(rows, build_spec({}).algorithm.reward_shaping, 4, step=1) is rows
 
@@ -128,8 +129,8 @@ def test_scheduled_length_penalty_follows_the_step():
                            "mode": "cosine", "min_scale": 0.5, "free_tokens": 8, "period_steps": 4, "on_steps": 2}}}})
     rows = _rows([1.0, 1.0], [8, 32], [False, False], 2)
     rs = spec.algorithm.reward_shaping
-    assert with_shaped_rewards(rows, rs, 32, step=2)[B.SHAPED_REWARD].to_pylist() == [1.0, 1.0]   # off
-    assert with_shaped_rewards(rows, rs, 32, step=3)[B.SHAPED_REWARD].to_pylist() == [1.0, 0.5]   # on
+    assert with_shaped_rewards(rows, rs, 32, step=2)[rb.SHAPED_REWARD].to_pylist() == [1.0, 1.0]   # off
+    assert with_shaped_rewards(rows, rs, 32, step=3)[rb.SHAPED_REWARD].to_pylist() == [1.0, 0.5]   # on
 
 
 def test_shaping_spec_is_checked_with_its_key_path():
@@ -185,14 +186,14 @@ def test_groups_of_hundreds_are_cut_into_micro_batches_within_the_budget(share):
     rlen = rng.integers(1, 200, n * G)
     rows = np.arange(n * G)
     for max_tokens, max_rows in ((4096, 64), (None, 64)):
-        (plan,) = B.plan_micro_batches(rows, gid, plen, rlen, 1, max_tokens, max_rows, share)
+        (plan,) = rb.plan_micro_batches(rows, gid, plen, rlen, 1, max_tokens, max_rows, share)
         assert sorted(int(i) for m in plan for u in m for i in u) == rows.tolist()
         for m in plan:
             assert sum(len(u) for u in m) < G
             if max_tokens is None:
                 assert sum(len(u) for u in m) <= max_rows
             else:
-                assert B.pass_positions(m, plen, rlen, share)[0] <= max_tokens
+                assert rb.pass_positions(m, plen, rlen, share)[0] <= max_tokens
 
 
 def test_hf_generation_of_hundreds_of_samples_runs_in_bounded_batches(tiny_model):

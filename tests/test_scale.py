@@ -14,15 +14,16 @@ import ray
 import torch
 from ray import cloudpickle
 
-from prorl_actors import batch as B
+from prorl_actors import batch as rb
 from prorl_actors.actors.generator import GeneratorActor
 from prorl_actors.actors.learner import LearnerActor
 from prorl_actors.actors.reference import ReferenceActor
+from prorl_actors.config import build_spec
 from prorl_actors.engines.generation import SamplingSpec
 from prorl_actors.engines.torch_policy import load_causal_lm
 from prorl_actors.group import ActorGroup, LearnerGroup
 from prorl_actors.placement import Placement
-from prorl_actors.spec import build_spec
+from prorl_actors.roles import Generator, Learner, Role
 from prorl_actors.sync import WeightSync
 from prorl_actors.tasks import validation_items
 from prorl_actors.tinymodel import load_tokenizer
@@ -63,7 +64,7 @@ def batch(small_spec, tiny_model):
     prompts = prompt_table(tok, items)
     gen = GeneratorActor(str(tiny_model), "float32", spec.generator, 0)
     r = gen.generate(prompts, SamplingSpec(n=G, temperature=1.2, top_p=1.0, max_new_tokens=12, seed=0))
-    r = B.with_column(r, B.ADV, [1.5, -0.5, -0.5, -0.5, 0.3, -0.1, -0.1, -0.1] * 3)
+    r = rb.with_column(r, rb.ADV, [1.5, -0.5, -0.5, -0.5, 0.3, -0.1, -0.1, -0.1] * 3)
     ref = ReferenceActor(str(tiny_model), "float32", spec.reference, 1.2, tok.pad_token_id)
     return ref.logprobs(r), tok.pad_token_id
 
@@ -78,9 +79,9 @@ def _learner_spec(small_spec, **kw):
 def _ds_group(spec, tiny_model, pad):
     """A LearnerGroup of spec.learner.num_actors DeepSpeed ranks in its placement group."""
     placement = Placement(spec)
-    group = LearnerGroup(LearnerActor, spec.learner.num_actors, num_cpus=spec.learner.num_cpus, name="learner",
-                         placement=placement.options("learner"),
-                         args=lambda rank: (str(tiny_model), spec.learner, spec.algorithm, 1.2, G, 12, pad, 0))
+    group = LearnerGroup.for_role(Role.LEARNER, LearnerActor, spec.learner.num_actors, num_cpus=spec.learner.num_cpus,
+                                  placement=placement.options("learner"),
+                                  args=lambda rank: (str(tiny_model), spec.learner, spec.algorithm, 1.2, G, 12, pad, 0))
     try:
         yield group, placement
     finally:
@@ -108,8 +109,8 @@ def test_deepspeed_group_of_two_matches_the_torch_engine(small_spec, tiny_model,
                         deepspeed={"zero_stage": zero_stage}, **layout)
     with _ds_group(two, tiny_model, pad) as (group, placement):
         group.ping()
-        got = [group.call_one("update", table, 0.05) for _ in range(2)]
-        got_w = group.call_one("get_weights")
+        got = [group.call_one(Learner.update, table, 0.05) for _ in range(2)]
+        got_w = group.call_one(Learner.get_weights)
         assert len(set(placement.node_of_bundles())) == 1
     for w, g in zip(want, got):
         assert g["optimizer_steps"] == w["optimizer_steps"] == 4 and g["skipped_updates"] == 0
@@ -145,8 +146,8 @@ def test_deepspeed_optimizer_offload_matches_the_torch_engine(small_spec, tiny_m
     two = _learner_spec(small_spec, num_epochs=1, engine="deepspeed", num_actors=2, num_cpus=0.5,
                         deepspeed={"zero_stage": 2, "offload_optimizer": True})
     with _ds_group(two, tiny_model, pad) as (group, placement):
-        got = [group.call_one("update", table, 0.05) for _ in range(2)]
-        got_w = group.call_one("get_weights")
+        got = [group.call_one(Learner.update, table, 0.05) for _ in range(2)]
+        got_w = group.call_one(Learner.get_weights)
     want_w = torch_learner.get_weights()
     for w, g in zip(want, got):
         assert g["optimizer_steps"] == w["optimizer_steps"] == 2
@@ -160,12 +161,12 @@ def test_deepspeed_optimizer_offload_matches_the_torch_engine(small_spec, tiny_m
 def test_deepspeed_group_skips_a_non_finite_update_on_every_rank(small_spec, tiny_model, batch, local_ray):
     table, pad = batch
     two = _learner_spec(small_spec, engine="deepspeed", num_actors=2, num_cpus=0.5, num_epochs=1)
-    nan_adv = table.set_column(table.column_names.index(B.ADV), B.ADV,
+    nan_adv = table.set_column(table.column_names.index(rb.ADV), rb.ADV,
                                pa.array([float("nan")] + [1.0] * (table.num_rows - 1), pa.float32()))
     with _ds_group(two, tiny_model, pad) as (group, placement):
-        w0 = group.call_one("get_weights")
-        stats = group.call_all("update", nan_adv, 0.0)
-        w1 = group.call_one("get_weights")
+        w0 = group.call_one(Learner.get_weights)
+        stats = group.call_all(Learner.update, nan_adv, 0.0)
+        w1 = group.call_one(Learner.get_weights)
     # the NaN row is in one rank's share of one mini-batch: that step is skipped everywhere, the other taken
     assert [s["skipped_updates"] for s in stats] == [1, 1] and [s["optimizer_steps"] for s in stats] == [1, 1]
     assert any(not torch.equal(w0[k], w1[k]) for k in w0) and all(torch.isfinite(v).all() for v in w1.values())
@@ -179,7 +180,7 @@ def test_every_rank_runs_as_many_micro_batches_and_the_rows_are_cut_once(world, 
     import numpy as np
     idx = np.arange(100, 100 + rows)
     lengths = np.full(200, 5)
-    shares = B.plan_micro_batches(idx, np.arange(200), lengths, lengths, world, None, micro, False)
+    shares = rb.plan_micro_batches(idx, np.arange(200), lengths, lengths, world, None, micro, False)
     assert len({len(s) for s in shares}) == 1
     real = sorted(int(i) for s in shares for m in s for u in m for i in u)
     assert real == list(range(100, 100 + rows))
@@ -217,52 +218,52 @@ def test_vllm_fleet_synced_by_broadcast_and_object_store_is_greedy_hf(small_spec
                  learner__engine="deepspeed", learner__num_actors=2, learner__num_cpus=0.25, learner__lr=5e-2,
                  learner__num_prompts_per_mini_batch=6, weight_sync__method="broadcast")
     prompts = table.filter(pa.array([i % G == 0 for i in range(table.num_rows)])).select(
-        [B.PROMPT_IDS, B.TASK, B.ITEM_INDEX, B.REFERENCE, B.GROUP_ID])                        # 6 prompts
+        [rb.PROMPT_IDS, rb.TASK, rb.ITEM_INDEX, rb.REFERENCE, rb.GROUP_ID])                        # 6 prompts
     greedy = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0)
     placement = Placement(spec)
-    learner = LearnerGroup(LearnerActor, 2, num_cpus=0.25, name="learner", placement=placement.options("learner"),
-                           args=lambda rank: (str(tiny_model), spec.learner, spec.algorithm, 1.2, G, 12, pad, 0))
+    learner = LearnerGroup.for_role(Role.LEARNER, LearnerActor, 2, num_cpus=0.25, placement=placement.options("learner"),
+                                    args=lambda rank: (str(tiny_model), spec.learner, spec.algorithm, 1.2, G, 12, pad, 0))
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    gens = ActorGroup(PidGenerator, 2, num_cpus=0.5, env=env, name="generator",
-                      args=lambda rank: (str(tiny_model), "float32", spec.generator, rank))
+    gens = ActorGroup.for_role(Role.GENERATOR, PidGenerator, 2, num_cpus=0.5, env=env,
+                               args=lambda rank: (str(tiny_model), "float32", spec.generator, rank))
     many = prompt_table(load_tokenizer(tiny_model), validation_items(spec.data, 16))
     sampled = SamplingSpec(n=4, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=3)
     try:
         learner.ping(timeout_s=600)
         gens.ping(timeout_s=600)
-        fleet = gens.map_table("generate", many, sampled, num_chunks=8)          # 8 chunks of 2 prompts
+        fleet = gens.map_table(Generator.generate, many, sampled, num_chunks=8)          # 8 chunks of 2 prompts
         pid0 = ray.get(gens.actors[0].generate.remote(many.slice(0, 1), greedy))["pid"][0].as_py()
         # the chunks the other engine drew, drawn again by engine 0 (which never saw their prompts)
         other = [i for i in range(8) if fleet["pid"][8 * i].as_py() != pid0]
         redrawn = {i: ray.get(gens.actors[0].generate.remote(many.slice(2 * i, 2), sampled)) for i in other}
-        before = gens.map_table("generate", prompts, greedy, num_chunks=4)
+        before = gens.map_table(Generator.generate, prompts, greedy, num_chunks=4)
         results = {}
         for version, method in ((1, "broadcast"), (2, "object_store")):
             for _ in range(2):   # large steps: greedy answers must change
-                learner.call_one("update", table, 0.0)
+                learner.call_one(Learner.update, table, 0.0)
             sync = WeightSync(dataclasses.replace(spec.weight_sync, method=method), learner, gens,
                               workers_per_generator=1, backend="gloo")
             stats = sync.push(version)
-            out = gens.map_table("generate", prompts, greedy, num_chunks=4)
-            results[method] = (version, stats, out, learner.call_one("get_weights"))
+            out = gens.map_table(Generator.generate, prompts, greedy, num_chunks=4)
+            results[method] = (version, stats, out, learner.call_one(Learner.get_weights))
     finally:
         gens.kill()
         learner.kill()
         placement.remove()
-    assert fleet.num_rows == 16 * 4 and fleet[B.GROUP_ID].to_pylist() == [g for g in range(16) for _ in range(4)]
+    assert fleet.num_rows == 16 * 4 and fleet[rb.GROUP_ID].to_pylist() == [g for g in range(16) for _ in range(4)]
     assert other          # (map_table hands chunk 1 to engine 1 at the start)
     for i, again in redrawn.items():
-        assert again[B.RESPONSE_IDS].to_pylist() == fleet[B.RESPONSE_IDS].to_pylist()[8 * i: 8 * i + 8], i
-    assert len(set(map(tuple, fleet[B.RESPONSE_IDS].to_pylist()))) > 16     # sampled, not one answer per prompt
-    ids = prompts[B.PROMPT_IDS].to_pylist()
+        assert again[rb.RESPONSE_IDS].to_pylist() == fleet[rb.RESPONSE_IDS].to_pylist()[8 * i: 8 * i + 8], i
+    assert len(set(map(tuple, fleet[rb.RESPONSE_IDS].to_pylist()))) > 16     # sampled, not one answer per prompt
+    ids = prompts[rb.PROMPT_IDS].to_pylist()
     base = load_causal_lm(tiny_model, "float32").state_dict()
-    assert before[B.RESPONSE_IDS].to_pylist() == _greedy_hf(tiny_model, base, ids, 12)
+    assert before[rb.RESPONSE_IDS].to_pylist() == _greedy_hf(tiny_model, base, ids, 12)
     for method, (version, stats, out, weights) in results.items():
-        assert out[B.POLICY_VERSION].to_pylist() == [version] * len(ids)
+        assert out[rb.POLICY_VERSION].to_pylist() == [version] * len(ids)
         assert stats["sync_mb"] == pytest.approx(sum(v.numel() * 4 for v in weights.values()) / 2**20)
-        got = out[B.RESPONSE_IDS].to_pylist()
+        got = out[rb.RESPONSE_IDS].to_pylist()
         assert got == _greedy_hf(tiny_model, weights, ids, 12), method
-        assert got != before[B.RESPONSE_IDS].to_pylist(), f"{method}: the update did not change a greedy answer"
+        assert got != before[rb.RESPONSE_IDS].to_pylist(), f"{method}: the update did not change a greedy answer"
 
 
 def test_broadcast_buckets_mixed_dtypes_bit_exact():
@@ -305,9 +306,9 @@ def test_deepspeed_bf16_group_trains_close_to_fp32(small_spec, tiny_model, batch
     two = _learner_spec(small_spec, num_epochs=1, engine="deepspeed", num_actors=2, num_cpus=0.5,
                         deepspeed={"zero_stage": zero_stage, "bf16": True})
     with _ds_group(two, tiny_model, pad) as (group, placement):
-        w0 = group.call_one("get_weights")
-        got = group.call_one("update", table, 0.05)
-        w1 = group.call_one("get_weights")
+        w0 = group.call_one(Learner.get_weights)
+        got = group.call_one(Learner.update, table, 0.05)
+        w1 = group.call_one(Learner.get_weights)
     assert got["optimizer_steps"] == want["optimizer_steps"] == 2 and got["skipped_updates"] == 0
     for k in ("pg_loss", "entropy", "grad_norm"):
         assert got[k] == pytest.approx(want[k], rel=0.05, abs=5e-3), k

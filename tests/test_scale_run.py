@@ -14,7 +14,7 @@ import pytest
 
 from prorl_actors.checkpoint import read_state
 from prorl_actors.metrics import read_jsonl
-from tests.test_survival import STEPS, Driver, _args, _check_complete, _kill_in, _steps_done
+from tests.drivers import STEPS, Driver, _args, _check_complete, _kill_in, _steps_done
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from prorl_actors.spec import RunSpec, SpecError, build_spec, load_spec, to_yaml
+from prorl_actors.config import build_spec, load_spec
+from prorl_actors.spec import RunSpec, SpecError, to_yaml
 
 SPECS = sorted(Path("specs").glob("*.yaml"))
 

@@ -3,10 +3,12 @@ import json
 
 import pytest
 
-from prorl_actors.spec import SpecError, build_spec
-from prorl_actors.tasks import (OOD_EVAL_DATASETS, RG_MATH_DATASETS, RG_CHUNK, Scorer, TaskMixture, generator_names,
-                                make_task, validation_items)
+from prorl_actors.config import build_spec
+from prorl_actors.spec import SpecError
+from prorl_actors.tasks import (OOD_EVAL_DATASETS, RG_CHUNK, RG_MATH_DATASETS, Scorer, TaskMixture, make_task,
+                                validation_items)
 from prorl_actors.tasks.builtin import GENERATORS
+from prorl_actors.tasks.checks import generator_names
 
 MIX = [
     {"name": "sums", "family": "math", "dataset": "arithmetic", "config": {"max_terms": 2}},
@@ -151,6 +153,7 @@ def test_step_sum_works_each_addition_on_its_scratchpad():
     """The worked solution adds one term a line; max_running and max_first bound what it may meet;
     the demonstration is the solution, then the boxed answer, and the verifier reads only the answer."""
     import random
+
     from prorl_actors.tasks.builtin import step_sum
     prompt, answer, ref = step_sum(random.Random(5), min_terms=5, max_terms=5)
     terms = [int(x) for x in prompt[len("Compute "):-1].split(" + ")]
@@ -187,7 +190,9 @@ def test_compose_applies_named_functions_one_a_line():
     line's result, in the prompt's order; the value has distinct digits (no function is the
     identity on it); bad configs fail."""
     import random
-    from prorl_actors.tasks.builtin import STRING_FUNCTIONS as F, compose
+
+    from prorl_actors.tasks.builtin import STRING_FUNCTIONS as F
+    from prorl_actors.tasks.builtin import compose
     assert {k: f("3821") for k, f in F.items()} == {"rev": "1283", "rol": "8213", "ror": "1382",
                                                    "swp": "8321", "inc": "4932", "up": "4821"}
     assert F["inc"]("19") == "21" and F["up"]("93") == "13"           # 9 wraps to 1, never 0

@@ -3,7 +3,7 @@ import dataclasses
 import torch
 from safetensors.torch import load_file
 
-from prorl_actors.spec import build_spec
+from prorl_actors.config import build_spec
 from prorl_actors.tasks import chat_messages
 from prorl_actors.tinymodel import build_tiny_model, load_tokenizer, resolve_model_path, tiny_model_key
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from prorl_actors.config import load_spec
 from prorl_actors.errors import InputError
 from prorl_actors.metrics import RunRecords, read_jsonl
-from prorl_actors.spec import load_spec
 from prorl_actors.trackers import TensorBoardTracker, Trackers, WandbTracker, figures
 from tests.readback import tensorboard_scalars, wandb_runs
 
@@ -149,7 +149,7 @@ def test_a_tracker_not_installed_stops_the_run_at_its_start(tmp_path, monkeypatc
 DRIVER = """
 import os, sys
 sys.path.insert(0, {root!r})
-from prorl_actors.spec import load_spec
+from prorl_actors.config import load_spec
 from prorl_actors.trackers import Trackers
 spec = load_spec(None, ["output_dir={out}", "name=trk", "metrics.trackers=[wandb]"])
 t = Trackers.from_spec(spec, log=lambda *a: None)

@@ -4,7 +4,7 @@ temperature) with the learner's computation, softmax(logits / T), on the same we
 import pytest
 import torch
 
-from prorl_actors import batch as B
+from prorl_actors import batch as rb
 from prorl_actors.engines.generation import SamplingSpec, VLLMEngine
 from prorl_actors.engines.torch_policy import load_causal_lm, response_logp, state_dict_for_sync
 from prorl_actors.engines.vllm_ext import load_route
@@ -20,14 +20,14 @@ def _max_logp_gap(engine, model, tok, prompt, temperature=1.2):
                                                      seed=0))
     flat = [s for o in out for s in o]
     n = len(flat)
-    t = B.make_rollouts(prompt_ids=[prompt] * n, response_ids=[s.response_ids for s in flat],
+    t = rb.make_rollouts(prompt_ids=[prompt] * n, response_ids=[s.response_ids for s in flat],
                         sample_logp=[s.logp for s in flat], response_text=[s.text for s in flat], task=["t"] * n,
                         item_index=[0] * n, reference=[""] * n, group_id=[0] * n,
                         truncated=[s.truncated for s in flat], policy_version=[0] * n)
-    seq = B.to_tensors(t, tok.pad_token_id)
+    seq = rb.to_tensors(t, tok.pad_token_id)
     with torch.no_grad():
         lp, _ = response_logp(model, seq, temperature)
-    return float(((lp - B.padded(t[B.SAMPLE_LOGP], width=lp.shape[1])).abs() * seq.mask).max())
+    return float(((lp - rb.padded(t[rb.SAMPLE_LOGP], width=lp.shape[1])).abs() * seq.mask).max())
 
 
 def test_vllm_samples_from_the_synced_weights(tiny_model, monkeypatch):

@@ -38,17 +38,19 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from prorl_actors import batch as B
+from prorl_actors import batch as rb
 from prorl_actors.algo import loss_row_scale, mask_truncated, token_objective, token_weights
 from prorl_actors.checkpoint import weights_digest
 from prorl_actors.engines import weight_sync as ws
-from prorl_actors.engines.torch_policy import DTYPES, TokenScorer, chunk_tokens, load_causal_lm, pick_device, score_tokens
+from prorl_actors.engines.torch_policy import (DTYPES, TokenScorer, chunk_tokens, load_causal_lm, pick_device,
+                                               score_tokens)
 from prorl_actors.engines.train import FiniteGuard, init_process_group, make_train_engine
 from prorl_actors.quiet import quiet_known_noise
+from prorl_actors.roles import RoleActor
 from prorl_actors.spec import AlgorithmSpec, LearnerSpec
 
 
-class LearnerActor:
+class LearnerActor(RoleActor):
     def __init__(self, model_path: str, spec: LearnerSpec, algo: AlgorithmSpec, temperature: float,
                  group_size: int, max_new_tokens: int, pad_id: int, seed: int, rank: int = 0,
                  world_size: int = 1, dist_url: str | None = None):
@@ -97,24 +99,24 @@ class LearnerActor:
         Without REF_LOGP (the supervisor skips the reference when nothing reads the KL) kl_coef
         must be 0 and the KL figures are NaN."""
         s, a = self.spec, self.algo
-        B.check_batch(rollouts, needs=(B.ADV, B.REF_LOGP) if kl_coef else (B.ADV,))
+        rb.check_batch(rollouts, needs=(rb.ADV, rb.REF_LOGP) if kl_coef else (rb.ADV,))
         ent_coef = a.entropy_coef if entropy_coef is None else entropy_coef
-        has_ref = B.REF_LOGP in rollouts.column_names
-        seq = B.to_tensors(rollouts, self.pad_id)                                     # (B, L), (B, T)
+        has_ref = rb.REF_LOGP in rollouts.column_names
+        seq = rb.to_tensors(rollouts, self.pad_id)                                     # (B, L), (B, T)
         if a.overlong.mode == "mask":   # DAPO overlong filtering: truncated responses get no gradient
-            truncated = torch.tensor(rollouts[B.TRUNCATED].to_numpy(zero_copy_only=False))     # (B,)
+            truncated = torch.tensor(rollouts[rb.TRUNCATED].to_numpy(zero_copy_only=False))     # (B,)
             seq = dataclasses.replace(seq, mask=mask_truncated(seq.mask, truncated))
         T, mask = seq.mask.shape[1], seq.mask.bool()                                  # (B, T)
         # every per-token figure is flat over the N real response tokens, row-major
         tok_len = mask.sum(1)                                                         # (B,)
         tok_off = torch.cat([torch.zeros(1, dtype=torch.long), tok_len.cumsum(0)])    # (B + 1,)
         tok_row = torch.repeat_interleave(torch.arange(len(tok_len)), tok_len)        # (N,)
-        adv_tok = torch.tensor(rollouts[B.ADV].to_numpy(), dtype=torch.float32)[tok_row]      # (N,)
-        ref_tok = B.padded(rollouts[B.REF_LOGP], width=T)[mask] if has_ref else None         # (N,)
-        sample_tok = B.padded(rollouts[B.SAMPLE_LOGP], width=T)[mask]                          # (N,)
-        gid = rollouts[B.GROUP_ID].to_numpy()                                         # (B,)
+        adv_tok = torch.tensor(rollouts[rb.ADV].to_numpy(), dtype=torch.float32)[tok_row]      # (N,)
+        ref_tok = rb.padded(rollouts[rb.REF_LOGP], width=T)[mask] if has_ref else None         # (N,)
+        sample_tok = rb.padded(rollouts[rb.SAMPLE_LOGP], width=T)[mask]                          # (N,)
+        gid = rollouts[rb.GROUP_ID].to_numpy()                                         # (B,)
         plen, rlen = seq.prompt_len.numpy(), tok_len.numpy()                          # (B,), (B,)
-        bounds = B.group_bounds(rollouts)                                             # (groups + 1,)
+        bounds = rb.group_bounds(rollouts)                                             # (groups + 1,)
         n_groups = len(bounds) - 1
         schedule = [self._mini_batches(n_groups) for _ in range(s.num_epochs)]       # [epoch][mb] -> groups
         rows_of = lambda groups: np.concatenate([np.arange(bounds[g], bounds[g + 1]) for g in groups]) \
@@ -145,7 +147,7 @@ class LearnerActor:
                 self.engine.zero_grad()
                 mb_stats, mb_ent = torch.zeros_like(stats), torch.zeros_like(row_ent)
                 mb_max = torch.zeros((), dtype=torch.float64, device=self.device)
-                micro = B.plan_micro_batches(rows, gid, plen, rlen, self.world_size, s.max_tokens_per_micro_batch,
+                micro = rb.plan_micro_batches(rows, gid, plen, rlen, self.world_size, s.max_tokens_per_micro_batch,
                                              s.micro_batch_size, s.share_prompts)[self.rank]
                 for m, units in enumerate(micro):
                     real = len(units) > 0
@@ -209,7 +211,7 @@ class LearnerActor:
         out.update({name: v / n_gap if n_gap else math.nan for name, v in gap.items()})
         out["logp_gap_max"] = float(gap_max) if n_gap else math.nan
         out["pg_loss"] = pg_sum / steps if steps else math.nan     # the aggregated loss, mean over the steps
-        tasks = np.array(rollouts[B.TASK].to_pylist())
+        tasks = np.array(rollouts[rb.TASK].to_pylist())
         row_tok = tok_len.numpy()
         ent_rows = row_ent.numpy()
         for t in sorted(set(tasks.tolist())):
@@ -224,7 +226,7 @@ class LearnerActor:
     def _figures(self, terms: dict, w: torch.Tensor, ent: torch.Tensor, units, plen, rlen) -> dict:
         """A micro-batch's sums of the figures an update reports (tensors; see STAT_KEYS)."""
         low, high = terms["clip_low"], terms["clip_high"]
-        computed, real_pos = B.pass_positions(units, plen, rlen, self.spec.share_prompts)
+        computed, real_pos = rb.pass_positions(units, plen, rlen, self.spec.share_prompts)
         figures = {"tokens": len(w), "pg_loss": (w * terms["pg"].detach()).sum() / self.world_size,
                    "entropy": ent.sum(), "clip_frac_low": low.sum(), "clip_frac_high": high.sum(),
                    "clip_frac": (low | high).sum(), "dual_clip_frac": terms["dual_clip"].sum(),
@@ -274,11 +276,11 @@ class LearnerActor:
             dist.all_reduce(x)
         return x.cpu()
 
-    def _micro_batch(self, seq: B.SeqTensors, units: list[np.ndarray], tok_off: torch.Tensor):
+    def _micro_batch(self, seq: rb.SeqTensors, units: list[np.ndarray], tok_off: torch.Tensor):
         """A micro-batch's units -> (its tensors on the device, its rows (b,), the flat indices
         (n,) of its tokens among the batch's N, in the order the scorer returns them)."""
         idx = torch.from_numpy(np.concatenate(units))                                  # (b,)
-        sub = B.share_prompts(seq, units) if self.spec.share_prompts else seq.rows(idx)
+        sub = rb.share_prompts(seq, units) if self.spec.share_prompts else seq.rows(idx)
         tok = _token_index(tok_off, idx)                                               # (n,)
         return sub.to(self.device), idx, tok
 
@@ -291,7 +293,7 @@ class LearnerActor:
         if not len(rows):
             return out
         plen, rlen = seq.prompt_len.numpy(), seq.mask.sum(1).long().numpy()
-        plan = B.plan_micro_batches(rows, gid, plen, rlen, self.world_size, s.max_tokens_per_micro_batch,
+        plan = rb.plan_micro_batches(rows, gid, plen, rlen, self.world_size, s.max_tokens_per_micro_batch,
                                     s.micro_batch_size, s.share_prompts)[self.rank]
         with torch.no_grad():
             for units in plan:
@@ -386,8 +388,6 @@ class LearnerActor:
         sd = self.engine.full_state_dict()
         return weights_digest(sd) if sd is not None else None
 
-    def ping(self) -> str:
-        return "ok"
 
 
 def _token_index(tok_off: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -16,14 +16,15 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import pyarrow as pa
 
-from prorl_actors import batch as B
+from prorl_actors import batch as rb
 from prorl_actors.quiet import quiet_known_noise
+from prorl_actors.roles import RoleActor
 from prorl_actors.spec import DataSpec, TaskSpec, VerifierSpec
 from prorl_actors.tasks import Scorer
 from prorl_actors.tasks.mathcheck import CheckTimeout
 
 
-class VerifierActor:
+class VerifierActor(RoleActor):
     def __init__(self, data: DataSpec, verifier: VerifierSpec | None = None, extra_tasks: list[TaskSpec] = ()):
         quiet_known_noise()
         self.spec = verifier or VerifierSpec()
@@ -63,9 +64,9 @@ class VerifierActor:
                     return 0.0, "timeout"
 
     def verify(self, rollouts: pa.Table) -> pa.Table:
-        tasks = rollouts[B.TASK].to_pylist()
-        texts = rollouts[B.RESPONSE_TEXT].to_pylist()
-        refs = rollouts[B.REFERENCE].to_pylist()
+        tasks = rollouts[rb.TASK].to_pylist()
+        texts = rollouts[rb.RESPONSE_TEXT].to_pylist()
+        refs = rollouts[rb.REFERENCE].to_pylist()
         starts = [[] for _ in tasks]
         futures = [self.pool.submit(self._timed, st, t, x, r) for st, t, x, r in zip(starts, tasks, texts, refs)]
         rewards, status = [], []
@@ -80,10 +81,10 @@ class VerifierActor:
             if s != "ok":
                 self.counts["errors" if s == "error" else "timeouts"][t] += 1
         formatted = [self._formatted(t, x) for t, x in zip(tasks, texts)]
-        out = B.with_column(rollouts, B.REWARD, rewards)
-        out = B.with_column(out, B.VERIFY_ERROR, [s == "error" for s in status])
-        out = B.with_column(out, B.VERIFY_TIMEOUT, [s == "timeout" for s in status])
-        return B.with_column(out, B.FORMATTED, formatted)
+        out = rb.with_column(rollouts, rb.REWARD, rewards)
+        out = rb.with_column(out, rb.VERIFY_ERROR, [s == "error" for s in status])
+        out = rb.with_column(out, rb.VERIFY_TIMEOUT, [s == "timeout" for s in status])
+        return rb.with_column(out, rb.FORMATTED, formatted)
 
     def _formatted(self, task: str, text: str) -> bool:
         try:
@@ -100,9 +101,6 @@ class VerifierActor:
         """Counts per task since the actor started, and the latest errors."""
         return {k: dict(v) for k, v in self.counts.items()} | {"stuck_threads": self.stuck_threads,
                                                                  "last_errors": list(self.last_errors)}
-
-    def ping(self) -> str:
-        return "ok"
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -29,10 +29,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
-MODES = ("fixed", "entropy-target", "kl-target")
-_STATE = ("coef", "log_integral", "target", "smoothed", "steps", "nan_inputs", "initial_coef")
+from prorl_actors.spec import KLControlSpec
+from prorl_actors.spec.algorithm import KLActuator, KLMode
+
+MODES = get_args(KLMode)
+ACTUATORS = get_args(KLActuator)
+# checkpoint keys -> attributes (the keys predate the names `value` and `initial_value`)
+_STATE = {"coef": "value", "log_integral": "log_integral", "target": "target", "smoothed": "smoothed",
+          "steps": "steps", "nan_inputs": "nan_inputs", "initial_coef": "initial_value"}
+_DEFAULT = KLControlSpec()   # the defaults are the spec's, written once
 
 
 def entropy_band(target: float, band: float) -> tuple[float, float]:
@@ -99,75 +106,89 @@ def ema(previous: float | None, value: float, alpha: float) -> float:
 
 @dataclass
 class KLController:
-    """The KL coefficient of a run and the state its controller needs; checkpointable.
+    """What the controller moves (`actuator`: beta = kl_coef, the entropy bonus's coefficient,
+    or the reference's temperature scale), its current `value`, and the state the controller
+    needs; checkpointable.
 
     mode: fixed | entropy-target | kl-target. For entropy-target, `target` is absolute, or
     (target_relative set) that fraction of the entropy measured on the first update step.
+    `coef_min` and `coef_max` bound the value whatever the actuator (the spec's names).
     """
-    mode: str = "fixed"
-    coef: float = 1e-4
+    mode: str = _DEFAULT.mode
+    value: float = _DEFAULT.coef
+    actuator: str = _DEFAULT.actuator
     target: float | None = None          # entropy (nats/token) or KL target; None until known
     target_relative: float | None = None
-    band: float = 0.05
-    rate: float = 0.2
-    kp: float = 1.0
-    coef_min: float = 1e-6
-    coef_max: float = 1.0
-    smoothing: float = 1.0               # EMA weight of the newest entropy (1 = none)
-    horizon: float = 10.0                # kl-target only
-    initial_coef: float = field(init=False)
+    band: float = _DEFAULT.band
+    rate: float = _DEFAULT.rate
+    kp: float = _DEFAULT.kp
+    coef_min: float = _DEFAULT.coef_min
+    coef_max: float = _DEFAULT.coef_max
+    smoothing: float = _DEFAULT.smoothing   # EMA weight of the newest entropy (1 = none)
+    horizon: float = _DEFAULT.horizon       # kl-target only
+    initial_value: float = field(init=False)
     log_integral: float = field(init=False)
     smoothed: float | None = None
     steps: int = 0
     nan_inputs: int = 0
 
+    @classmethod
+    def from_spec(cls, k: KLControlSpec, start: float) -> KLController:
+        """The controller supervisor.kl describes, its actuator starting at `start`."""
+        target = k.entropy_target if k.mode == "entropy-target" else k.kl_target
+        return cls(mode=k.mode, value=start, actuator=k.actuator, target=target,
+                   target_relative=k.entropy_target_relative, band=k.band, rate=k.rate, kp=k.kp,
+                   coef_min=k.coef_min, coef_max=k.coef_max, smoothing=k.smoothing, horizon=k.horizon)
+
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
+        if self.actuator not in ACTUATORS:
+            raise ValueError(f"actuator must be one of {ACTUATORS}; got {self.actuator!r}")
         if self.mode == "entropy-target" and (self.target is None) == (self.target_relative is None):
             raise ValueError("entropy-target needs exactly one of target and target_relative")
         if self.mode == "kl-target" and self.target is None:
             raise ValueError("kl-target needs target (the KL to hold)")
-        self.initial_coef = self.coef
+        self.initial_value = self.value
         self.restore_initial()
 
     def update(self, entropy: float, kl: float) -> float:
-        """After a training step with measured entropy and KL: the coefficient for the next."""
+        """After a training step with measured entropy and KL: the actuator's value for the next."""
         self.steps += 1
         signal = entropy if self.mode == "entropy-target" else kl
         if not math.isfinite(signal):
             self.nan_inputs += 1
-            return self.coef
+            return self.value
         if self.mode == "entropy-target":
             if self.target is None:                      # relative target: fixed by the first step
                 self.target = self.target_relative * entropy
             self.smoothed = ema(self.smoothed, entropy, self.smoothing)
-            self.log_integral, self.coef = kl_coef_for_entropy(
+            self.log_integral, self.value = kl_coef_for_entropy(
                 self.log_integral, self.smoothed, self.target, self.band, rate=self.rate, kp=self.kp,
                 coef_min=self.coef_min, coef_max=self.coef_max)
         elif self.mode == "kl-target":
-            self.coef = kl_coef_for_kl(self.coef, kl, self.target, horizon=self.horizon,
-                                       coef_min=self.coef_min, coef_max=self.coef_max)
-        return self.coef
+            self.value = kl_coef_for_kl(self.value, kl, self.target, horizon=self.horizon,
+                                        coef_min=self.coef_min, coef_max=self.coef_max)
+        return self.value
 
     def band_limits(self) -> tuple[float, float] | None:
         if self.mode != "entropy-target" or self.target is None:
             return None
         return entropy_band(self.target, self.band)
 
-    def set_coef(self, value: float) -> None:
+    def set_value(self, value: float) -> None:
         """Move the output (and the integral, so the next step goes on from it) to `value`."""
-        self.coef = min(max(value, self.coef_min), self.coef_max)
-        self.log_integral = math.log(self.coef)                 # coef_min > 0 (the spec's rule)
+        self.value = min(max(value, self.coef_min), self.coef_max)
+        self.log_integral = math.log(self.value)                # coef_min > 0 (the spec's rule)
 
     def restore_initial(self) -> None:
-        """After a reference reset (optional): start again from the initial coefficient."""
-        self.coef = self.initial_coef
-        self.log_integral = math.log(min(max(self.coef, self.coef_min), self.coef_max))
+        """After a reference reset (optional): start again from the initial value."""
+        self.value = self.initial_value
+        self.log_integral = math.log(min(max(self.value, self.coef_min), self.coef_max))
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in _STATE}
+        return {key: getattr(self, attr) for key, attr in _STATE.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in _STATE:
-            setattr(self, k, state[k])
+        for key, attr in _STATE.items():
+            setattr(self, attr, state[key])

@@ -24,14 +24,22 @@ Algorithmic choices:
   ``policy.observe_step(kl, entropy)``; ``decision = policy.decide(step, ...)``; on
   ``("reset", reason)``: copy the policy weights to the reference and
   ``policy.record(step, reason)``; "wait" and "skip" are for the log (the policy has
-  already re-armed itself after a skip).
+  already re-armed itself after a skip). A reason is text for people that carries the
+  trigger that gave it (`reason.trigger`), so the records name the trigger as a field and
+  nothing parses it back out of the text.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
+
+from prorl_actors.spec import ResetSpec
+from prorl_actors.spec.algorithm import ResetTrigger
+
+TRIGGERS = get_args(ResetTrigger)
+_DEFAULT = ResetSpec()   # the defaults are the spec's, written once
 
 
 def reset_due(step: int, every_steps: int, last_reset_step: int = 0) -> bool:
@@ -46,17 +54,21 @@ def reset_due(step: int, every_steps: int, last_reset_step: int = 0) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Triggered resets
 # ---------------------------------------------------------------------------------------------
-TRIGGERS = ("scheduled", "validation", "kl")
+class Reason(str):
+    """Why a reset is due, for people ("KL share of the loss above 0.5"), and the trigger that
+    gave it (`trigger`: one of TRIGGERS), for code."""
+    trigger: str
 
+    def __new__(cls, text: str, trigger: str) -> Reason:
+        if trigger not in TRIGGERS:
+            raise ValueError(f"unknown reset trigger {trigger!r}; known: {TRIGGERS}")
+        reason = super().__new__(cls, text)
+        reason.trigger = trigger
+        return reason
 
-def trigger_of(reason: str) -> str:
-    """The trigger a reset's reason names ("KL share of the loss above 0.5" -> "kl"; a reason
-    no trigger gave is returned as it is)."""
-    head = reason.split(";")[0].strip().lower()
-    for t in TRIGGERS:
-        if head.startswith(t):
-            return t
-    return reason
+    def more(self, text: str) -> Reason:
+        """The same trigger, with `text` added to the reason."""
+        return Reason(f"{self}; {text}", self.trigger)
 
 
 def validation_stalled(values: list[float], patience: int, min_delta: float = 0.0) -> bool:
@@ -94,17 +106,17 @@ class ResetPolicy:
     `last_reset_step` is the step the triggers count from: the last reset or skipped reset.
     """
 
-    triggers: tuple[str, ...] = ("scheduled",)
-    every_steps: int = 200
-    patience: int = 3
-    min_delta: float = 0.0
-    max_drop: float = math.inf
-    max_kl_share: float = math.inf
-    kl_ceiling: float = math.inf
-    kl_steps: int = 1
-    min_gap: int = 1
-    max_wait_steps: int = 20
-    entropy_window: int = 3
+    triggers: tuple[str, ...] = tuple(_DEFAULT.triggers)
+    every_steps: int = _DEFAULT.every_steps
+    patience: int = _DEFAULT.patience
+    min_delta: float = _DEFAULT.min_delta
+    max_drop: float = math.inf           # the spec's null: no limit
+    max_kl_share: float = math.inf       # the spec's null
+    kl_ceiling: float = math.inf         # the spec's null
+    kl_steps: int = _DEFAULT.kl_steps
+    min_gap: int = _DEFAULT.min_gap
+    max_wait_steps: int = _DEFAULT.max_wait_steps
+    entropy_window: int = _DEFAULT.entropy_window
     last_reset_step: int = 0
     num_resets: int = 0
     events: list = field(default_factory=list)          # (step, reason) of every reset
@@ -113,6 +125,14 @@ class ResetPolicy:
     waiting_since: int | None = None                     # a due reset waits for entropy since this step
     recent_entropy: list = field(default_factory=list)  # the last entropy_window steps' entropy
     skipped: list = field(default_factory=list)         # (step, reason) of every skipped reset
+
+    @classmethod
+    def from_spec(cls, r: ResetSpec) -> ResetPolicy:
+        """The policy supervisor.resets describes."""
+        return cls(triggers=tuple(r.triggers), every_steps=r.every_steps, patience=r.patience,
+                   min_delta=r.min_delta, max_drop=r.max_drop or math.inf, max_kl_share=r.max_kl_share or math.inf,
+                   kl_ceiling=r.kl_ceiling or math.inf, kl_steps=r.kl_steps, min_gap=r.min_gap,
+                   max_wait_steps=r.max_wait_steps, entropy_window=r.entropy_window)
 
     def __post_init__(self) -> None:
         unknown = set(self.triggers) - set(TRIGGERS)
@@ -136,7 +156,8 @@ class ResetPolicy:
             self.val_since_reset.append(float(value))
 
     def decide(self, step: int, *, pg_loss: float = math.nan, kl: float = math.nan, kl_coef: float = 0.0,
-               entropy_floor: float | None = None, entropy_ceiling: float | None = None) -> tuple[str, str] | None:
+               entropy_floor: float | None = None, entropy_ceiling: float | None = None,
+               ) -> tuple[Literal["reset", "wait", "skip"], Reason] | None:
         """After step `step`: None (nothing due), ("reset", reason), ("wait", reason) or
         ("skip", reason).
 
@@ -155,19 +176,19 @@ class ResetPolicy:
         high = entropy_ceiling is not None and recent > entropy_ceiling
         if not (low or high):
             if self.waiting_since is not None:
-                reason = f"{reason}; after waiting {step - self.waiting_since} steps for entropy"
+                reason = reason.more(f"after waiting {step - self.waiting_since} steps for entropy")
             return "reset", reason
         if self.waiting_since is None:
             self.waiting_since = step
         side = f"below {entropy_floor:.4g}" if low else f"above {entropy_ceiling:.4g}"
         if step - self.waiting_since < self.max_wait_steps:
-            return "wait", f"{reason}; entropy {recent:.4g} {side}"
-        reason = f"{reason}; entropy outside the window for {step - self.waiting_since} steps"
-        self.skipped.append((step, reason))
+            return "wait", reason.more(f"entropy {recent:.4g} {side}")
+        reason = reason.more(f"entropy outside the window for {step - self.waiting_since} steps")
+        self.skipped.append((step, str(reason)))
         self._rearm(step)
         return "skip", reason
 
-    def due(self, step: int, *, pg_loss: float = math.nan, kl: float = math.nan, kl_coef: float = 0.0) -> str | None:
+    def due(self, step: int, *, pg_loss: float = math.nan, kl: float = math.nan, kl_coef: float = 0.0) -> Reason | None:
         """The reason a reset is due after step `step` (counted from 1; the minimum gap
         respected), or None."""
         if step < 1:
@@ -175,24 +196,24 @@ class ResetPolicy:
         if self.num_resets and step - self.last_reset_step < self.min_gap:
             return None
         if "scheduled" in self.triggers and reset_due(step, self.every_steps, self.last_reset_step):
-            return "scheduled"
+            return Reason("scheduled", "scheduled")
         if "validation" in self.triggers:
             if validation_stalled(self.val_since_reset, self.patience, self.min_delta):
-                return f"validation stalled for {self.patience} evaluations"
+                return Reason(f"validation stalled for {self.patience} evaluations", "validation")
             if validation_dropped(self.val_since_reset, self.max_drop):
-                return f"validation dropped by more than {self.max_drop:g}"
+                return Reason(f"validation dropped by more than {self.max_drop:g}", "validation")
         if "kl" in self.triggers:
             if math.isfinite(kl) and math.isfinite(pg_loss) and kl_share(pg_loss, kl, kl_coef) > self.max_kl_share:
-                return f"KL share of the loss above {self.max_kl_share:g}"
+                return Reason(f"KL share of the loss above {self.max_kl_share:g}", "kl")
             if self.kl_streak >= self.kl_steps:
-                return f"KL above {self.kl_ceiling:g} for {self.kl_steps} steps"
+                return Reason(f"KL above {self.kl_ceiling:g} for {self.kl_steps} steps", "kl")
         return None
 
     def record(self, step: int, reason: str) -> None:
         if step < self.last_reset_step:
             raise ValueError(f"reset at step {step} is before the last reset at {self.last_reset_step}")
         self.num_resets += 1
-        self.events.append((step, reason))
+        self.events.append((step, str(reason)))
         self._rearm(step)
 
     def _rearm(self, step: int) -> None:

@@ -8,7 +8,7 @@ Interface (what the supervisor's step uses):
                                             the policy version moves when the weights did
     Consumer.control(stats, batch, step) -> the controllers see the step; a reset when one is due
     Consumer.state_dict / load_state_dict
-and, for the run's lifecycle, `reference_call` (every call to the reference, a dead one rebuilt).
+and, for the run's lifecycle, `restore_reference` (what a rebuilt reference is given: roles.RESTART).
 
 The consumer owns the policy version and the reference's: `version` counts the learner's
 updates, `reference_version` is the version the reference was last reset to.
@@ -23,10 +23,14 @@ import pyarrow.compute as pc
 import ray
 import torch
 
-from prorl_actors import batch as B
-from prorl_actors.algo import (KLController, ResetPolicy, get_adv_estimator, kl_share, mixture_entropy, overlong_penalty,
-                               scale_for_entropy)
-from prorl_actors.group import ActorGroup, ActorLost, LearnerGroup
+from prorl_actors import batch as rb
+from prorl_actors.algo import (KLController, ResetPolicy, get_adv_estimator, kl_share, mixture_entropy,
+                               overlong_penalty, scale_for_entropy)
+from prorl_actors.algo.resets import Reason
+from prorl_actors.events import Event
+from prorl_actors.group import ActorGroup, LearnerGroup
+from prorl_actors.metrics import Phase
+from prorl_actors.roles import Learner, Reference
 from prorl_actors.runtime.rows import train_rewards, valid_rows
 from prorl_actors.spec import RunSpec
 
@@ -36,7 +40,7 @@ class Consumer:
         self.spec, self.learner, self.reference, self.records, self.log = spec, learner, reference, records, log
         self.sync = None                    # the weight sync, once the groups are up (set_sync)
         self.kl = make_kl_controller(spec)
-        self.resets = make_reset_policy(spec)
+        self.resets = ResetPolicy.from_spec(spec.supervisor.resets)
         self.version = 0                    # the learner's: one per update that changed the weights
         self.reference_version = 0
         self.reference_weights_ref = None   # the weights of the reference's last reset (None: a checkpoint's/base)
@@ -59,20 +63,6 @@ class Consumer:
         return not (k.mode == "fixed" and k.actuator == "kl_coef" and k.coef == 0
                     and "kl" not in self.spec.supervisor.resets.triggers)
 
-    def reference_call(self, method: str, *args, step: int):
-        """A reference call: logprobs spread over the reference actors, a reset or load to every
-        one, anything else to actor 0. A dead reference is rebuilt (from a checkpoint's reference
-        or the weights of its last reset) and the call repeated."""
-        while True:
-            try:
-                if method == "logprobs":
-                    return self.reference.map_table(method, *args, rows_per_unit=self.spec.group_size, step=step)
-                if method in ("reset_to", "load"):
-                    return self.reference.call_all(method, *args, step=step)[0]
-                return self.reference.call_one(method, *args, step=step)
-            except ActorLost as e:
-                self.reference.replace(e.rank, e.cause, step=step)
-
     def restore_reference(self, actor) -> None:
         """A rebuilt reference actor: the weights of the last reset, if there was one since the
         checkpoint it was built from."""
@@ -86,9 +76,10 @@ class Consumer:
         them (None: nothing to train)."""
         if batch is None or not self.reference_needed():
             return batch
-        with timer("reference"):
+        with timer(Phase.REFERENCE):
             T = self.spec.generator.temperature * self.ref_temperature_scale()
-            return self.reference_call("logprobs", batch, T, step=step)
+            return self.reference.map_table(Reference.logprobs, batch, T, rows_per_unit=self.spec.group_size,
+                                            step=step)
 
     def update(self, batch: pa.Table | None, step: int, timer) -> dict:
         """The learner's update on `batch` (None: nothing to train) -> its stats ({} when there
@@ -96,9 +87,9 @@ class Consumer:
         when the weights did."""
         if batch is None:
             return {}
-        with timer("learn"):
+        with timer(Phase.LEARN):
             kl_coef, entropy_coef = self.coefs()
-            stats = self.learner.call_one("update", batch, kl_coef, entropy_coef, step=step)
+            stats = self.learner.call_one(Learner.update, batch, kl_coef, entropy_coef, step=step)
         stats["kl_coef_used"], stats["entropy_coef_used"] = kl_coef, entropy_coef
         stats["ref_temperature_scale_used"] = self.ref_temperature_scale()
         stats["entropy_signal"] = self.entropy_signal(stats)
@@ -118,8 +109,9 @@ class Consumer:
         if decision and decision[0] == "reset":
             self.reset_reference(decision[1], step, batch)
         elif decision and (decision[0] == "skip" or self.resets.waiting_since == step):
-            event = "reference_reset_skipped" if decision[0] == "skip" else "reference_reset_waits"
-            self.records.event(event, step, reason=decision[1], entropy_target=self.kl.target)
+            event = Event.REFERENCE_RESET_SKIPPED if decision[0] == "skip" else Event.REFERENCE_RESET_WAITS
+            self.records.event(event, step, trigger=decision[1].trigger, reason=decision[1],
+                               entropy_target=self.kl.target)
             self.log(f"step {step}: {event.replace('_', ' ')} ({decision[1]})")
 
     # ------------------------------------------------------------------ controls
@@ -128,10 +120,10 @@ class Consumer:
         (or neither: the reference's temperature, ref_temperature_scale)."""
         k = self.spec.supervisor.kl
         if k.actuator == "entropy_coef":
-            return k.coef, self.kl.coef
+            return k.coef, self.kl.value
         if k.actuator == "reference_temperature":
             return k.coef, self.spec.algorithm.entropy_coef
-        return self.kl.coef, self.spec.algorithm.entropy_coef
+        return self.kl.value, self.spec.algorithm.entropy_coef
 
     def entropy_signal(self, stats: dict) -> float:
         """The entropy the controller holds (supervisor.kl.entropy_signal): the batch's token mean,
@@ -145,7 +137,7 @@ class Consumer:
         """The reference's logprobs are taken at the sampling temperature x this (kl.actuator
         reference_temperature moves it; otherwise reference.temperature_scale)."""
         if self.spec.supervisor.kl.actuator == "reference_temperature":
-            return self.kl.coef
+            return self.kl.value
         return self.spec.reference.temperature_scale
 
     def reset_entropy_limits(self) -> tuple[float | None, float | None]:
@@ -159,57 +151,47 @@ class Consumer:
         high = None if rs.entropy_margin_high is None else self.kl.target + rs.entropy_margin_high * self.kl.band
         return self.kl.target + rs.entropy_margin * self.kl.band, high
 
-    def reset_reference(self, reason: str, step: int, batch: pa.Table | None = None) -> None:
+    def reset_reference(self, reason: Reason, step: int, batch: pa.Table | None = None) -> None:
         """Reference <- current policy; optimizer state re-initialised and the KL coefficient
         restored when the spec says so (or, moving the reference's temperature, the scale chosen
         so that the reference's entropy on this step's responses stays where it was); recorded
-        with its reason."""
+        with its trigger and reason."""
         rs, k = self.spec.supervisor.resets, self.spec.supervisor.kl
         match = k.actuator == "reference_temperature" and rs.match_reference_entropy and batch is not None
         T = self.spec.generator.temperature
-        entropy = lambda rows, scale: self.reference_call("entropy", rows, T * scale, step=step)  # noqa: E731
+        entropy = lambda rows, scale: self.reference.call_one(Reference.entropy, rows, T * scale, step=step)  # noqa: E731
         if match:   # at most 128 rows spread over the batch: the entropy of both references on them
             rows = batch.take(np.linspace(0, batch.num_rows - 1, min(batch.num_rows, 128)).round().astype(np.int64))
             scale_before = self.ref_temperature_scale()
             ref_entropy = entropy(rows, scale_before)
         self.reference_weights_ref, self.reference_version = self.sync.weights_ref(self.version), self.version
-        self.reference_call("reset_to", self.reference_weights_ref, self.version, step=step)
+        self.reference.call_all(Reference.reset_to, self.reference_weights_ref, self.version, step=step)
         if rs.reset_optimizer:
-            self.learner.call_one("reset_optimizer", step=step)
+            self.learner.call_one(Learner.reset_optimizer, step=step)
         if rs.restore_kl_coef:
             self.kl.restore_initial()
         extra = {}
         if match:
-            self.kl.set_coef(scale_for_entropy(lambda sc: entropy(rows, sc), ref_entropy, k.coef_min, k.coef_max))
+            self.kl.set_value(scale_for_entropy(lambda sc: entropy(rows, sc), ref_entropy, k.coef_min, k.coef_max))
             after = self.ref_temperature_scale()
             extra = {"ref_temperature_scale_before": scale_before, "ref_temperature_scale": after,
                      "ref_entropy_before": ref_entropy, "ref_entropy": entropy(rows, after)}
         self.resets.record(step, reason)
-        self.records.event("reference_reset", step, reason=reason, policy_version=self.version,
+        self.records.event(Event.REFERENCE_RESET, step, trigger=reason.trigger, reason=reason, policy_version=self.version,
                            optimizer_reset=rs.reset_optimizer, kl_coef=self.coefs()[0], **extra)
         self.log(f"step {step}: reference reset ({reason})")
 
 
 def make_kl_controller(spec: RunSpec) -> KLController:
-    """The controller of the coefficient that supervisor.kl.actuator names."""
+    """The controller of what supervisor.kl.actuator names, starting from that value's setting
+    (beta: kl.coef; the bonus: algorithm.entropy_coef; the temperature scale:
+    reference.temperature_scale), held within coef_min..coef_max."""
     k = spec.supervisor.kl
-    target = k.entropy_target if k.mode == "entropy-target" else k.kl_target
     start = {"kl_coef": k.coef, "entropy_coef": spec.algorithm.entropy_coef,
              "reference_temperature": spec.reference.temperature_scale}[k.actuator]
     if k.actuator != "kl_coef":
         start = min(max(start, k.coef_min), k.coef_max)
-    return KLController(mode=k.mode, coef=start, target=target, target_relative=k.entropy_target_relative,
-                        band=k.band, rate=k.rate, kp=k.kp, coef_min=k.coef_min, coef_max=k.coef_max,
-                        smoothing=k.smoothing, horizon=k.horizon)
-
-
-def make_reset_policy(spec: RunSpec) -> ResetPolicy:
-    r = spec.supervisor.resets
-    inf = math.inf
-    return ResetPolicy(triggers=tuple(r.triggers), every_steps=r.every_steps, patience=r.patience,
-                       min_delta=r.min_delta, max_drop=r.max_drop or inf, max_kl_share=r.max_kl_share or inf,
-                       kl_ceiling=r.kl_ceiling or inf, kl_steps=r.kl_steps, min_gap=r.min_gap,
-                       max_wait_steps=r.max_wait_steps, entropy_window=r.entropy_window)
+    return KLController.from_spec(k, start)
 
 
 def trainable_batch(batch: pa.Table, spec: RunSpec) -> tuple[pa.Table, dict]:
@@ -222,7 +204,7 @@ def trainable_batch(batch: pa.Table, spec: RunSpec) -> tuple[pa.Table, dict]:
     that neither the reference nor the learner spends a pass on them."""
     G, ol = spec.group_size, spec.algorithm.overlong
     rewards = train_rewards(batch, spec.algorithm.reward_shaping)                         # (B,) shaped, if asked
-    lengths = torch.tensor(pc.list_value_length(batch[B.RESPONSE_IDS]).to_numpy())        # (B,)
+    lengths = torch.tensor(pc.list_value_length(batch[rb.RESPONSE_IDS]).to_numpy())        # (B,)
     figures = {}
     if ol.mode == "soft_punish":   # DAPO: a length penalty shapes the advantages, not the filter
         penalty = overlong_penalty(lengths, spec.generator.max_new_tokens, ol.buffer_tokens)  # (B,) in [-1, 0]
@@ -231,13 +213,13 @@ def trainable_batch(batch: pa.Table, spec: RunSpec) -> tuple[pa.Table, dict]:
     valid = valid_rows(batch)                                                              # (B,)
     trained = lengths
     if ol.mode == "mask":   # batch statistics over the rows that will be trained on
-        trained = lengths * ~torch.tensor(batch[B.TRUNCATED].to_numpy(zero_copy_only=False))
+        trained = lengths * ~torch.tensor(batch[rb.TRUNCATED].to_numpy(zero_copy_only=False))
     adv = get_adv_estimator(spec.algorithm.adv_estimator)(rewards, G, valid=valid, lengths=trained)   # (B,)
-    batch = B.with_column(batch, B.ADV, adv.numpy())
+    batch = rb.with_column(batch, rb.ADV, adv.numpy())
     keep = valid.numpy()                  # a failed verification has no reward: no gradient either
     if ol.mode == "mask":   # truncated responses get no gradient
-        keep = keep & ~batch[B.TRUNCATED].to_numpy(zero_copy_only=False)
+        keep = keep & ~batch[rb.TRUNCATED].to_numpy(zero_copy_only=False)
     if not keep.all():
-        batch = B.select_rows(batch, keep)
+        batch = rb.select_rows(batch, keep)
     figures["unverified_rows"] = int((~valid).sum())
     return batch, figures

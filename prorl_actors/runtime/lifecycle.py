@@ -2,14 +2,16 @@
 the state a checkpoint holds, a resume, a rollback after the learner died, a stop (SIGTERM,
 preemption) and the checkpoints.
 
-Surviving (see group.py for the stateless roles):
+Surviving (each role's restart strategy is declared in roles.RESTART and carried out by its
+group, group.py):
 - a checkpoint every `checkpoint.every_steps`, at the end and on SIGTERM holds the whole
   state; a run started on a directory with one continues from it (`resume`);
-- a dead generator or verifier is replaced and its work sent again, inside the step;
+- a dead generator or verifier is replaced and its work sent again, inside the step (REPLACE);
 - a dead reference is rebuilt from what it was last set to (the checkpoint's reference or
-  the weights of its last reset), and its call repeated (consumer.py);
+  the weights of its last reset: `Consumer.restore_reference`), and its call repeated (REBUILD);
 - a dead learner takes its optimizer state with it: the run rolls back to the last
-  checkpoint, in-process, and does those steps again (their records move aside);
+  checkpoint, in-process, and does those steps again (their records move aside) (ROLL_BACK:
+  `rollback`, called by the supervisor's loop);
 - SIGTERM (`ray job stop`, preemption) interrupts generation or validation at once, or lets
   a learner update finish, then checkpoints the last complete step and returns.
 
@@ -29,16 +31,18 @@ import pyarrow as pa
 import ray
 import torch
 
-from prorl_actors import batch as B
+from prorl_actors import batch as rb
 from prorl_actors.actors.generator import GENERATOR_ENV, GeneratorActor
 from prorl_actors.actors.learner import LearnerActor
 from prorl_actors.actors.reference import ReferenceActor
 from prorl_actors.actors.verifier import VerifierActor
 from prorl_actors.checkpoint import REFERENCE_DIR, read_state, save_checkpoint
+from prorl_actors.events import Event
 from prorl_actors.exporter import Exporter
 from prorl_actors.group import ActorGroup, ActorLost, LearnerGroup
 from prorl_actors.metrics import RunRecords, read_jsonl
 from prorl_actors.placement import Placement
+from prorl_actors.roles import RESTART, Learner, Reference, Restart, Role
 from prorl_actors.runtime.consumer import Consumer
 from prorl_actors.runtime.producer import RolloutProducer
 from prorl_actors.spec import RunSpec
@@ -107,24 +111,29 @@ class RunLifecycle:
         ln = spec.learner
         self.placement = Placement(spec)   # the learner's bundles, and the roles colocated in them
         self.sync: WeightSync | None = None   # once the groups are up
-        self.generators = ActorGroup(GeneratorActor, g.num_actors, num_cpus=g.num_cpus, num_gpus=g.num_gpus,
-                                     env=GENERATOR_ENV, args=lambda rank: (path, spec.model.dtype, g, spec.seed + rank),
-                                     name="generator", on_restart=lambda actor: self.sync.on_generator_restart(actor),
-                                     placement=self.placement.options("generator"), **common)
-        self.verifiers = ActorGroup(VerifierActor, spec.verifier.num_actors, num_cpus=spec.verifier.num_cpus,
-                                    args=(spec.data, spec.verifier, spec.validation.tasks), name="verifier", **common)
-        self.learner = LearnerGroup(LearnerActor, ln.num_actors, num_cpus=ln.num_cpus, num_gpus=ln.num_gpus,
-                                    args=lambda rank: (self._policy_path(), ln, spec.algorithm, g.temperature,
-                                                       G, g.max_new_tokens, pad_id, spec.seed),
-                                    name="learner", on_restart=lambda actor: self._restore_learner(),
-                                    placement=self.placement.options("learner"), **common)
-        self.reference = ActorGroup(ReferenceActor, spec.reference.num_actors, num_cpus=spec.reference.num_cpus,
-                                    num_gpus=spec.reference.num_gpus,
-                                    args=lambda rank: (self._reference_path(), spec.model.dtype, spec.reference,
-                                                       g.temperature * spec.reference.temperature_scale, pad_id),
-                                    name="reference", stateless=False,
-                                    on_restart=lambda actor: self.consumer.restore_reference(actor),
-                                    placement=self.placement.options("reference"), **common)
+        # each role's restart strategy is roles.RESTART's; on_restart is what a replacement is given
+        self.generators = ActorGroup.for_role(Role.GENERATOR, GeneratorActor, g.num_actors, num_cpus=g.num_cpus,
+                                              num_gpus=g.num_gpus, env=GENERATOR_ENV,
+                                              args=lambda rank: (path, spec.model.dtype, g, spec.seed + rank),
+                                              on_restart=self._generator_replaced,
+                                              placement=self.placement.options("generator"), **common)
+        self.verifiers = ActorGroup.for_role(Role.VERIFIER, VerifierActor, spec.verifier.num_actors,
+                                             num_cpus=spec.verifier.num_cpus,
+                                             args=(spec.data, spec.verifier, spec.validation.tasks), **common)
+        self.learner = LearnerGroup.for_role(Role.LEARNER, LearnerActor, ln.num_actors, num_cpus=ln.num_cpus,
+                                             num_gpus=ln.num_gpus,
+                                             args=lambda rank: (self._policy_path(), ln, spec.algorithm, g.temperature,
+                                                                G, g.max_new_tokens, pad_id, spec.seed),
+                                             on_restart=self._learner_rebuilt,
+                                             placement=self.placement.options("learner"), **common)
+        self.reference = ActorGroup.for_role(Role.REFERENCE, ReferenceActor, spec.reference.num_actors,
+                                             num_cpus=spec.reference.num_cpus, num_gpus=spec.reference.num_gpus,
+                                             args=lambda rank: (self._reference_path(), spec.model.dtype,
+                                                                spec.reference,
+                                                                g.temperature * spec.reference.temperature_scale,
+                                                                pad_id),
+                                             on_restart=self._reference_rebuilt,
+                                             placement=self.placement.options("reference"), **common)
         self.groups = (self.generators, self.verifiers, self.learner, self.reference)
         self.consumer = Consumer(spec, self.learner, self.reference, self.records, log)
         for grp in self.groups:
@@ -187,6 +196,21 @@ class RunLifecycle:
     def _reference_path(self) -> str:
         return str(self.restore_from / REFERENCE_DIR if self.restore_from else self.model_path)
 
+    # ------------------------------------------------------------------ what a replacement is given
+    # (on_restart of each group; what the group does on a death is roles.RESTART's)
+    def _generator_replaced(self, actor) -> None:
+        """REPLACE: a new generator gets the generators' current weights (its work is re-sent)."""
+        self.sync.on_generator_restart(actor)
+
+    def _reference_rebuilt(self, actor) -> None:
+        """REBUILD: a new reference gets the weights of the last reset, if there was one since the
+        checkpoint it was built from (the call is made again)."""
+        self.consumer.restore_reference(actor)
+
+    def _learner_rebuilt(self, actor) -> None:
+        """ROLL_BACK: new learner ranks (built from restore_from) get its optimizer, schedule and RNG."""
+        self._restore_learner()
+
     def _restore_learner(self) -> None:
         """Learner ranks built from a checkpoint's weights get its optimizer, schedule and RNG; the
         weights must be the ones the checkpoint recorded."""
@@ -194,7 +218,7 @@ class RunLifecycle:
             self.sync.on_learner_restart()
         if self.restore_from is None:
             return
-        digest = self.learner.call_one("load_state", str(self.restore_from), step=self.step)
+        digest = self.learner.call_one(Learner.load_state, str(self.restore_from), step=self.step)
         expected = read_state(self.restore_from)["weights_sha256"]
         if digest != expected:
             raise RuntimeError(f"{self.restore_from}: the learner's weights after loading differ from the "
@@ -234,21 +258,22 @@ class RunLifecycle:
         self._restore_learner()
         self._publish(resumed=True)
         self.history = [m for m in read_jsonl(self.run_dir / "metrics.jsonl") if m["step"] <= self.step]
-        events = read_jsonl(self.run_dir / "events.jsonl")
-        for grp in self.groups:   # restarts count over the whole run, across resumes
-            grp.restarts = sum(e["event"] == "actor_restarted" and e.get("role") == grp.role for e in events)
-        self.rollbacks = sum(e["event"] == "rolled_back" for e in events)
-        self.resumes = sum(e["event"] == "run_resumed" for e in events) + 1
-        self.records.event("run_resumed", self.step, checkpoint=str(self.restore_from), policy_version=self.consumer.version,
-                           kl_coef=self.consumer.kl.coef, weights_sha256=st["weights_sha256"], data=st["data"]["cursors"],
+        for grp in self.groups:   # restarts count over the whole run, across resumes (the records count them)
+            grp.restarts = self.records.life_count(Event.ACTOR_RESTARTED, role=grp.role)
+        self.rollbacks = self.records.life_count(Event.ROLLED_BACK)
+        self.resumes = self.records.life_count(Event.RUN_RESUMED) + 1
+        self.records.event(Event.RUN_RESUMED, self.step, checkpoint=str(self.restore_from), policy_version=self.consumer.version,
+                           kl_coef=self.consumer.coefs()[0], weights_sha256=st["weights_sha256"], data=st["data"]["cursors"],
                            rolled_back_lines=rolled_back_lines)
         self.log(f"resumed from {self.restore_from} at step {self.step} (policy version {self.consumer.version}, "
-                 f"KL coefficient {self.consumer.kl.coef:.4g}, {self.consumer.resets.num_resets} reference resets so far; "
+                 f"KL coefficient {self.consumer.coefs()[0]:.4g}, {self.consumer.resets.num_resets} reference resets so far; "
                  f"{rolled_back_lines} record lines of later steps moved to rolled_back.jsonl)")
 
     def rollback(self, lost: ActorLost) -> None:
         """The learner died with its optimizer state: every stateful part goes back to the last
         checkpoint (or to the start), in-process, and the steps after it are done again."""
+        if RESTART.get(lost.role) is not Restart.ROLL_BACK:   # a group heals its other roles itself
+            raise RuntimeError(f"{lost}: {lost.role} is not rolled back (roles.RESTART)") from lost
         ft = self.spec.fault_tolerance
         if self.rollbacks >= ft.max_rollbacks:
             raise RuntimeError(f"{lost}; {self.rollbacks} rollbacks already, the limit "
@@ -261,11 +286,11 @@ class RunLifecycle:
         self.learner.replace(0, lost.cause, step=from_step)     # built from restore_from, then its state
         self.load_state_dict(state, ckpt)
         self.consumer.reference_weights_ref = None
-        self.consumer.reference_call("load", self._reference_path(), self.consumer.reference_version, step=self.step)
+        self.reference.call_all(Reference.load, self._reference_path(), self.consumer.reference_version, step=self.step)
         self._publish(resumed=True)
         moved = self.records.roll_back_to(self.step, self.last_validation_step)
         self.history = [m for m in self.history if m["step"] <= self.step]
-        self.records.event("rolled_back", from_step, to_step=self.step, checkpoint=str(ckpt) if ckpt else None,
+        self.records.event(Event.ROLLED_BACK, from_step, to_step=self.step, checkpoint=str(ckpt) if ckpt else None,
                            cause=str(lost), rolled_back_lines=moved)
         self.log(f"step {from_step}: {lost}; rolled back to {'step ' + str(self.step) if ckpt else 'the start'} "
                  f"and going on from there ({moved} record lines moved to rolled_back.jsonl)")
@@ -273,10 +298,10 @@ class RunLifecycle:
 
     # ------------------------------------------------------------------ prompts
     def _prompt_table(self, items: list[Item], split: str, record: bool = True) -> pa.Table:
-        table, rejected = B.make_prompts(items, self.tokenizer, self.max_prompt_tokens, self.next_group_id)
+        table, rejected = rb.make_prompts(items, self.tokenizer, self.max_prompt_tokens, self.next_group_id)
         self.next_group_id += table.num_rows
         for it, why in rejected if record else ():
-            self.records.event("prompt_rejected", self.step, split=split, task=it.task, item_index=it.index,
+            self.records.event(Event.PROMPT_REJECTED, self.step, split=split, task=it.task, item_index=it.index,
                                reason=why)
         return table
 
@@ -291,11 +316,11 @@ class RunLifecycle:
         self.interruptible = False        # a save in progress is finished, not abandoned
         self.producer.drain_before(self.step)   # batches of older weights are saved made, not in progress
         path = save_checkpoint(self.run_dir / "checkpoints", self.step,
-                               lambda d: self.learner.call_one("save", d, step=self.step),
-                               lambda d: self.consumer.reference_call("save", d, step=self.step), self.state_dict(),
+                               lambda d: self.learner.call_one(Learner.save, d, step=self.step),
+                               lambda d: self.reference.call_one(Reference.save, d, step=self.step), self.state_dict(),
                                self.spec.checkpoint.keep_last, tokenizer_from=self.model_path,
                                save_extra=self.producer.save)
-        self.records.event("checkpoint", self.step, path=str(path), seconds=round(time.perf_counter() - t0, 3),
+        self.records.event(Event.CHECKPOINT, self.step, path=str(path), seconds=round(time.perf_counter() - t0, 3),
                            complete=self.complete)
         # from now on a rebuilt reference (or a rollback) starts from here: it holds the
         # reference as it is, so the weights of its last reset need not be kept any more
@@ -331,7 +356,7 @@ class RunLifecycle:
             current = saved is not None and (saved["step"], saved["last_validation_step"]) == \
                 (self.step, self.last_validation_step)
             path = self.restore_from if current else self.checkpoint()
-        self.records.event("preempted", self.step, signal=self.stop.signal,
+        self.records.event(Event.PREEMPTED, self.step, signal=self.stop.signal,
                            checkpoint=str(path) if path else None)
         self.log(f"stopped by {self.stop.signal} after step {self.step}: "
                  + (f"checkpoint {path}; the same command resumes from it" if path else "nothing trained yet"))

@@ -51,12 +51,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from prorl_actors import batch as B
+from prorl_actors import batch as rb
 from prorl_actors.algo import KeepRate, informative_groups, round_size
 from prorl_actors.engines.generation import SamplingSpec, generation_chunks
+from prorl_actors.events import Event
 from prorl_actors.group import POLL_S, ActorGroup, PieceFailed, WorkPool, split_table
+from prorl_actors.metrics import Phase
+from prorl_actors.roles import Generator, Verifier
 from prorl_actors.runtime.rows import (failed_generation, shaping_on, train_rewards, usable_surplus, valid_rows,
-                                      with_shaped_rewards)
+                                       with_shaped_rewards)
 from prorl_actors.spec import RunSpec
 from prorl_actors.tasks import TaskMixture
 
@@ -77,7 +80,7 @@ class Fill:
     kept: list = field(default_factory=list)          # [pa.Table] informative groups, in prompt order
     made: list = field(default_factory=list)          # [pa.Table] every rollout (for the step's figures)
     events: list = field(default_factory=list)        # [(kind, fields)] recorded when the step is trained
-    times: dict = field(default_factory=lambda: {"generate": 0.0, "verify": 0.0})
+    times: dict = field(default_factory=lambda: {Phase.GENERATE: 0.0, Phase.VERIFY: 0.0})
     keep_rate: float = 1.0              # the running keep rate when it was done
     in_flight_pushes: int = 0           # newer weights taken between decoding pieces
     carried: int = 0                    # groups of the last fill's surplus it begins with
@@ -86,7 +89,7 @@ class Fill:
 
     def batch(self, P: int, G: int) -> pa.Table | None:
         """The kept groups, at most P (in the order they were made)."""
-        batch = B.concat(self.kept)
+        batch = rb.concat(self.kept)
         if batch is not None and batch.num_rows > P * G:
             batch = batch.slice(0, P * G)
         return batch if batch is not None and batch.num_rows else None
@@ -191,7 +194,7 @@ class RolloutProducer:
                  for name, tables in (("kept", fill.kept), ("made", fill.made))]
         files.append((SURPLUS_FILE, self._surplus_saved))
         for name, tables in files:
-            table = B.concat(tables)
+            table = rb.concat(tables)
             if table is not None and table.num_rows:      # (a fill may have kept nothing)
                 with pa.OSFile(str(out / name), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
                     w.write_table(table)
@@ -283,7 +286,7 @@ class RolloutProducer:
             for key, rollouts in self.gen.poll(0.0, step, stoppable).items():
                 self._generated(key, rollouts)
             for key, rollouts in self.ver.poll(timeout, step, stoppable, also=(also or []) + self.gen.refs()).items():
-                self._round.verified[key] = B.with_column(rollouts, B.GENERATE_ERROR, [False] * rollouts.num_rows)
+                self._round.verified[key] = rb.with_column(rollouts, rb.GENERATE_ERROR, [False] * rollouts.num_rows)
             for key, rollouts in self.gen.poll(0.0, step, stoppable).items():
                 self._generated(key, rollouts)
             if self._round is not None and len(self._round.verified) == self._round.chunks:
@@ -298,7 +301,7 @@ class RolloutProducer:
         if isinstance(rollouts, PieceFailed):   # no response to verify: rows that count, never train
             cause = rollouts.cause
             rollouts = failed_generation(r.prompts[key], self.G, self.generator_version or 0, self.in_flight)
-            self.current.events.append(("generation_failed", {"rows": rollouts.num_rows, "cause": cause}))
+            self.current.events.append((Event.GENERATION_FAILED, {"rows": rollouts.num_rows, "cause": cause}))
             r.done_rows.pop(key, None)
             r.verified[key] = rollouts
         elif self.in_flight:
@@ -309,7 +312,7 @@ class RolloutProducer:
         if len(r.generated) == r.chunks:
             r.generated_at = time.monotonic()
         if key not in r.verified:
-            self.ver.submit(key, "verify", rollouts)
+            self.ver.submit(key, Verifier.verify, rollouts)
 
     def _piece_done(self, key: int, rows: pa.Table) -> pa.Table | None:
         """In-flight updates: a decoding piece of chunk `key` came back -> the chunk's rollouts
@@ -318,10 +321,10 @@ class RolloutProducer:
         r = self._round
         if key not in r.pieces:     # the first piece: G rows per prompt, in order
             rows = rows.append_column(_ROW, pa.array(np.arange(rows.num_rows), pa.int64()))
-            rows = B.with_column(rows, B.POLICY_VERSION_MAX, rows[B.POLICY_VERSION].to_pylist())
+            rows = rb.with_column(rows, rb.POLICY_VERSION_MAX, rows[rb.POLICY_VERSION].to_pylist())
         r.pieces[key] = r.pieces.get(key, 0) + 1
-        length = pc.list_value_length(rows[B.RESPONSE_IDS]).to_numpy()
-        open_ = rows[B.TRUNCATED].to_numpy(zero_copy_only=False) & (length < r.sp.max_new_tokens)   # (b,)
+        length = pc.list_value_length(rows[rb.RESPONSE_IDS]).to_numpy()
+        open_ = rows[rb.TRUNCATED].to_numpy(zero_copy_only=False) & (length < r.sp.max_new_tokens)   # (b,)
         r.done_rows.setdefault(key, []).append(rows.filter(pa.array(~open_)))
         if open_.any():
             r.waiting[key] = rows.filter(pa.array(open_))
@@ -344,7 +347,7 @@ class RolloutProducer:
         for key, rows in r.waiting.items():
             sp = dataclasses.replace(r.sp, seed=(r.sp.seed * 31 + r.pieces[key]) % 2**31, max_new_tokens=min(
                 self.piece_tokens, r.sp.max_new_tokens - r.pieces[key] * self.piece_tokens))
-            self.gen.submit(key, "extend", rows, sp)
+            self.gen.submit(key, Generator.extend, rows, sp)
         r.waiting = {}
 
     def _start_work(self, may_push: bool = True) -> None:
@@ -393,7 +396,7 @@ class RolloutProducer:
                               seed=(self.spec.seed * 1_000_003 + fill.step) * 101 + fill.rounds)  # fresh per round
             items = self.mixture.sample(n_new)
             for bad in self.mixture.take_rejected():
-                fill.events.append(("item_rejected", {"split": "train", **bad}))
+                fill.events.append((Event.ITEM_REJECTED, {"split": "train", **bad}))
             prompts = self.prompt_table(items, fill.events)
             fill.rounds += 1
             if prompts.num_rows:
@@ -404,15 +407,15 @@ class RolloutProducer:
         self._round = _Round(len(chunks), time.monotonic(), sp, dict(enumerate(chunks)))
         first = dataclasses.replace(sp, max_new_tokens=min(self.piece_tokens, sp.max_new_tokens)) if self.in_flight else sp
         for c, chunk in enumerate(chunks):
-            self.gen.submit(c, "generate", chunk, first)
+            self.gen.submit(c, Generator.generate, chunk, first)
 
     def prompt_table(self, items, events: list | None = None) -> pa.Table:
         """Task items -> prompts with fresh group ids (a prompt too long is left out, recorded in `events`)."""
-        table, rejected = B.make_prompts(items, self.tokenizer, self.max_prompt_tokens, self.next_group_id)
+        table, rejected = rb.make_prompts(items, self.tokenizer, self.max_prompt_tokens, self.next_group_id)
         self.next_group_id += table.num_rows
         for it, why in rejected:
             if events is not None:
-                events.append(("prompt_rejected", {"split": "train", "task": it.task, "item_index": it.index,
+                events.append((Event.PROMPT_REJECTED, {"split": "train", "task": it.task, "item_index": it.index,
                                                    "reason": why}))
         return table
 
@@ -421,8 +424,8 @@ class RolloutProducer:
         self._round = None
         now = time.monotonic()
         gen_end = r.generated_at or now
-        fill.times["generate"] += gen_end - r.started
-        fill.times["verify"] += now - gen_end          # the verification not hidden behind generation
+        fill.times[Phase.GENERATE] += gen_end - r.started
+        fill.times[Phase.VERIFY] += now - gen_end          # the verification not hidden behind generation
         rollouts = self._shaped(pa.concat_tables([r.verified[c] for c in range(r.chunks)]), fill.step)
         fill.made.append(rollouts)
         if not self.spec.supervisor.dynamic_sampling.enabled:
@@ -432,7 +435,7 @@ class RolloutProducer:
             keep = informative_groups(train_rewards(rollouts, self.spec.algorithm.reward_shaping), G,
                                       valid_rows(rollouts))                                      # (groups,)
             self.keep_rate.observe(int(keep.sum()), len(keep))
-            fill.kept.append(B.select_rows(rollouts, keep.repeat_interleave(G).numpy()))
+            fill.kept.append(rb.select_rows(rollouts, keep.repeat_interleave(G).numpy()))
             fill.n_kept += int(keep.sum())
         self._start_round()
 
@@ -441,16 +444,16 @@ class RolloutProducer:
         learner then holds at most the version of the fill's source step plus one per step in
         between, so a group sampled at least that minus max_staleness is within the bound whatever
         happens (and which groups carry does not depend on timing); the rest expire."""
-        fill.surplus_before, surplus, self.surplus = self.surplus, B.concat(self.surplus), []
+        fill.surplus_before, surplus, self.surplus = self.surplus, rb.concat(self.surplus), []
         if surplus is None or not surplus.num_rows:
             return
-        if self.in_flight != (B.POLICY_VERSION_MAX in surplus.column_names):   # in-flight turned on or off
-            surplus = B.with_column(surplus, B.POLICY_VERSION_MAX, surplus[B.POLICY_VERSION].to_pylist()) \
-                if self.in_flight else surplus.drop_columns([B.POLICY_VERSION_MAX])
+        if self.in_flight != (rb.POLICY_VERSION_MAX in surplus.column_names):   # in-flight turned on or off
+            surplus = rb.with_column(surplus, rb.POLICY_VERSION_MAX, surplus[rb.POLICY_VERSION].to_pylist()) \
+                if self.in_flight else surplus.drop_columns([rb.POLICY_VERSION_MAX])
         surplus = self._shaped(surplus, fill.step)     # (made before a resume that turned shaping on: for this step)
         src = fill.source if fill.source in self.versions else min(self.versions)   # (an old checkpoint: stricter)
         newest = self.versions[src] + (fill.step - 1 - src)
-        carried, fill.carried, fill.expired = usable_surplus(B.in_column_order(surplus), newest, self.S, self.G)
+        carried, fill.carried, fill.expired = usable_surplus(rb.in_column_order(surplus), newest, self.S, self.G)
         fill.kept.append(carried)
         fill.n_kept += fill.carried
 
@@ -459,13 +462,13 @@ class RolloutProducer:
         shaped keep it (a surplus carried to the next step, the shaping it was filtered with); the
         column of rows made before a resume that turned shaping off is dropped."""
         rs = self.spec.algorithm.reward_shaping
-        if B.SHAPED_REWARD in rows.column_names:
-            return rows if shaping_on(rs) else rows.drop_columns([B.SHAPED_REWARD])
+        if rb.SHAPED_REWARD in rows.column_names:
+            return rows if shaping_on(rs) else rows.drop_columns([rb.SHAPED_REWARD])
         return with_shaped_rewards(rows, rs, self.spec.generator.max_new_tokens, step)
 
     def _finish_fill(self) -> None:
         fill = self.current
-        kept = B.concat(fill.kept)
+        kept = rb.concat(fill.kept)
         if kept is not None and kept.num_rows > self.P * self.G:   # the groups beyond the batch: surplus
             fill.kept, self.surplus = [kept.slice(0, self.P * self.G)], [kept.slice(self.P * self.G)]
         fill.keep_rate, fill.surplus_before = self.keep_rate.rate, []   # (only a fill in progress saves it)

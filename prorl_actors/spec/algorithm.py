@@ -8,6 +8,10 @@ from typing import Literal
 
 from prorl_actors.spec.fields import opt
 
+# the values of a few modes, written once: the spec's fields and algo/ (control.py, resets.py) use them
+KLMode = Literal["fixed", "entropy-target", "kl-target"]
+KLActuator = Literal["kl_coef", "entropy_coef", "reference_temperature"]
+ResetTrigger = Literal["scheduled", "validation", "kl"]
 
 @dataclass
 class OverlongSpec:
@@ -96,13 +100,13 @@ class DynamicSamplingSpec:
 
 @dataclass
 class KLControlSpec:
-    mode: Literal["fixed", "entropy-target", "kl-target"] = opt("fixed", help=(
+    mode: KLMode = opt("fixed", help=(
         "fixed: the paper's constant beta; entropy-target: move beta to hold policy entropy in a band "
         "(up when entropy is below it, down when above); kl-target: the adaptive-KL rule of "
         "Ziegler et al. / OpenRLHF, for comparison"))
     coef: float = opt(1e-4, ge=0, help="beta of the KL penalty to the reference policy (the start value "
                                        "for the controllers)")
-    actuator: Literal["kl_coef", "entropy_coef", "reference_temperature"] = opt("kl_coef", help=(
+    actuator: KLActuator = opt("kl_coef", help=(
         "entropy-target: what the controller moves: kl_coef = beta (ProRL's lever; a penalty can only pull "
         "entropy towards the reference's), entropy_coef = the entropy bonus's coefficient, starting from "
         "algorithm.entropy_coef, with beta fixed at coef (Skywork-OR1's adaptive entropy control), "
@@ -130,7 +134,7 @@ class KLControlSpec:
 
 @dataclass
 class ResetSpec:
-    triggers: list[Literal["scheduled", "validation", "kl"]] = opt(["scheduled"], help=(
+    triggers: list[ResetTrigger] = opt(["scheduled"], help=(
         "any of: scheduled (every every_steps), validation (no improvement for patience evaluations or a "
         "drop above max_drop), kl (the KL term's share of the loss above max_kl_share, or KL above "
         "kl_ceiling for kl_steps steps); [] = never"))

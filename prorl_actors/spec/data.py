@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from prorl_actors.spec.fields import opt
 
-
-FAMILIES = ("math", "code", "stem", "logic", "ifeval")
+# the task families, written once: each has a verifier (tasks/families.py registers one class
+# per name) and a prompt template (a field of PromptsSpec below)
+Family = Literal["math", "code", "stem", "logic", "ifeval"]
+FAMILIES: tuple[str, ...] = get_args(Family)
 
 
 @dataclass
@@ -19,7 +21,7 @@ class PromptSpec:
 
 @dataclass
 class PromptsSpec:
-    """One prompt template per task family."""
+    """One prompt template per task family (a field per name of FAMILIES)."""
     math: PromptSpec = opt(PromptSpec(system="Solve the problem. Put the final answer in \\boxed{}."))
     code: PromptSpec = opt(PromptSpec(system="Write a Python 3 program that solves the problem. Give the "
                                              "whole program in one ```python code block."))
@@ -32,7 +34,7 @@ class PromptsSpec:
 @dataclass
 class TaskSpec:
     name: str = opt("chain_sum", help="task name in the run: metrics are reported under it")
-    family: Literal["math", "code", "stem", "logic", "ifeval"] = opt(
+    family: Family = opt(
         "logic", help="which verifier scores it: math (math-verify), code (sandboxed tests), stem (multiple "
                       "choice or short answer), logic (reasoning-gym's score_answer), ifeval (instructions)")
     source: Literal["generator", "file"] = opt("generator", help="items from a procedural generator or from a file")

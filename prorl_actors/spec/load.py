@@ -1,5 +1,6 @@
-"""Loading and checking: YAML + overrides -> a plain dict -> `RunSpec`, every problem reported
-at once as a `SpecError`; and back to YAML. OmegaConf is imported where YAML is read or written,
+"""Reading and checking: YAML + overrides -> a plain dict (`read_spec`) -> `RunSpec`
+(`typed_spec`), every problem reported at once as a `SpecError`; and back to YAML. The whole
+load, with the tasks' checks, is `prorl_actors.config.load_spec`. OmegaConf is imported where YAML is read or written,
 so that the typed sections import without it (benchmarks/gpu_smoke.py on a bare GPU machine).
 """
 from __future__ import annotations
@@ -129,15 +130,15 @@ def _check_bounds(v, meta, path, errs, given):
             errs.append((path, given, f"{word} {meta[key]}"))
 
 
-def build_spec(data: dict) -> RunSpec:
-    """Plain nested dict -> RunSpec, or SpecError listing every problem."""
+def typed_spec(data: dict) -> tuple[RunSpec | None, list[tuple[str, Any, str]]]:
+    """Plain nested dict -> (RunSpec, []), or (None, every problem of keys, types and bounds);
+    with no such problem, the spec's own cross-field rules (`RunSpec.cross_checks`) too. The
+    tasks' checks come on top in `prorl_actors.config.build_spec`."""
     errs: list = []
     spec = _build(RunSpec, data, "", errs)
-    if not errs:
-        errs.extend(spec.cross_checks())
     if errs:
-        raise SpecError(errs)
-    return spec
+        return None, errs
+    return spec, spec.cross_checks()
 
 
 def _read_spec_file(path: str | Path) -> DictConfig:
@@ -160,8 +161,9 @@ def _read_spec_file(path: str | Path) -> DictConfig:
     return cfg
 
 
-def load_spec(path: str | Path | None, overrides: list[str] = ()) -> RunSpec:
-    """YAML file (or the defaults when path is None) + `dotted.key=value` overrides."""
+def read_spec(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """YAML file (or the defaults when path is None) + `dotted.key=value` overrides -> the
+    plain nested dict `typed_spec` checks (SpecError for overrides that do not parse)."""
     from omegaconf import OmegaConf
     errs = []
     cfg = _read_spec_file(path) if path is not None else OmegaConf.create({})
@@ -185,7 +187,7 @@ def load_spec(path: str | Path | None, overrides: list[str] = ()) -> RunSpec:
         data = OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:  # a broken ${...} interpolation
         raise SpecError([("<interpolation>", None, str(e))]) from None
-    return build_spec(data or {})
+    return data or {}
 
 
 def to_yaml(spec: RunSpec) -> str:

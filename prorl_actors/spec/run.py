@@ -1,4 +1,5 @@
-"""`RunSpec`: the whole run, one field per section, and the rules that span fields."""
+"""`RunSpec`: the whole run, one field per section, and the rules that span fields (those about
+the tasks, which need their generators and files, are in tasks/checks.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,11 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from prorl_actors.spec.algorithm import AlgorithmSpec, SupervisorSpec
-from prorl_actors.spec.data import FAMILIES, DataSpec, EvaluationSpec, TaskSpec, ValidationSpec
+from prorl_actors.spec.data import DataSpec, EvaluationSpec, ValidationSpec
 from prorl_actors.spec.fields import opt
 from prorl_actors.spec.roles import (CheckpointSpec, FaultToleranceSpec, GeneratorSpec, LearnerSpec, MetricsSpec,
-                                     ModelSpec, PlacementSpec, RaySpec, ReferenceSpec, VerifierSpec,
-                                     WeightSyncSpec)
+                                     ModelSpec, PlacementSpec, RaySpec, ReferenceSpec, VerifierSpec, WeightSyncSpec)
 
 
 @dataclass
@@ -59,7 +59,6 @@ class RunSpec:
             if not 1 <= k <= self.validation.num_samples:
                 errs.append((f"validation.ks[{i}]", k,
                              f"1..validation.num_samples ({self.validation.num_samples})"))
-        errs += self._task_checks()
         ev = self.evaluation
         for i, k in enumerate(ev.ks):
             if not 1 <= k <= ev.num_samples:
@@ -196,45 +195,7 @@ class RunSpec:
                                                             "has GPUs (one broadcast runs on NCCL or on gloo)"))
         return errs
 
-    def _task_checks(self) -> list[tuple[str, Any, str]]:
-        from prorl_actors.tasks import OOD_EVAL_DATASETS, task_spec_errors  # the registry knows its generators
-        errs = []
-        for i, t in enumerate(self.data.tasks):
-            if t.family == "logic" and t.dataset in OOD_EVAL_DATASETS:
-                errs.append((f"data.tasks[{i}].dataset", t.dataset,
-                             f"a training task: {', '.join(OOD_EVAL_DATASETS)} are ProRL's held-out evaluation "
-                             "tasks (list them under validation.tasks)"))
-        listed = [(f"data.tasks[{i}]", t) for i, t in enumerate(self.data.tasks)]
-        listed += [(f"validation.tasks[{i}]", t) for i, t in enumerate(self.validation.tasks)]
-        names = [t.name for _, t in listed]
-        for path, t in listed:
-            if names.count(t.name) > 1:
-                errs.append((f"{path}.name", t.name, "task names unique across data.tasks and validation.tasks"))
-            errs += [(f"{path}.{key}", value, allowed) for key, value, allowed in task_spec_errors(t)]
-        sft = [(f"model.tiny.sft_tasks[{i}]", t) for i, t in enumerate(self.model.tiny.sft_tasks)]
-        for path, t in sft:
-            if [u.name for _, u in sft].count(t.name) > 1:
-                errs.append((f"{path}.name", t.name, "task names unique within model.tiny.sft_tasks"))
-            errs += [(f"{path}.{key}", value, allowed) for key, value, allowed in task_spec_errors(t)]
-        listed += sft   # their templates are checked below
-        for name, tmpl in [(f, getattr(self.data.prompts, f)) for f in FAMILIES] + \
-                [(f"{p}.prompt", t.prompt) for p, t in listed if t.prompt is not None]:
-            where = name if name.endswith(".prompt") else f"data.prompts.{name}"
-            if tmpl.user.count("{question}") != 1:
-                errs.append((f"{where}.user", tmpl.user, "a template with {question} exactly once"))
-        trained = {_source_key(t): i for i, t in enumerate(self.data.tasks)}
-        for i, t in enumerate(self.validation.tasks):
-            if _source_key(t) in trained:
-                errs.append((f"validation.tasks[{i}]", t.name, f"a task not trained on (data.tasks"
-                                                             f"[{trained[_source_key(t)]}] has the same source)"))
-        return errs
-
-
 def _share_a_gpu(a: float, b: float) -> bool:
     """Two actors in one bundle each asking for a fraction of a GPU: Ray may put both on one GPU
     (a whole-GPU request is never shared)."""
     return a > 0 and b > 0 and a != int(a) and b != int(b)
-
-
-def _source_key(t: TaskSpec) -> tuple:
-    return (t.family, t.source, t.dataset, t.path, repr(sorted(t.config.items())))

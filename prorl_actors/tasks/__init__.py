@@ -8,7 +8,12 @@ needs.
 
 `TaskMixture` draws training prompts by task weight; `validation_items` is the fixed held-out
 set (generators: a seed millions away from the training seed; files: the held-out rows).
-`Scorer` scores responses of every task of a run, for the verifier actors.
+`Scorer` scores responses of every task of a run, for the verifier actors. What a spec's
+tasks must be is checked in checks.py, when the spec is loaded.
+
+Inside the package: answers.py, ifeval.py (text helpers) <- families.py (the verifier of
+each family, registered by name) <- files.py (the on-disk format), builtin.py (generators)
+<- this module <- checks.py, convert.py. Nothing here imports upwards.
 """
 from __future__ import annotations
 
@@ -16,8 +21,13 @@ import functools
 import json
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from prorl_actors.events import Event
 from prorl_actors.spec import DataSpec, PromptSpec, TaskSpec
+from prorl_actors.tasks.builtin import GENERATORS
+from prorl_actors.tasks.families import LogicFamily, make_families
+from prorl_actors.tasks.files import DataError, load_rows
 
 # ProRL's out-of-distribution evaluation tasks: never in a default training mix.
 OOD_EVAL_DATASETS = ("acre", "boxnet", "game_of_life_halting")
@@ -116,14 +126,12 @@ class _FileSource:
 def _load_file(path: str, family: str, bad_rows: str):
     """Rows of a file, read and checked once per process while the file is unchanged (the
     training mixture, the validation set and the tiny model's warm start all read it)."""
-    from pathlib import Path
     st = Path(path).stat() if Path(path).exists() else None
     return _load_file_cached(str(Path(path).resolve()), st and (st.st_mtime_ns, st.st_size), family, bad_rows)
 
 
 def _file_rows(spec: TaskSpec):
     """A file task's rows, checked as a run needs them (DataError naming the file and row)."""
-    from prorl_actors.tasks.files import DataError
     loaded = _load_file(spec.path, spec.family, spec.bad_rows)
     if spec.holdout_rows >= len(loaded.rows):
         raise DataError(f"{spec.path}: holdout_rows {spec.holdout_rows} leaves no training row "
@@ -148,7 +156,6 @@ def check_sources(tasks: list[TaskSpec]) -> list[str]:
 
 @functools.lru_cache(maxsize=16)
 def _load_file_cached(path: str, version, family: str, bad_rows: str):
-    from prorl_actors.tasks.files import load_rows
     return load_rows(path, family, bad_rows)
 
 
@@ -158,7 +165,7 @@ class Task:
     def __init__(self, spec: TaskSpec, seed: int, template: PromptSpec, split: str = "train"):
         self.name, self.family, self.spec = spec.name, spec.family, spec
         self.template = spec.prompt or template
-        self.source = _make_source(spec, seed, split)
+        self.source = make_source(spec, seed, split)
 
     @property
     def size(self) -> int | None:
@@ -171,50 +178,13 @@ class Task:
                     reference=json.dumps(ref, ensure_ascii=False), messages=render(self.template, question))
 
 
-def _make_source(spec: TaskSpec, seed: int, split: str):
+def make_source(spec: TaskSpec, seed: int, split: str):
     if spec.source == "file":
         return _FileSource(spec, seed, split)
-    from prorl_actors.tasks.builtin import GENERATORS
     own = GENERATORS.get(spec.family, {})
     if spec.dataset in own:
         return _GeneratorSource(own[spec.dataset], spec.config, seed)
     return _ReasoningGymSource(spec.dataset, spec.config, seed, as_math=spec.family == "math")
-
-
-def generator_names(family: str) -> list[str]:
-    """The generators a family's tasks can name as `dataset`."""
-    import reasoning_gym
-    from prorl_actors.tasks.builtin import GENERATORS
-    rg = {"logic": sorted(set(reasoning_gym.factory.DATASETS) - {"composite"}),
-          "math": list(RG_MATH_DATASETS)}.get(family, [])
-    return sorted(GENERATORS.get(family, {})) + rg
-
-
-def task_spec_errors(t: TaskSpec) -> list[tuple[str, object, str]]:
-    """What is wrong with one task entry: (key under the task, value, what is allowed)."""
-    from pathlib import Path
-    if t.source == "file":
-        errs = [] if t.dataset is None else [("dataset", t.dataset, "absent for source file (the file is the data)")]
-        if t.path is None:
-            errs.append(("path", None, "a .jsonl or .parquet file for source file"))
-        elif Path(t.path).suffix not in (".jsonl", ".json", ".parquet"):
-            errs.append(("path", t.path, "a .jsonl or .parquet file"))
-        elif not Path(t.path).exists():
-            errs.append(("path", t.path, "an existing file"))
-        if t.config:
-            errs.append(("config", t.config, "empty for source file"))
-        return errs
-    if t.path is not None or t.holdout_rows:
-        return [("path" if t.path is not None else "holdout_rows", t.path or t.holdout_rows,
-                 "only for source file")]
-    names = generator_names(t.family)
-    if t.dataset not in names:
-        return [("dataset", t.dataset, f"a generator of family {t.family}: {', '.join(names)}")]
-    try:
-        _make_source(t, 0, "train")
-    except Exception as e:  # noqa: BLE001 - bad difficulty settings, in the generator's words
-        return [("config", t.config, f"settings {t.dataset} accepts ({type(e).__name__}: {e})")]
-    return []
 
 
 def make_task(spec: TaskSpec, seed: int, data: DataSpec, split: str = "train") -> Task:
@@ -278,7 +248,7 @@ def validation_items(data: DataSpec, num_per_task: int, rejected: list[dict] | N
         task = make_task(spec, data.validation_seed, data, split="validation")
         n = num_per_task if task.size is None else min(num_per_task, task.size)
         if spec in data.tasks and getattr(task.source, "overlaps_training", False):
-            notes.append({"event": "validation_overlaps_training", "task": spec.name,
+            notes.append({"event": Event.VALIDATION_OVERLAPS_TRAINING, "task": spec.name,
                           "reason": "a file task without holdout_rows: validation draws from its training rows"})
         items.extend(it for i in range(n) if (it := _safe_item(task, i, rejected)) is not None)
     return items
@@ -288,7 +258,6 @@ class Scorer:
     """Scores responses of every task of a run (training and evaluation-only) by task name."""
 
     def __init__(self, data: DataSpec, verifier=None, extra: list[TaskSpec] = ()):
-        from prorl_actors.tasks.families import LogicFamily, make_families
         self.families = make_families(verifier)
         self.by_task = {}
         for t in list(data.tasks) + list(extra):

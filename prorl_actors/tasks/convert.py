@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from prorl_actors.tasks.answers import final_answer
+from prorl_actors.tasks.families import make_families
 from prorl_actors.tasks.files import DataError, check_row, read_records, write_rows
 
 
@@ -205,7 +206,6 @@ FORMATS: dict[str, Callable[[dict], dict]] = {
 
 
 def convert(fmt: str, src: str | Path, strict: bool = False) -> Converted:
-    from prorl_actors.tasks.families import make_families
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     src, families, out = Path(src), make_families(), Converted()

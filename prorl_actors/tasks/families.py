@@ -12,15 +12,65 @@ A reference is a JSON object; per family:
 
 Families that need a helper process (math-verify's child, the code sandbox) start it on the
 first score, so building items (the supervisor, the tiny model's warm start) never starts one.
+
+Each family is a `Family` registered under its name (`@register_family`); the names are the
+spec's `FAMILIES`, and importing this module fails if one has no class. `make_families`
+builds one of each from the spec's `verifier` section.
 """
 from __future__ import annotations
 
 import re
 import threading
+from abc import ABC, abstractmethod
+from typing import Callable, ClassVar
 
+from prorl_actors.spec import FAMILIES, VerifierSpec
 from prorl_actors.tasks import ifeval
 from prorl_actors.tasks.answers import (choice_letters, extract_choice, final_answer, last_boxed, last_python_block,
-                                       tagged_answer)
+                                        tagged_answer)
+from prorl_actors.tasks.codecheck import CodeChecker
+from prorl_actors.tasks.mathcheck import MathChecker
+from sandbox import Limits, TestCase
+
+
+class Family(ABC):
+    """A task family: how its references are checked when data is loaded, how a response is
+    scored (a reward in [0, 1]), whether it gave an answer in the family's format at all, and
+    what a demonstration of an answer looks like (the tiny model's warm start)."""
+    name: ClassVar[str]
+
+    @classmethod
+    def from_spec(cls, v: VerifierSpec, built: dict[str, Family]) -> Family:
+        """One instance for a run's verifier settings (`built`: the families made before it)."""
+        return cls()
+
+    @abstractmethod
+    def check_reference(self, ref: dict) -> None:
+        """ValueError (or TypeError) saying what is wrong with a reference."""
+
+    @abstractmethod
+    def score(self, response: str, ref: dict) -> float: ...
+
+    @abstractmethod
+    def formatted(self, response: str) -> bool: ...
+
+    @abstractmethod
+    def completion(self, answer: str, ref: dict, formatted: bool) -> str | None:
+        """The answer as a response in the family's format (formatted=False: one its verifier
+        rejects), None when there is none."""
+
+    def close(self) -> None:
+        """Stop the family's helper processes, if it has any."""
+
+
+FAMILY_TYPES: dict[str, type[Family]] = {}
+
+
+def register_family(cls: type[Family]) -> type[Family]:
+    if cls.name not in FAMILIES:
+        raise ValueError(f"family {cls.name!r} is not one of spec FAMILIES {FAMILIES}")
+    FAMILY_TYPES[cls.name] = cls
+    return cls
 
 def _need_str(ref: dict, key: str) -> str:
     v = ref.get(key)
@@ -32,7 +82,7 @@ def _need_str(ref: dict, key: str) -> str:
 class _LazyChecker:
     """Builds its checker (which owns helper processes) on first use, once, from any thread."""
 
-    def __init__(self, build):
+    def __init__(self, build: Callable):
         self._build, self._checker, self._lock = build, None, threading.Lock()
 
     @property
@@ -47,12 +97,16 @@ class _LazyChecker:
             self._checker.close()
 
 
-class MathFamily(_LazyChecker):
+@register_family
+class MathFamily(_LazyChecker, Family):
     name = "math"
 
     def __init__(self, timeout_s: float = 5.0):
-        from prorl_actors.tasks.mathcheck import MathChecker
         super().__init__(lambda: MathChecker(timeout_s))
+
+    @classmethod
+    def from_spec(cls, v: VerifierSpec, built: dict[str, Family]) -> Family:
+        return cls(v.math_timeout_s)
 
     def check_reference(self, ref: dict) -> None:
         _need_str(ref, "answer")
@@ -74,15 +128,20 @@ class MathFamily(_LazyChecker):
         return work + (f"\\boxed{{{answer}}}" if formatted else answer)
 
 
-class CodeFamily(_LazyChecker):
+@register_family
+class CodeFamily(_LazyChecker, Family):
     name = "code"
 
     def __init__(self, limits=None, workers: int | None = None, allow_weaker: bool = False):
-        from prorl_actors.tasks.codecheck import CodeChecker
         super().__init__(lambda: CodeChecker(limits, workers, allow_weaker))
 
+    @classmethod
+    def from_spec(cls, v: VerifierSpec, built: dict[str, Family]) -> Family:
+        c = v.code
+        return cls(Limits(wall_s=c.wall_s, program_wall_s=c.program_wall_s, memory_mib=c.memory_mib), c.workers,
+                   c.allow_weaker)
+
     def check_reference(self, ref: dict) -> None:
-        from sandbox import TestCase
         tests = ref.get("tests")
         if not isinstance(tests, list) or not tests:
             raise ValueError("reference.tests must be a non-empty list of tests")
@@ -100,13 +159,18 @@ class CodeFamily(_LazyChecker):
         return f"```python\n{body}```" if formatted else body
 
 
-class StemFamily:
+@register_family
+class StemFamily(Family):
     """Multiple choice when the reference has choices, else a short answer compared with
     math-verify (numbers, expressions, units stripped by it) or, for words, as text."""
     name = "stem"
 
     def __init__(self, math: MathFamily):
         self.math = math
+
+    @classmethod
+    def from_spec(cls, v: VerifierSpec, built: dict[str, Family]) -> Family:
+        return cls(built["math"])   # math-verify's checker, shared
 
     def check_reference(self, ref: dict) -> None:
         answer = _need_str(ref, "answer")
@@ -151,7 +215,8 @@ def _as_words(s: str) -> str:
     return "" if re.search(r"[\d\\^_=+*/]", s) else re.sub(r"\s+", " ", s)
 
 
-class LogicFamily:
+@register_family
+class LogicFamily(Family):
     """reasoning-gym: the answer in <answer></answer>, scored by the dataset's own score_answer
     (partial credit exists, so accuracy counts reward 1 only)."""
     name = "logic"
@@ -196,7 +261,8 @@ class LogicFamily:
         return f"<answer>{answer}</answer>" if formatted else f"The answer is {answer}."
 
 
-class IfevalFamily:
+@register_family
+class IfevalFamily(Family):
     name = "ifeval"
 
     def check_reference(self, ref: dict) -> None:
@@ -212,14 +278,13 @@ class IfevalFamily:
         return answer if formatted else None
 
 
-def make_families(verifier=None) -> dict:
+def make_families(verifier: VerifierSpec | None = None) -> dict[str, Family]:
     """One instance of each family; `verifier` is the spec's VerifierSpec (None: its defaults)."""
-    from sandbox import Limits
+    v, built = verifier or VerifierSpec(), {}
+    for name in FAMILIES:   # in the spec's order: math before stem, which shares its checker
+        built[name] = FAMILY_TYPES[name].from_spec(v, built)
+    return built
 
-    from prorl_actors.spec import VerifierSpec
-    v = verifier or VerifierSpec()
-    math = MathFamily(v.math_timeout_s)
-    code = CodeFamily(Limits(wall_s=v.code.wall_s, program_wall_s=v.code.program_wall_s,
-                             memory_mib=v.code.memory_mib), v.code.workers, v.code.allow_weaker)
-    return {"math": math, "code": code, "stem": StemFamily(math), "logic": LogicFamily(),
-            "ifeval": IfevalFamily()}
+
+if set(FAMILY_TYPES) != set(FAMILIES):
+    raise ImportError(f"registered families {sorted(FAMILY_TYPES)} differ from spec FAMILIES {list(FAMILIES)}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prorl_actors.errors import InputError
+from prorl_actors.tasks.families import make_families
 
 COLUMNS = ("task", "prompt", "reference", "metadata")
 
@@ -120,7 +121,6 @@ def check_row(raw, family: str | None, families: dict) -> Row:
 
 def load_rows(path: str | Path, family: str | None = None, bad_rows: str = "error",
               families: dict | None = None) -> LoadedRows:
-    from prorl_actors.tasks.families import make_families
     path = Path(path)
     families = families or make_families()
     if not path.exists():
