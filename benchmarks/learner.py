@@ -75,8 +75,11 @@ def measure(spec_path: str, overrides: list[str], batch_path: str, repeats: int)
     from prorl_actors import batch as rb
     from prorl_actors.actors.learner import LearnerActor
     from prorl_actors.actors.reference import ReferenceActor
-    from prorl_actors.config import load_spec
     from prorl_actors.tinymodel import load_tokenizer, resolve_model_path
+    try:
+        from prorl_actors.config import load_spec
+    except ImportError:   # --against a checkout from before prorl_actors/config.py
+        from prorl_actors.spec import load_spec
 
     spec = load_spec(spec_path, overrides)
     model = str(resolve_model_path(spec.model, spec.data, log=lambda *_: None))

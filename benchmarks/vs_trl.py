@@ -68,8 +68,11 @@ def run_prorl_child(args) -> None:
     job = json.loads(open(args.job).read())
     sys.path.insert(0, job["tree"])
     from prorl_actors.cli import connect_ray
-    from prorl_actors.config import load_spec
     from prorl_actors.supervisor import Supervisor
+    try:
+        from prorl_actors.config import load_spec
+    except ImportError:   # a checkout from before prorl_actors/config.py
+        from prorl_actors.spec import load_spec
     spec = load_spec(os.path.join(job["tree"], "specs/tiny-cpu.yaml"), job["overrides"])
     connect_ray(spec)
     sup = Supervisor(spec, job["model"], log=lambda m: print(m, flush=True))

@@ -290,7 +290,8 @@ class RunFigures:
     def _count_event(self, e):
         for name, kind, label, help in EVENT_COUNTERS:
             if e.get("event") == kind:
-                v = str(e.get(LABEL_FIELD.get(label, label), "unrecorded")) if label else None
+                field = LABEL_FIELD.get(label, label)
+                v = str(e.get(field, "unrecorded" if field == "trigger" else "")) if label else None
                 self._inc(name, (v,) if label else (), 1)
 
 

@@ -1,6 +1,8 @@
 """The KL-coefficient controller, the reset triggers and overlong handling: hand-computed
 values, and the controller's dynamics on a small simulated plant."""
+import json
 import math
+import pickle
 import random
 
 import pyarrow as pa
@@ -225,6 +227,8 @@ def test_a_reset_reason_carries_its_trigger():
     action, reason = p.decide(3, kl=0.2, entropy_floor=1.0)
     assert action == "wait" and reason.trigger == "kl" and reason.startswith("KL above 0.1 for 1 steps; entropy")
     assert ResetPolicy(every_steps=4).due(4).trigger == "scheduled"
+    again = pickle.loads(pickle.dumps(reason))
+    assert (again, again.trigger) == (reason, "kl") and json.dumps({"reason": reason}) == json.dumps({"reason": str(reason)})
     with pytest.raises(ValueError, match="unknown reset trigger"):
         Reason("by hand", "by hand")
 

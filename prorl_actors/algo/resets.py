@@ -66,6 +66,9 @@ class Reason(str):
         reason.trigger = trigger
         return reason
 
+    def __reduce__(self):   # pickled (Ray, copy) with its trigger
+        return Reason, (str(self), self.trigger)
+
     def more(self, text: str) -> Reason:
         """The same trigger, with `text` added to the reason."""
         return Reason(f"{self}; {text}", self.trigger)

@@ -263,10 +263,10 @@ class RunLifecycle:
         self.rollbacks = self.records.life_count(Event.ROLLED_BACK)
         self.resumes = self.records.life_count(Event.RUN_RESUMED) + 1
         self.records.event(Event.RUN_RESUMED, self.step, checkpoint=str(self.restore_from), policy_version=self.consumer.version,
-                           kl_coef=self.consumer.coefs()[0], weights_sha256=st["weights_sha256"], data=st["data"]["cursors"],
+                           kl_coef=self.consumer.kl.value, weights_sha256=st["weights_sha256"], data=st["data"]["cursors"],
                            rolled_back_lines=rolled_back_lines)
         self.log(f"resumed from {self.restore_from} at step {self.step} (policy version {self.consumer.version}, "
-                 f"KL coefficient {self.consumer.coefs()[0]:.4g}, {self.consumer.resets.num_resets} reference resets so far; "
+                 f"KL coefficient {self.consumer.kl.value:.4g}, {self.consumer.resets.num_resets} reference resets so far; "
                  f"{rolled_back_lines} record lines of later steps moved to rolled_back.jsonl)")
 
     def rollback(self, lost: ActorLost) -> None:
