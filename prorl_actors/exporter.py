@@ -143,8 +143,9 @@ VALIDATION_TASK_GAUGES = (
     ("prorl_supervisor_validation_task_solved_frac", "solved_frac/", "held-out prompts solved at least once"),
 )
 PASS_AT_K = ("prorl_supervisor_validation_task_pass_at_k", "held-out pass@k (unbiased estimator)")
-# counters of events: (metric, event kind, label taken from the event (or None), help)
-# the label `reason` of the reset counter (its name predates the field) is the event's `trigger`
+# counters of events: (metric, event kind, label taken from the event (or None), help); an event
+# without the label's field counts under "unrecorded". The label `reason` of the reset counter
+# (its name predates the field) is the event's `trigger`
 LABEL_FIELD = {"reason": "trigger"}
 EVENT_COUNTERS = (
     ("prorl_supervisor_reference_resets_total", "reference_reset", "reason",
@@ -290,8 +291,7 @@ class RunFigures:
     def _count_event(self, e):
         for name, kind, label, help in EVENT_COUNTERS:
             if e.get("event") == kind:
-                field = LABEL_FIELD.get(label, label)
-                v = str(e.get(field, "unrecorded" if field == "trigger" else "")) if label else None
+                v = str(e.get(LABEL_FIELD.get(label, label), "unrecorded")) if label else None
                 self._inc(name, (v,) if label else (), 1)
 
 

@@ -41,11 +41,6 @@ class Restart(enum.Enum):
     ROLL_BACK = "raise ActorLost: the run rolls back to its last checkpoint"
 
     @property
-    def heals_in_call(self) -> bool:
-        """The group replaces the actor and the caller still gets its answer."""
-        return self is not Restart.ROLL_BACK
-
-    @property
     def resends_pieces(self) -> bool:
         """Only the dead actor's piece of the work is sent again (the others' answers stand);
         otherwise the whole call is made again after the rebuild."""
